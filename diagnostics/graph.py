@@ -1,0 +1,115 @@
+"""What a loaded model is to the rest of the engine, whatever file it came from.
+
+A loader (ONNX interpreter or TorchScript) produces a `LoadedModel`: a callable torch graph whose
+trainable tensors are `torch.nn.Parameter`s under the names the user wrote (`net.2.weight`), plus
+an ordered list of `ProbePoint`s — the values the probe measures. Nothing downstream knows which
+file format the model came from.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Role = Literal["linear", "activation", "norm", "other"]
+
+# Canonical names of the nonlinearities the rules and fixes reason about.
+NONLINEARITIES = (
+    "relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "mish", "softplus",
+    "hardswish", "hardsigmoid", "sigmoid", "tanh", "softmax",
+)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input. `shape` holds ints where known, a str for a symbolic dim, None unknown."""
+
+    name: str
+    shape: tuple[int | str | None, ...] | None
+    dtype: torch.dtype | None
+    # For integer inputs: the half-open range [low, high) the graph accepts (e.g. token ids
+    # below the embedding table size). None when the graph does not say.
+    value_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    """A value the probe measures: the output of a parameterised layer or of a nonlinearity.
+
+    `layer` is the name the user wrote (`layer3.0.conv1`, `net.2`); when it cannot be recovered
+    it is the node name. `node` is the node's own name in the file, for the report's `nodes`.
+    """
+
+    index: int
+    layer: str
+    node: str
+    op: str  # the file's op type: 'Gemm', 'Conv', 'Relu', 'aten::linear', ...
+    role: Role
+    # Canonical activation kind for role == 'activation' ('relu', 'tanh', ...); for role ==
+    # 'linear' the nonlinearity that follows this layer (None: none before the next layer).
+    nonlinearity: str | None = None
+    # Parameters consumed by this node, user-facing names. weight/bias are the layer's own.
+    parameters: tuple[str, ...] = ()
+    weight: str | None = None
+    bias: str | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    # How the weight's dims are laid out, so a fix can build an (out, in) matrix:
+    # 'out_in' (torch Linear/Conv, ONNX Gemm transB=1, Conv) or 'in_out' (ONNX MatMul, Gemm transB=0).
+    weight_layout: Literal["out_in", "in_out"] = "out_in"
+    # Index of the first axis that enumerates units/channels of this value (1 for NCHW and for
+    # (batch, features); the last axis for (batch, seq, features)). -1 means last axis.
+    channel_axis: int = 1
+    # Node names of the activation points (role 'activation') that this linear layer feeds
+    # directly (through bias adds, norms, reshapes). Lets rules pair a layer with its ReLU.
+    feeds: tuple[str, ...] = ()
+    # True when the loader saw a BatchNorm folded into this layer's weights at export time.
+    folded_batchnorm: bool = False
+    # True when a BatchNorm follows this layer in the graph (run on batch statistics).
+    followed_by_norm: bool = False
+
+
+Tap = Callable[[ProbePoint, torch.Tensor], None]
+
+
+@dataclass
+class LoadedModel(ABC):
+    """A model ready to probe. Subclasses: OnnxModel, TorchScriptModel."""
+
+    format: Literal["onnx", "torchscript"]
+    path: str | None
+    parameters: dict[str, torch.nn.Parameter]
+    inputs: list[InputSpec]
+    probe_points: list[ProbePoint]
+    # Parameter name -> layers that used one shared tensor in the file (exporter de-duplication).
+    shared_parameters: dict[str, list[str]] = field(default_factory=dict)
+    # Facts about the export a user should know ("BatchNorm folded into 20 convs", ...).
+    notes: list[str] = field(default_factory=list)
+
+    @abstractmethod
+    def run(self, inputs: Sequence[torch.Tensor], tap: Tap | None = None) -> list[torch.Tensor]:
+        """Forward the graph. BatchNorm uses batch statistics, dropout is off. `tap(point, value)`
+        is called once per probe point with the live tensor (part of the autograd graph)."""
+
+    @abstractmethod
+    def to(self, device: torch.device) -> LoadedModel:
+        """Move parameters (and any constant tensors) to `device`; returns self."""
+
+    @abstractmethod
+    def save(self, path: Path, values: Mapping[str, torch.Tensor]) -> None:
+        """Write the model in its own format with these parameter values replaced
+        (used by `gradprobe fix`). Parameters not named keep their values."""
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters.values():
+            return p.device
+        return torch.device("cpu")
+
+    def point(self, node: str) -> ProbePoint | None:
+        return next((p for p in self.probe_points if p.node == node), None)

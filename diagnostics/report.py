@@ -1,0 +1,170 @@
+"""The report contract (`gradprobe.report/v1`): one schema behind the CLI, the library and the
+server. Field names here are what CI configs and dashboards read; change them only with a new
+schema version."""
+
+from __future__ import annotations
+
+import hashlib
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA = "gradprobe.report/v1"
+
+EvidenceValue = float | int | str | bool | list[float] | list[int] | list[str] | None
+
+
+class Severity(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        return {"info": 0, "warning": 1, "error": 2}[self.value]
+
+
+InitScheme = Literal[
+    "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "lecun_normal", "orthogonal"
+]
+
+
+class Fix(BaseModel):
+    """The concrete repair. For weight findings `init` names the scheme with its numbers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    init: InitScheme | None = None
+    gain: float | None = None
+    std: float | None = None
+    bound: float | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    bias: Literal["zeros"] | None = None  # reset the layer's bias as part of the fix
+    code: str = ""
+    advice: str = ""  # non-init remedies: LeakyReLU, normalisation, clipping, ...
+
+
+class Finding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rule: str
+    severity: Severity
+    layer: str
+    nodes: list[str] = Field(default_factory=list)
+    parameters: list[str] = Field(default_factory=list)
+    message: str
+    evidence: dict[str, EvidenceValue] = Field(default_factory=dict)
+    fix: Fix | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable identity across runs: rule + layer + parameters, not numbers or wording."""
+        key = "\x1f".join([self.rule, self.layer, *sorted(self.parameters)])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class ActivationStats(BaseModel):
+    """Statistics of one probe point's forward value over the probe batch."""
+
+    mean: float
+    var: float
+    min: float
+    max: float
+    zero_fraction: float  # share of all entries that are exactly 0
+    dead_units: float  # share of units (channels/features) that are <= 0 for every sample
+    saturation: float  # share of entries on the flat tails (sigmoid/tanh only, else 0)
+    nonfinite: int
+    units: int
+    numel: int
+
+
+class GradientStats(BaseModel):
+    """Statistics of the gradient arriving at one probe point's value in the backward pass."""
+
+    norm: float
+    rms: float
+    nonfinite: int
+
+
+class ParameterStats(BaseModel):
+    name: str
+    layer: str
+    shape: list[int]
+    mean: float
+    std: float
+    abs_max: float
+    nonfinite: int
+    grad_norm: float
+    grad_rms: float
+    grad_to_weight: float  # |g| / |w|, inf when |w| = 0 and |g| > 0
+    zero_grad_fraction: float
+    nonfinite_grad: int
+
+
+class LayerReport(BaseModel):
+    name: str
+    op: str
+    node: str
+    role: str
+    nonlinearity: str | None = None
+    parameters: list[str] = Field(default_factory=list)
+    activation: ActivationStats | None = None
+    gradient: GradientStats | None = None
+
+
+class InputInfo(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+    source: Literal["declared", "flag", "default", "file"]
+
+
+class ModelInfo(BaseModel):
+    path: str | None
+    format: Literal["onnx", "torchscript"]
+    sha256: str
+    size_bytes: int
+    inputs: list[InputInfo]
+    notes: list[str] = Field(default_factory=list)
+    shared_parameters: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class Timing(BaseModel):
+    load_s: float
+    probe_s: float
+    rules_s: float
+    total_s: float
+
+
+class Summary(BaseModel):
+    error: int = 0
+    warning: int = 0
+    info: int = 0
+
+
+class Report(BaseModel):
+    schema_: str = Field(SCHEMA, alias="schema")
+    version: str
+    model: ModelInfo
+    device: str
+    seed: int
+    findings: list[Finding]
+    layers: list[LayerReport]
+    parameters: list[ParameterStats]
+    timing: Timing
+    summary: Summary
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return self.model_dump_json(by_alias=True, indent=indent)
+
+    def worst(self) -> Severity | None:
+        return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
+
+    def fails(self, fail_on: Severity | Literal["never"]) -> bool:
+        if fail_on == "never":
+            return False
+        return any(f.severity.rank >= Severity(fail_on).rank for f in self.findings)
