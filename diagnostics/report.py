@@ -15,6 +15,12 @@ SCHEMA = "gradprobe.report/v1"
 EvidenceValue = float | int | str | bool | list[float] | list[int] | list[str] | None
 
 
+class _Model(BaseModel):
+    # Probes of broken networks measure NaN and Inf; JSON has no literal for them, so they
+    # travel as the strings "NaN"/"Infinity", which pydantic reads back as floats.
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+
 class Severity(str, Enum):
     INFO = "info"
     WARNING = "warning"
@@ -30,10 +36,10 @@ InitScheme = Literal[
 ]
 
 
-class Fix(BaseModel):
+class Fix(_Model):
     """The concrete repair. For weight findings `init` names the scheme with its numbers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     init: InitScheme | None = None
     gain: float | None = None
@@ -46,8 +52,8 @@ class Fix(BaseModel):
     advice: str = ""  # non-init remedies: LeakyReLU, normalisation, clipping, ...
 
 
-class Finding(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Finding(_Model):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     rule: str
     severity: Severity
@@ -65,7 +71,7 @@ class Finding(BaseModel):
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-class ActivationStats(BaseModel):
+class ActivationStats(_Model):
     """Statistics of one probe point's forward value over the probe batch."""
 
     mean: float
@@ -80,7 +86,7 @@ class ActivationStats(BaseModel):
     numel: int
 
 
-class GradientStats(BaseModel):
+class GradientStats(_Model):
     """Statistics of the gradient arriving at one probe point's value in the backward pass."""
 
     norm: float
@@ -88,7 +94,7 @@ class GradientStats(BaseModel):
     nonfinite: int
 
 
-class ParameterStats(BaseModel):
+class ParameterStats(_Model):
     name: str
     layer: str
     shape: list[int]
@@ -103,7 +109,7 @@ class ParameterStats(BaseModel):
     nonfinite_grad: int
 
 
-class LayerReport(BaseModel):
+class LayerReport(_Model):
     name: str
     op: str
     node: str
@@ -114,14 +120,14 @@ class LayerReport(BaseModel):
     gradient: GradientStats | None = None
 
 
-class InputInfo(BaseModel):
+class InputInfo(_Model):
     name: str
     shape: list[int]
     dtype: str
     source: Literal["declared", "flag", "default", "file"]
 
 
-class ModelInfo(BaseModel):
+class ModelInfo(_Model):
     path: str | None
     format: Literal["onnx", "torchscript"]
     sha256: str
@@ -131,20 +137,20 @@ class ModelInfo(BaseModel):
     shared_parameters: dict[str, list[str]] = Field(default_factory=dict)
 
 
-class Timing(BaseModel):
+class Timing(_Model):
     load_s: float
     probe_s: float
     rules_s: float
     total_s: float
 
 
-class Summary(BaseModel):
+class Summary(_Model):
     error: int = 0
     warning: int = 0
     info: int = 0
 
 
-class Report(BaseModel):
+class Report(_Model):
     schema_: str = Field(SCHEMA, alias="schema")
     version: str
     model: ModelInfo
@@ -156,7 +162,7 @@ class Report(BaseModel):
     timing: Timing
     summary: Summary
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, ser_json_inf_nan="strings")
 
     def to_json(self, indent: int | None = 2) -> str:
         return self.model_dump_json(by_alias=True, indent=indent)

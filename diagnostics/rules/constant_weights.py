@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from gradprobe.diagnostics.init_schemes import recommended_init
+from gradprobe.diagnostics.probe import ProbeResult
+from gradprobe.diagnostics.report import Finding, Severity
+from gradprobe.diagnostics.rules.base import Rule
+from gradprobe.diagnostics.rules.symmetry import judge
+
+
+class ConstantWeights(Rule):
+    """Every entry of a layer's weight has the same non-zero value.
+
+    Why it matters: all output units compute the same function of the input. If they also receive
+    the same gradient they stay identical forever, and the layer is worth one unit.
+    Example: `nn.init.constant_(layer.weight, 0.1)` on consecutive hidden layers.
+    Fix: use a random init matched to the following nonlinearity (He, Xavier or LeCun); the finding
+    gives the exact std and the PyTorch line.
+    Thresholds: standard deviation exactly 0 with a non-zero mean, on tensors with more than one
+    entry. Error when the gradient is zero or identical across output units; info when each unit
+    gets its own gradient (symmetry breaks through the layers around it).
+    """
+
+    name = "constant-weights"
+    severity = Severity.ERROR
+
+    def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        for lp in probe.of_role("linear"):
+            point = lp.point
+            if not point.weight:
+                continue
+            param = probe.params[point.weight]
+            s = param.stats
+            numel = 1
+            for d in s.shape:
+                numel *= d
+            if numel < 2 or s.std != 0 or s.mean == 0 or s.nonfinite:
+                continue
+            verdict = judge(param)
+            evidence = {"value": s.mean, "grad_norm": s.grad_norm}
+            if param.unit_spread is not None:
+                evidence["unit_grad_spread"] = param.unit_spread
+            fix = recommended_init(point)
+            if verdict.can_train:
+                yield self.finding(
+                    lp, f"{point.layer}.weight is constant ({s.mean:.3g}) but {verdict.reason}.",
+                    evidence=evidence, fix=fix, severity=Severity.INFO, parameters=[point.weight])
+                continue
+            yield self.finding(
+                lp, f"{point.layer}.weight is constant ({s.mean:.3g} everywhere) and {verdict.reason}: "
+                    f"its units can never differ. Initialise it with {fix.init} (std {fix.std:.3g}).",
+                evidence=evidence, fix=fix, parameters=[point.weight])

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from gradprobe.diagnostics.probe import ProbeResult
+from gradprobe.diagnostics.report import Finding, Fix, Severity
+from gradprobe.diagnostics.rules.base import Rule
+
+
+class DeadGradients(Rule):
+    """A parameter receives exactly zero gradient: it will never train.
+
+    Why it matters: a parameter with a zero gradient keeps its initial value for ever (plain SGD;
+    weight decay only shrinks it). Typical causes are a path the output does not depend on, a
+    multiplication by a constant zero, or a detach()/integer cast in the middle of the model.
+    Example: `y = x + 0 * self.proj(x)`, or a layer whose output goes through `.detach()`.
+    Fix: find why no gradient flows to it (detach, integer cast, zero mask, unused branch) or
+    remove the parameter.
+    Thresholds: every entry of the gradient exactly 0 on the probe batch. Measured with deliberate
+    zero layers set to their textbook init (a zero head blocks every gradient at step 0 only), and
+    not reported where another rule names the cause: the zero/constant weight itself, layers behind
+    a fully dead ReLU, non-finite values.
+    """
+
+    name = "dead-gradients"
+    severity = Severity.ERROR
+
+    def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        if probe.has_nonfinite:
+            return
+        index_of_layer: dict[str, int] = {}
+        for lp in probe.layers:
+            for name in lp.point.parameters:
+                index_of_layer.setdefault(name, lp.point.index)
+        dead_walls = [lp.point.index for lp in probe.activations("relu")
+                      if lp.activation and lp.activation.dead_units >= 0.999]
+        wall = max(dead_walls) if dead_walls else -1
+        judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
+        for name, param in probe.params.items():
+            s = param.stats
+            if s.grad_norm != 0 or s.nonfinite:
+                continue
+            if name in judged_by_symmetry and (s.std == 0 or name in probe.unblocked):
+                continue
+            if index_of_layer.get(name, 10**9) < wall:
+                continue
+            why = "no path from the output reaches it" if param.unused else \
+                "its gradient is exactly zero on the probe batch"
+            yield self.finding(
+                param.layer, f"{name} will never train: {why}.",
+                evidence={"unused": param.unused, "grad_norm": s.grad_norm},
+                fix=Fix(advice="find the detach()/integer cast/zero mask that cuts the gradient, "
+                               "or remove the parameter"),
+                severity=Severity.WARNING if param.unused else None, parameters=[name],
+                nodes=[lp.point.node for lp in probe.layers if name in lp.point.parameters][:5])

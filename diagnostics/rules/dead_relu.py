@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from gradprobe.diagnostics.init_schemes import recommended_init
+from gradprobe.diagnostics.probe import ProbeResult
+from gradprobe.diagnostics.report import Finding, Fix, Severity
+from gradprobe.diagnostics.rules.base import Rule
+
+
+class DeadRelu(Rule):
+    """Most units of a ReLU layer output zero for every sample of the probe batch.
+
+    Why it matters: a unit whose input is negative for every sample passes no gradient, so the
+    weights feeding it never change and it never recovers. A layer that is entirely dead also
+    blocks every gradient to the layers before it.
+    Example: a bias initialised to -10 before a ReLU (`nn.init.constant_(layer.bias, -10)`).
+    Fix: reset the bias to 0 and use He init for the layer before; or switch to LeakyReLU, ELU or
+    PReLU, which keep a gradient for negative inputs.
+    Thresholds: a unit (channel or feature) is dead when it is <= 0 for every sample and position
+    of the batch (with a batch of 8 a healthy unit is silent by chance with p = 2^-8). Warning
+    when `share` (0.5) of the layer is dead — SageMaker Debugger's DeadRelu uses 50% of the layer;
+    error from `error_share` (0.9). Not reported when the layer feeding it has zero, constant or
+    non-finite weights (those rules name the cause).
+    """
+
+    name = "dead-relu"
+    severity = Severity.ERROR
+    defaults = {"share": 0.5, "error_share": 0.9}
+
+    def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        for lp in probe.activations("relu"):
+            act = lp.activation
+            if act is None or act.dead_units < self.t["share"] or act.nonfinite:
+                continue
+            producer = probe.producer_of(lp)
+            bias_mean = None
+            if producer is not None and producer.point.weight:
+                w = probe.params[producer.point.weight].stats
+                if w.std == 0 or w.nonfinite:
+                    continue  # zero-/constant-/nonfinite-weights names the cause
+                if producer.point.bias:
+                    bias_mean = probe.params[producer.point.bias].stats.mean
+            share = act.dead_units
+            severity = Severity.ERROR if share >= self.t["error_share"] else Severity.WARNING
+            cause = ""
+            if bias_mean is not None and producer is not None and bias_mean < -0.1:
+                cause = f" The bias of {producer.point.layer} averages {bias_mean:.3g}."
+            blocks = " It blocks every gradient to the layers before it." if share >= 0.999 else ""
+            fix = (recommended_init(producer.point, reset_bias=True) if producer is not None
+                   else Fix())
+            fix = fix.model_copy(update={"advice": "reset the bias to 0 and use He init; or use "
+                                                   "LeakyReLU/ELU/PReLU"})
+            evidence = {"dead_units": share, "units": act.units}
+            if bias_mean is not None:
+                evidence["bias_mean"] = bias_mean
+            name = producer.point.layer if producer is not None else lp.point.layer
+            yield self.finding(
+                lp, f"{share:.0%} of the {act.units} units after {name} are never active on the "
+                    f"probe batch: they get no gradient and will not recover.{cause}{blocks}",
+                evidence=evidence, fix=fix, severity=severity,
+                parameters=list(producer.point.parameters) if producer is not None else [],
+                nodes=[lp.point.node] + ([producer.point.node] if producer is not None else []))

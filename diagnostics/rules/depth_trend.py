@@ -1,0 +1,56 @@
+"""Geometric trends across depth, shared by the vanishing/exploding rules.
+
+A signal that is multiplied by the same factor at every layer is a straight line in log space;
+a least-squares line through log10 of the per-layer values measures that factor while ignoring
+one-off bumps (a pooling layer, a projection) that a first/last ratio would over-weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gradprobe.diagnostics.probe import LayerProbe
+
+TINY = 1e-38  # below float32's smallest normal: "exactly zero" for a variance
+
+
+@dataclass(frozen=True)
+class Trend:
+    layers: list[LayerProbe]
+    values: list[float]
+    per_layer: float  # fitted factor per layer (10**slope)
+    total: float  # fitted factor from the first to the last layer
+
+    @property
+    def decades(self) -> float:
+        return math.log10(self.total) if self.total > 0 else -math.inf
+
+
+def fit(layers: Sequence[LayerProbe], values: Sequence[float]) -> Trend | None:
+    """None when there are too few layers for a trend (fewer than 3)."""
+    pairs = [(lp, v) for lp, v in zip(layers, values) if not math.isnan(v)]
+    if len(pairs) < 3:
+        return None
+    ys = [math.log10(min(max(v, TINY), 1e300)) for _, v in pairs]
+    n = len(ys)
+    xm, ym = (n - 1) / 2, sum(ys) / n
+    sxx = sum((i - xm) ** 2 for i in range(n))
+    slope = sum((i - xm) * (y - ym) for i, y in enumerate(ys)) / sxx
+    return Trend([lp for lp, _ in pairs], [v for _, v in pairs], 10**slope, 10 ** (slope * (n - 1)))
+
+
+def first_beyond(trend: Trend, factor: float) -> LayerProbe:
+    """The first layer whose value has moved `factor` (>1 up, <1 down) from the first layer's:
+    where the trend has become visible. Falls back to the last layer."""
+    base = max(trend.values[0], TINY)
+    for lp, v in zip(trend.layers, trend.values):
+        if (factor > 1 and v >= base * factor) or (factor < 1 and v <= base * factor):
+            return lp
+    return trend.layers[-1]
+
+
+def depth_layers(layers: Sequence[LayerProbe]) -> list[LayerProbe]:
+    """Parameterised layers in graph order: the depth axis of every trend."""
+    return [lp for lp in layers if lp.point.role == "linear"]

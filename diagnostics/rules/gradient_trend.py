@@ -1,0 +1,46 @@
+"""The shared check behind vanishing-gradients and exploding-gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from gradprobe.diagnostics.probe import ProbeResult
+from gradprobe.diagnostics.report import Finding, Severity
+from gradprobe.diagnostics.rules.activation_trend import whole_model_fix
+from gradprobe.diagnostics.rules.base import Rule
+from gradprobe.diagnostics.rules.depth_trend import depth_layers, fit
+
+
+class GradientTrendRule(Rule):
+    direction: str  # "vanish": early layers get far less gradient than late; "explode": more
+    advice: str
+
+    def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        if probe.has_nonfinite:
+            return  # nonfinite-* rules say what happened; a trend through NaN means nothing
+        layers = [lp for lp in depth_layers(probe.layers) if lp.gradient]
+        trend = fit(layers, [lp.gradient.rms for lp in layers])  # type: ignore[union-attr]
+        if trend is None or trend.total <= 0:
+            return
+        # trend.total is last/first in forward order; gradients flow backwards.
+        early_to_late = 1 / trend.total
+        if self.direction == "vanish":
+            hit, severe = early_to_late <= self.t["ratio"], early_to_late <= self.t["error_ratio"]
+        else:
+            hit, severe = early_to_late >= self.t["ratio"], early_to_late >= self.t["error_ratio"]
+        if not hit:
+            return
+        first, last = trend.layers[0], trend.layers[-1]
+        word = "smaller" if self.direction == "vanish" else "larger"
+        yield self.finding(
+            first, f"the gradient reaching {first.point.layer} is {early_to_late:.3g}x that at "
+                   f"{last.point.layer} (per-entry RMS, fitted over {len(trend.layers)} layers: "
+                   f"x{1 / trend.per_layer:.3g} per layer going backwards) — early layers get a "
+                   f"{word} update than late ones by that factor.",
+            evidence={"early_to_late": early_to_late, "per_layer_factor": 1 / trend.per_layer,
+                      "first_rms": trend.values[0], "last_rms": trend.values[-1],
+                      "layers": len(trend.layers)},
+            fix=whole_model_fix(probe, trend, self.advice),
+            severity=Severity.ERROR if severe else None,
+            nodes=[lp.point.node for lp in trend.layers][:50],
+            parameters=[lp.point.weight for lp in trend.layers if lp.point.weight][:50])

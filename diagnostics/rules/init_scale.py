@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterator
+
+from gradprobe.diagnostics.init_schemes import recommended_init, target_variance
+from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
+from gradprobe.diagnostics.report import Finding, Severity
+from gradprobe.diagnostics.rules.base import Rule
+
+
+class InitScale(Rule):
+    """A weight's scale is far from what its fan-in and nonlinearity need, and the measured
+    signal shows it.
+
+    Why it matters: without normalisation behind it, a layer whose weight variance is k times the
+    scheme's multiplies the activation variance by ~k and passes the distortion to every layer
+    after it. Behind BatchNorm the forward pass is unchanged, but the weight's scale sets its
+    effective learning rate (~1/|w|^2): a layer initialised 10x He (in variance) sees a relative
+    update |g|/|w| ~10x smaller than its neighbours and trains that much slower.
+    The scheme is only the yardstick for the fix, never the verdict: BERT/GPT-2/ViT start their
+    linears at std 0.02 (far below Xavier for wide layers) and train well because LayerNorm and
+    residual paths keep the signal in range; nothing fires there because the signal is fine.
+    Example: `nn.init.normal_(model.net[2].weight, std=1.0)` in a 256-wide ReLU MLP (He std 0.088).
+    Fix: re-initialise with the scheme for the following nonlinearity (He/Xavier/LeCun); the
+    finding carries the std, bound and the PyTorch line.
+    Thresholds: weight variance at least `weight_factor` (10) times above or below the scheme's;
+    without a norm behind it, the layer's output variance must also jump by at least
+    `flow_factor` (5) in the same direction relative to the previous layer (or to the unit-variance
+    input); behind BatchNorm, its |g|/|w| must differ from the median of its BatchNorm-backed peers
+    by at least `flow_factor`. Layers whose BatchNorm was folded at export are not judged.
+    """
+
+    name = "init-scale"
+    severity = Severity.WARNING
+    defaults = {"weight_factor": 10.0, "flow_factor": 5.0}
+
+    def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        linear = [lp for lp in probe.of_role("linear") if lp.point.weight and lp.activation]
+        peers = [probe.params[lp.point.weight].stats.grad_to_weight for lp in linear
+                 if lp.point.followed_by_norm and not lp.point.folded_batchnorm]
+        peer_median = statistics.median(peers) if len(peers) >= 3 else None
+        previous_var = 1.0  # the probe batch is unit-variance
+        for lp in linear:
+            point = lp.point
+            stats = probe.params[point.weight].stats
+            target = target_variance(point)
+            var_out = lp.activation.var if lp.activation else math.nan
+            prev, previous_var = previous_var, var_out
+            if target is None or stats.std == 0 or stats.nonfinite or point.folded_batchnorm:
+                continue
+            k = stats.std**2 / target
+            wf, ff = self.t["weight_factor"], self.t["flow_factor"]
+            if 1 / wf < k < wf:
+                continue
+            if point.followed_by_norm:
+                if peer_median is None or not peer_median > 0:
+                    continue
+                rel = stats.grad_to_weight / peer_median
+                if (k >= wf and rel <= 1 / ff) or (k <= 1 / wf and rel >= ff):
+                    yield self._finding(lp, k, evidence={"relative_update": rel}, how=(
+                        f"behind BatchNorm its relative update |g|/|w| is {rel:.2g}x the median of "
+                        f"its peers: it trains ~{max(rel, 1 / rel):.0f}x "
+                        f"{'slower' if rel < 1 else 'faster'} than its neighbours"))
+                continue
+            if not (prev > 0 and math.isfinite(var_out)):
+                continue
+            jump = var_out / prev
+            if (k >= wf and jump >= ff) or (k <= 1 / wf and jump <= 1 / ff):
+                yield self._finding(lp, k, evidence={"variance_jump": jump}, how=(
+                    f"its output variance is {jump:.3g}x that of its input signal "
+                    f"({var_out:.3g} vs {prev:.3g})"))
+
+    def _finding(self, lp: LayerProbe, k: float, *, evidence: dict[str, float], how: str) -> Finding:
+        fix = recommended_init(lp.point)
+        direction = "too large" if k > 1 else "too small"
+        return self.finding(
+            lp, f"{lp.point.layer}.weight variance is {k:.3g}x what {fix.init} gives for "
+                f"fan_in={lp.point.fan_in} ({direction}); {how}. Re-initialise with {fix.init} "
+                f"(std {fix.std:.3g}).",
+            evidence={"variance_ratio": k, **evidence}, fix=fix, parameters=[lp.point.weight or ""])

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from gradprobe.diagnostics.init_schemes import recommended_init
+from gradprobe.diagnostics.probe import ProbeResult
+from gradprobe.diagnostics.report import Finding, Fix, Severity
+from gradprobe.diagnostics.rules.base import Rule
+
+
+class SaturatedActivation(Rule):
+    """Most outputs of a sigmoid or tanh layer sit on its flat tails.
+
+    Why it matters: on the tails the derivative is nearly zero, so almost no gradient passes the
+    layer: the weights before it stop learning, and stacks of saturated layers vanish the gradient.
+    Example: tanh after a linear layer initialised with std 1.0 on 256 inputs (pre-activations
+    with std ~16).
+    Fix: initialise the layer before with Xavier (tanh gain 5/3); normalise its input (LayerNorm /
+    BatchNorm); or use ReLU-family activations with He init.
+    Thresholds: an entry is saturated when its local derivative is below 1% of the peak (sigmoid
+    |x| > ~4.6, tanh |x| > ~3.0). Warning when more than `share` (0.5) of the entries are
+    saturated (DeepDiagnosis uses > 50% beyond +-5); error from `error_share` (0.99), where
+    effectively no gradient passes.
+    """
+
+    name = "saturated-activation"
+    severity = Severity.WARNING
+    defaults = {"share": 0.5, "error_share": 0.99}
+
+    def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        for lp in probe.activations("sigmoid", "tanh"):
+            act = lp.activation
+            if act is None or act.nonfinite or act.saturation <= self.t["share"]:
+                continue
+            producer = probe.producer_of(lp)
+            if producer is not None and producer.point.weight:
+                w = probe.params[producer.point.weight].stats
+                if w.nonfinite:
+                    continue
+            fix = recommended_init(producer.point) if producer is not None else Fix()
+            fix = fix.model_copy(update={"advice": "Xavier init for the layer before, normalise "
+                                                   "its input, or use ReLU + He init"})
+            severity = Severity.ERROR if act.saturation >= self.t["error_share"] else Severity.WARNING
+            source = f" after {producer.point.layer}" if producer is not None else ""
+            yield self.finding(
+                lp, f"{act.saturation:.0%} of the {lp.point.nonlinearity} outputs{source} are on the "
+                    f"flat tails (derivative < 1% of its peak): little gradient passes this layer.",
+                evidence={"saturation": act.saturation}, fix=fix, severity=severity,
+                parameters=list(producer.point.parameters) if producer is not None else [])

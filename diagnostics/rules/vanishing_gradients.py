@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from gradprobe.diagnostics.report import Severity
+from gradprobe.diagnostics.rules.gradient_trend import GradientTrendRule
+
+
+class VanishingGradients(GradientTrendRule):
+    """The gradient reaching the early layers is tiny compared with the late layers.
+
+    Why it matters: early layers learn at a fraction of the rate of late ones; with a factor of
+    1e-3 or less they effectively stay at their initial values for the whole run.
+    Example: ten sigmoid layers with default init: each passes at most 1/4 of the gradient.
+    Fix: ReLU-family activations with He init instead of sigmoid/tanh stacks; normalisation;
+    residual connections.
+    Thresholds: per-entry gradient RMS at each parameterised layer's output, a least-squares line
+    in log space from the first to the last layer; warning when early/late <= `ratio` (1e-3,
+    AUTOTRAINER's vanishing ratio), error at <= `error_ratio` (1e-6). Measured with deliberate
+    zero layers (zero head, zero-init residual) set to their textbook init, as after step one.
+    """
+
+    name = "vanishing-gradients"
+    severity = Severity.WARNING
+    direction = "vanish"
+    defaults = {"ratio": 1e-3, "error_ratio": 1e-6}
+    advice = "use ReLU-family activations with He init, add normalisation or residual paths"
