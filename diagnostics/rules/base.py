@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,7 +38,8 @@ class RuleDoc:
         for title, text in (("Why it matters", self.why), ("Example", self.example),
                             ("Fix", self.fix), ("Thresholds", self.thresholds)):
             if text:
-                parts += ["", f"{title}:", *("  " + line for line in text.splitlines())]
+                parts += ["", f"{title}:", textwrap.fill(text, 92, initial_indent="  ",
+                                                        subsequent_indent="  ")]
         return "\n".join(parts)
 
 
@@ -49,7 +51,7 @@ def parse_doc(name: str, severity: Severity, docstring: str, defaults: dict[str,
     marks = list(pattern.finditer(rest))
     for mark, nxt in zip(marks, marks[1:] + [None]):
         body = rest[mark.end(): nxt.start() if nxt else len(rest)]
-        found[mark.group(1)] = inspect.cleandoc(body)
+        found[mark.group(1)] = " ".join(body.split())  # one paragraph per section
     return RuleDoc(name, severity, " ".join(summary.split()), found["Why it matters"],
                    found["Example"], found["Fix"], found["Thresholds"], dict(defaults))
 

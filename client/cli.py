@@ -1,0 +1,211 @@
+"""The `gradprobe` command. Domain errors are mapped to exit code 2 here, once.
+
+Exit codes: 0 clean (nothing at or above --fail-on), 1 findings at or above it, 2 bad usage or a
+bad model file (one line on stderr), 3 an internal fault (a bug in gradprobe: please report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from gradprobe.client.formats import FORMATS, render
+from gradprobe.diagnostics.errors import GradprobeError
+from gradprobe.diagnostics.inputs import parse_shape
+from gradprobe.diagnostics.options import DTYPES, DiagnoseOptions
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class UsageError(GradprobeError):
+    """Flags that do not fit together."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as for every other bad input
+        self.exit(EXIT_USAGE, f"gradprobe: error: {message} (see '{self.prog} --help')\n")
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return parse_shape(text)
+    except GradprobeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rule_list(text: str) -> list[str]:
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `lint` and `fix`: what to feed the model and where to run it."""
+    p.add_argument("--input-shape", action="append", type=_shape, metavar="AxBxC",
+                   help="shape of one model input, repeat once per input in order (e.g. 8x3x224x224)")
+    p.add_argument("--input-dtype", action="append", choices=DTYPES, metavar="DTYPE",
+                   help=f"dtype of the inputs: once for all, or once per input ({', '.join(DTYPES)})")
+    p.add_argument("--input", dest="input_file", metavar="FILE",
+                   help="real input data instead of the synthetic batch (.npy, .npz, .pt)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="batch size used where the file leaves the batch dimension free (default 8)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                   help="where to run the probe (default auto: a GPU when there is one)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the probe batch (default 0)")
+    p.add_argument("--format-of-model", dest="model_format", choices=("onnx", "torchscript"),
+                   default=None, help="read the file as this format instead of detecting it")
+
+
+def options_from_args(args: argparse.Namespace) -> DiagnoseOptions:
+    values: dict = {}
+    if args.input_shape:
+        values["input_shapes"] = args.input_shape
+    if args.input_dtype:
+        values["input_dtypes"] = args.input_dtype
+    for flag, key in (("input_file", "input_file"), ("batch_size", "batch_size"),
+                      ("device", "device"), ("seed", "seed"), ("model_format", "format")):
+        if getattr(args, flag, None) is not None:
+            values[key] = getattr(args, flag)
+    if getattr(args, "select", None):
+        values["select"] = args.select
+    if getattr(args, "ignore", None):
+        values["ignore"] = args.ignore
+    return DiagnoseOptions(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gradprobe", description="Lint a neural network at initialisation: "
+                     "activation and gradient probes, with the init that fixes what they find.")
+    parser.add_argument("--version", action="version", version="gradprobe 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    lint = sub.add_parser("lint", help="probe model files and report findings")
+    lint.add_argument("models", nargs="+", type=Path, metavar="MODEL",
+                      help="ONNX (.onnx) or TorchScript (.pt) file")
+    add_probe_arguments(lint)
+    lint.add_argument("--format", choices=sorted(FORMATS), default="text")
+    lint.add_argument("--output", "-o", type=Path, metavar="FILE", help="write the report here")
+    lint.add_argument("--fail-on", choices=("error", "warning", "info", "never"), default="error",
+                      help="lowest severity that makes the exit code 1 (default error)")
+    lint.add_argument("--select", type=_rule_list, metavar="RULES", help="only these rules (comma-separated)")
+    lint.add_argument("--ignore", type=_rule_list, metavar="RULES", help="skip these rules (comma-separated)")
+    lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
+    lint.add_argument("--token", help="bearer token for --server (or GRADPROBE_TOKEN)")
+    lint.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify --server's TLS")
+    lint.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                      help="deadline of a --server request")
+    lint.set_defaults(run=run_lint)
+
+    rules = sub.add_parser("rules", help="list every rule, one line each")
+    rules.set_defaults(run=run_rules)
+    rule = sub.add_parser("rule", help="print a rule's documentation")
+    rule.add_argument("name")
+    rule.set_defaults(run=run_rule)
+
+    fix = sub.add_parser("fix", help="write a copy of the model with flagged weights re-initialised")
+    fix.add_argument("model", type=Path, metavar="MODEL")
+    fix.add_argument("-o", "--output", type=Path, required=True, metavar="FIXED")
+    fix.add_argument("--init", choices=("auto", "lsuv"), default="auto",
+                     help="auto: the scheme each finding names (He/Xavier/LeCun); lsuv: "
+                          "layer-sequential unit-variance init on the probe batch")
+    add_probe_arguments(fix)
+    fix.set_defaults(run=run_fix)
+
+    serve = sub.add_parser("serve", help="run the gRPC service")
+    try:
+        from gradprobe.server.main import add_serve_arguments
+    except ImportError:  # the service is optional in a stripped-down install
+        add_serve_arguments = None
+    if add_serve_arguments is not None:
+        add_serve_arguments(serve)
+    serve.set_defaults(run=run_serve)
+    return parser
+
+
+def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace):  # noqa: ANN202
+    if args.server:
+        from gradprobe.client.remote import diagnose_remote
+
+        token = args.token or os.environ.get("GRADPROBE_TOKEN")
+        return diagnose_remote(path, options, server=args.server, token=token,
+                               tls_ca=args.tls_ca, timeout_s=args.timeout)
+    from gradprobe.diagnostics.api import diagnose
+
+    return diagnose(path, options)
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    reports = [_diagnose_one(path, options, args) for path in args.models]
+    text = render(args.format, reports, fail_on=args.fail_on)
+    _write(text, args.output)
+    return EXIT_FINDINGS if any(r.fails(args.fail_on) for r in reports) else EXIT_CLEAN
+
+
+def _write(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    try:
+        output.write_text(text if text.endswith("\n") else text + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+
+
+def run_rules(args: argparse.Namespace) -> int:
+    from gradprobe.diagnostics.rules import all_rules
+
+    for rule in all_rules():
+        doc = rule.doc()
+        print(f"{doc.name:<24} {doc.severity.value:<8} {doc.summary}")
+    return EXIT_CLEAN
+
+
+def run_rule(args: argparse.Namespace) -> int:
+    from gradprobe.diagnostics.rules import rule_named
+
+    print(rule_named(args.name).doc().full_text())
+    return EXIT_CLEAN
+
+
+def run_fix(args: argparse.Namespace) -> int:
+    from gradprobe.diagnostics.repair import repair
+    from gradprobe.client.formats.text import render_comparison
+
+    outcome = repair(args.model, args.output, options_from_args(args), method=args.init)
+    print(render_comparison(outcome))
+    return EXIT_FINDINGS if outcome.after.fails("error") else EXIT_CLEAN
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from gradprobe.server.main import serve_from_args
+
+    return serve_from_args(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except GradprobeError as exc:
+        print(f"gradprobe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("gradprobe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_CLEAN
+    except Exception as exc:  # a bug in gradprobe, not the user's input
+        if os.environ.get("GRADPROBE_DEBUG"):
+            traceback.print_exc()
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"gradprobe: internal error: {type(exc).__name__}: {detail} "
+              f"(set GRADPROBE_DEBUG=1 for the traceback; please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`--format text`: what a person reads in a terminal — the layer table, then the findings."""
+
+from __future__ import annotations
+
+from gradprobe.diagnostics.report import Finding, LayerReport, Report
+
+_MARK = {"error": "E", "warning": "W", "info": "i"}
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value != value:  # NaN
+        return "nan"
+    if value == 0:
+        return "0"
+    if 1e-2 <= abs(value) < 1e4:
+        return f"{value:.3g}"
+    return f"{value:.2e}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _layer_rows(report: Report) -> list[str]:
+    flagged: dict[str, str] = {}
+    for f in report.findings:
+        if f.layer not in flagged or f.severity.rank > {"i": 0, "W": 1, "E": 2}[flagged[f.layer]]:
+            flagged[f.layer] = _MARK[f.severity.value]
+    width = max([len(layer.name) for layer in report.layers] + [5])
+    head = f"  {'layer':<{width}}  {'op':<12} {'act var':>9} {'mean':>9} {'dead':>5} {'sat':>5} {'grad rms':>9}"
+    rows = [head, "  " + "-" * (len(head) - 2)]
+    for layer in report.layers:
+        rows.append(_layer_row(layer, width, flagged.get(layer.name, " ")))
+    return rows
+
+
+def _layer_row(layer: LayerReport, width: int, mark: str) -> str:
+    act, grad = layer.activation, layer.gradient
+    op = layer.op if layer.role != "activation" else (layer.nonlinearity or layer.op)
+    dead = _share(act.dead_units) if act and (layer.nonlinearity == "relu" and layer.role == "activation") else "-"
+    sat = _share(act.saturation) if act and layer.nonlinearity in ("sigmoid", "tanh") and layer.role == "activation" else "-"
+    return (f"{mark} {layer.name:<{width}}  {op[:12]:<12} {_num(act.var if act else None):>9} "
+            f"{_num(act.mean if act else None):>9} {dead:>5} {sat:>5} {_num(grad.rms if grad else None):>9}")
+
+
+def _finding_lines(f: Finding) -> list[str]:
+    lines = [f"{f.severity.value:<7} {f.rule:<22} {f.layer}", f"        {f.message}"]
+    if f.fix is not None:
+        if f.fix.code:
+            code = f.fix.code.splitlines()
+            lines.append(f"        fix: {code[0]}")
+            lines += [f"             {line}" for line in code[1:]]
+        if f.fix.advice:
+            lines.append(f"        also: {f.fix.advice}")
+    return lines
+
+
+def render_one(report: Report) -> str:
+    m = report.model
+    inputs = ", ".join(f"{i.name} {'x'.join(map(str, i.shape))} {i.dtype}" for i in m.inputs)
+    t = report.timing
+    out = [
+        f"{m.path or '<bytes>'}  ({m.format}, sha256 {m.sha256[:12]}, inputs: {inputs})",
+        f"device {report.device}, seed {report.seed}, {t.total_s:.2f}s "
+        f"(load {t.load_s:.2f}s, probe {t.probe_s:.2f}s, rules {t.rules_s:.2f}s)",
+    ]
+    out += [f"note: {n}" for n in m.notes]
+    if m.shared_parameters:
+        for param, layers in m.shared_parameters.items():
+            out.append(f"note: layers {', '.join(layers)} shared one tensor ({param}) in the file")
+    out += ["", *_layer_rows(report), ""]
+    for f in report.findings:
+        out += _finding_lines(f)
+    s = report.summary
+    out.append(f"{s.error} error(s), {s.warning} warning(s), {s.info} info"
+               if report.findings else "no findings: the network looks trainable as initialised")
+    return "\n".join(out)
+
+
+def render(reports: list[Report], *, fail_on: str = "error") -> str:
+    return "\n\n".join(render_one(r) for r in reports)

@@ -1,0 +1,5 @@
+import sys
+
+from gradprobe.client.cli import main
+
+sys.exit(main())
