@@ -105,34 +105,9 @@ def hostile_report() -> Report:
     return rep
 
 
-def stand_in_rules() -> list[type]:
-    """Rule classes with the catalogue's names and real docstrings, used only while the rule
-    registry (`all_rules`) is not importable, so format tests do not wait for the engine."""
-    from gradprobe.diagnostics.rules.base import Rule
 
-    def make(rule_name: str, level: Severity, summary: str, defaults: dict[str, float]) -> type:
-        doc = (f"{summary}\n\nWhy it matters: the network cannot learn as initialised.\n\n"
-               f"Example: a stack that shows it.\n\nFix: re-initialise.\n\n"
-               f"Thresholds: {', '.join(defaults) or 'none'}.")
-        return type(rule_name.title().replace("-", ""), (Rule,),
-                    {"name": rule_name, "severity": level, "defaults": defaults, "__doc__": doc})
+def rule_catalogue() -> list:
+    """The documentation of every registered rule, as the formats list it."""
+    from gradprobe.diagnostics.rules import all_rules
 
-    return [
-        make("dead-relu", Severity.ERROR, "Most units of a ReLU layer are never active.",
-             {"dead_share": 0.5}),
-        make("vanishing-activations", Severity.WARNING, "Activation variance decays with depth.",
-             {"ratio": 1e-3}),
-        make("exploding-gradients", Severity.WARNING, "Gradient norm grows with depth.",
-             {"ratio": 70.0}),
-        make("zero-weights", Severity.ERROR, "A weight tensor is all zeros.", {}),
-    ]
-
-
-def ensure_rule_catalogue(monkeypatch) -> list:
-    """The rule docs the formats will list: the real registry when present."""
-    import gradprobe.diagnostics.rules as rules
-
-    if not hasattr(rules, "all_rules"):
-        stand_ins = stand_in_rules()
-        monkeypatch.setattr(rules, "all_rules", lambda: stand_ins, raising=False)
-    return [rule.doc() for rule in rules.all_rules()]
+    return [rule.doc() for rule in all_rules()]

@@ -12,15 +12,15 @@ import xml.etree.ElementTree as ET
 from urllib.parse import unquote
 
 import pytest
-from sample_reports import ensure_rule_catalogue, hostile_report, report
+from sample_reports import hostile_report, report, rule_catalogue
 
 from gradprobe.client.formats import FORMATS, github, gitlab, junit, render, sarif
 from gradprobe.diagnostics.report import Finding, Severity
 
 
-@pytest.fixture(autouse=True)
-def catalogue(monkeypatch):
-    return ensure_rule_catalogue(monkeypatch)
+@pytest.fixture
+def catalogue():
+    return rule_catalogue()
 
 
 def strict_json(text: str):
