@@ -1,0 +1,41 @@
+# Everyday commands. Every target creates or reuses .venv at the repository root.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch first and pinned: pip then takes the local CPU wheel where one is provided, and the
+# project's own `torch>=` requirement is already satisfied when `pip install -e` runs.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast bench proto examples clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Set up, then lint the bundled example (exits 1: the example has planted defects).
+demo: setup
+	$(BIN)/gradprobe lint examples/mlp_defects.onnx || test $$? -eq 1
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not training"
+
+bench: setup
+	$(BIN)/python bench/probe_overhead.py
+
+proto: setup
+	$(BIN)/python scripts/gen_proto.py
+
+examples: setup
+	$(BIN)/python examples/make_examples.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
