@@ -1,0 +1,225 @@
+"""Load a TorchScript archive (`torch.jit.save` of a scripted or traced module) for probing.
+
+The module's forward graph is copied, inlined and rewritten (torchscript_passes), the values
+to measure are chosen (torchscript_points) and returned as an extra tuple output; the graph
+becomes a function that is called with the module itself as `self`, so the parameters it reads
+are the module's own and backward fills their `.grad`.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradprobe.diagnostics.errors import InputSpecError, ModelLoadError, ProbeError
+from gradprobe.diagnostics.graph import InputSpec, LoadedModel, Tap
+from gradprobe.diagnostics.loaders.torchscript_passes import (
+    prepare_forward_graph,
+    retarget_device_constants,
+    return_observed_values,
+)
+from gradprobe.diagnostics.loaders.torchscript_points import discover_points, integer_input_ranges
+
+_FUNCTION_NAME = "gradprobe_observed_forward"
+
+
+def load_torchscript(source: Path | str | bytes, *, name: str | None = None) -> TorchScriptModel:
+    """Load a TorchScript archive from a path or from its bytes. `name` labels the source in
+    error messages when it is given as bytes. Raises ModelLoadError for anything that is not
+    a loadable TorchScript archive."""
+    label = name or (str(source) if not isinstance(source, bytes) else "model bytes")
+    module = _read_module(source, label)
+    return TorchScriptModel.from_module(module, None if isinstance(source, bytes) else str(source))
+
+
+def _read_module(source: Path | str | bytes, label: str) -> torch.jit.ScriptModule:
+    if isinstance(source, bytes):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ModelLoadError(f"{label}: {what}; expected a TorchScript file (.pt)")
+        data = path.read_bytes()
+    _check_archive(data, label)
+    try:
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError/ValueError with multi-line texts
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{label}: not a loadable TorchScript archive: {first_line}") from exc
+    if not isinstance(module, torch.jit.ScriptModule) or not hasattr(module, "forward"):
+        raise ModelLoadError(f"{label}: the TorchScript archive has no forward method")
+    return module
+
+
+def _check_archive(data: bytes, label: str) -> None:
+    """Say what the file is when it is not a TorchScript archive, without unpickling it."""
+    if not data.startswith(b"PK"):
+        raise ModelLoadError(f"{label}: {_describe_non_zip(data)}, not a TorchScript archive")
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(f"{label}: truncated or corrupt zip archive ({exc})") from exc
+    if not any("/code/" in n for n in names) or not any(n.endswith("constants.pkl") for n in names):
+        if any(n.endswith("data.pkl") for n in names):
+            raise ModelLoadError(
+                f"{label} is a PyTorch state_dict/pickle saved with torch.save, not a TorchScript "
+                "module: export it with torch.jit.script or torch.jit.trace and torch.jit.save")
+        raise ModelLoadError(f"{label}: a zip archive without TorchScript code, not a TorchScript "
+                             "module")
+
+
+def _describe_non_zip(data: bytes) -> str:
+    if not data:
+        return "empty file"
+    if data[:1] == b"\x80":
+        return "a legacy PyTorch pickle (torch.save), to be exported with torch.jit.script/trace"
+    if _looks_like_onnx(data):
+        return "an ONNX model (lint it as .onnx)"
+    try:
+        data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return "an unrecognised binary file"
+    return "a text file"
+
+
+def _looks_like_onnx(data: bytes) -> bool:
+    import onnx  # only needed to name the mistake
+
+    try:
+        model = onnx.ModelProto.FromString(data)
+    except Exception:  # any parse failure means: not ONNX
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
+class TorchScriptModel(LoadedModel):
+    """A TorchScript module with its forward rewritten to return the probed values too."""
+
+    def __init__(self, module: torch.jit.ScriptModule, path: str | None, *,
+                 graph: torch._C.Graph, inputs: list[InputSpec], defaults: list[Any],
+                 discovery_points: list, notes: list[str], frozen: list[str],
+                 training_flags: dict[str, bool]):
+        super().__init__(format="torchscript", path=path, parameters=_parameters(module),
+                         inputs=inputs, probe_points=discovery_points, notes=notes)
+        self.module = module
+        self._graph = graph
+        self._function = torch._C._create_function_from_graph(_FUNCTION_NAME, graph)
+        self._defaults = defaults
+        self._frozen = frozen
+        self._training_flags = training_flags
+
+    @classmethod
+    def from_module(cls, module: torch.jit.ScriptModule, path: str | None) -> TorchScriptModel:
+        training_flags = {name: m.training for name, m in module.named_modules()}
+        frozen = _make_trainable(module)
+        module.eval()  # folds `self.training` to False: dropout off, no buffer updates
+        graph = prepare_forward_graph(module)
+        discovery = discover_points(graph, module)
+        return_observed_values(graph, discovery.values)
+        graph.lint()
+        inputs, defaults = _input_specs(module, graph)
+        notes = list(discovery.notes)
+        if frozen:
+            notes.append(f"{len(frozen)} parameters saved with requires_grad=False are probed "
+                         "as trainable")
+        return cls(module, path, graph=graph, inputs=inputs, defaults=defaults,
+                   discovery_points=discovery.points, notes=notes, frozen=frozen,
+                   training_flags=training_flags)
+
+    def run(self, inputs: Sequence[torch.Tensor], tap: Tap | None = None) -> list[torch.Tensor]:
+        required, optional = len(self.inputs), len(self._defaults)
+        if not required <= len(inputs) <= required + optional:
+            names = ", ".join(spec.name for spec in self.inputs)
+            raise InputSpecError(f"the model takes {required} inputs ({names}), got {len(inputs)}")
+        arguments = [*inputs, *self._defaults[len(inputs) - required:]]
+        try:
+            # the plain interpreter: no profiling runs, no fusion, eager autograd on every value
+            with torch.jit.optimized_execution(False):
+                output, observed = self._function(self.module._c, *arguments)
+        except RuntimeError as exc:  # TorchScript puts its own traceback before the cause
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            raise ProbeError(f"forward failed: {lines[-1] if lines else type(exc).__name__}") \
+                from exc
+        if tap is not None:
+            for point, value in zip(self.probe_points, observed):
+                if value is not None:  # computed in an `if` branch that did not run
+                    tap(point, value)
+        return _flatten_tensors(output)
+
+    def to(self, device: torch.device) -> TorchScriptModel:
+        device = torch.device(device)
+        self.module.to(device)
+        retarget_device_constants(self._graph, device)
+        self._function = torch._C._create_function_from_graph(_FUNCTION_NAME, self._graph)
+        self.parameters = _parameters(self.module)
+        return self
+
+    def save(self, path: Path, values: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(set(values) - set(self.parameters))
+        if unknown:
+            raise KeyError(f"not parameters of this model: {', '.join(unknown)}")
+        with torch.no_grad():
+            for name, value in values.items():
+                target = self.parameters[name]
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+        # write the module as it came: its requires_grad flags and train/eval modes
+        for name in self._frozen:
+            self.parameters[name].requires_grad_(False)
+        modules = dict(self.module.named_modules())
+        for name, flag in self._training_flags.items():
+            modules[name].training = flag
+        try:
+            torch.jit.save(self.module, str(path))
+        finally:
+            for name in self._frozen:
+                self.parameters[name].requires_grad_(True)
+            self.module.eval()
+
+
+def _make_trainable(module: torch.jit.ScriptModule) -> list[str]:
+    """Give every parameter requires_grad=True; returns the names that had it off."""
+    frozen = []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            frozen.append(name)
+            parameter.requires_grad_(True)
+    return frozen
+
+
+def _parameters(module: torch.jit.ScriptModule) -> dict[str, torch.nn.Parameter]:
+    # These are the very tensors the graph reads through `self` (a fresh nn.Parameter
+    # wrapper would be a different tensor that the graph never sees and backward never fills).
+    return dict(module.named_parameters())  # type: ignore[arg-type]
+
+
+def _input_specs(module: torch.jit.ScriptModule,
+                 graph: torch._C.Graph) -> tuple[list[InputSpec], list[Any]]:
+    """Inputs the caller must give (TorchScript records no shapes) and the defaults of the
+    optional ones, which run() fills in."""
+    arguments = module.forward.schema.arguments[1:]
+    ranges = integer_input_ranges(graph, module)
+    specs, defaults = [], []
+    for position, argument in enumerate(arguments):
+        if argument.has_default_value():
+            defaults.append(argument.default_value)
+            continue
+        value_range = ranges.get(position)
+        dtype = torch.int64 if value_range else None
+        specs.append(InputSpec(argument.name, None, dtype, value_range))
+    return specs, defaults
+
+
+def _flatten_tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _flatten_tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _flatten_tensors(item)]
+    return []
