@@ -27,10 +27,11 @@ from gradprobe.diagnostics.report import ActivationStats, GradientStats, Paramet
 # (sigmoid: |x| > ~4.6, tanh: |x| > ~3.0): less than 1% of the gradient passes through it.
 SATURATION_DERIVATIVE = 0.01
 
-_ACT_FIELDS = ("mean", "var", "min", "max", "zero_fraction", "dead_units", "saturation", "nonfinite")
+_ACT_FIELDS = ("mean", "var", "min", "max", "zero_fraction", "dead_units", "saturation", "nonfinite",
+               "sample_var")
 _GRAD_FIELDS = ("norm", "rms", "nonfinite")
 _PARAM_FIELDS = ("mean", "std", "abs_max", "nonfinite", "grad_norm", "grad_rms", "grad_to_weight",
-                 "zero_grad_fraction", "nonfinite_grad", "unit_spread")
+                 "zero_grad_fraction", "nonfinite_grad", "unit_spread", "constant")
 
 
 @dataclass
@@ -105,7 +106,8 @@ def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
         saturated = ((1 - x * x) < SATURATION_DERIVATIVE).float().mean()
     else:
         saturated = torch.zeros((), device=x.device)
-    return torch.stack([mean, var, lo, hi, zero, dead, saturated, nonfinite.float()])
+    sample_var = torch.var(x, dim=0, correction=0).mean() if x.shape[0] > 1 else var
+    return torch.stack([mean, var, lo, hi, zero, dead, saturated, nonfinite.float(), sample_var])
 
 
 def _gradient_row(grad: torch.Tensor) -> torch.Tensor:
@@ -141,6 +143,7 @@ def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | N
         w.mean(), w.std(correction=0), w.abs().amax() if w.numel() else torch.zeros((), device=w.device),
         (n - torch.isfinite(w).sum()).float(), gnorm, gnorm / math.sqrt(n), ratio,
         (g == 0).sum() / n, (g.numel() - torch.isfinite(g).sum()).float(), spread,
+        (w == w.reshape(-1)[:1]).all().float() if w.numel() else torch.ones((), device=w.device),
     ])
 
 
@@ -296,6 +299,7 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
             mean=row["mean"], std=row["std"], abs_max=row["abs_max"], nonfinite=int(row["nonfinite"]),
             grad_norm=row["grad_norm"], grad_rms=row["grad_rms"], grad_to_weight=row["grad_to_weight"],
             zero_grad_fraction=row["zero_grad_fraction"], nonfinite_grad=int(row["nonfinite_grad"]),
+            constant=bool(row["constant"]),
         )
         spread = own["unit_spread"] if name in owners else None
         params[name] = ParamProbe(stats, layer_of[name],

@@ -84,6 +84,9 @@ class ActivationStats(_Model):
     nonfinite: int
     units: int
     numel: int
+    # Mean over units of the variance across the batch: 0 when the value no longer depends on
+    # the input (its signal was lost upstream).
+    sample_var: float
 
 
 class GradientStats(_Model):
@@ -107,6 +110,7 @@ class ParameterStats(_Model):
     grad_to_weight: float  # |g| / |w|, inf when |w| = 0 and |g| > 0
     zero_grad_fraction: float
     nonfinite_grad: int
+    constant: bool  # every entry exactly equal (a float std of a constant is not exactly 0)
 
 
 class LayerReport(_Model):

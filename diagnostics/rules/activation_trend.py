@@ -35,7 +35,7 @@ class ActivationTrendRule(Rule):
     defaults = {"decades": 3.0, "error_decades": 8.0}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
-        layers = [lp for lp in depth_layers(probe.layers) if lp.activation]
+        layers = depth_layers(probe, "activation")
         trend = fit(layers, [lp.activation.var for lp in layers])  # type: ignore[union-attr]
         if trend is None:
             return

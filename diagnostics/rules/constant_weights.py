@@ -35,7 +35,7 @@ class ConstantWeights(Rule):
             numel = 1
             for d in s.shape:
                 numel *= d
-            if numel < 2 or s.std != 0 or s.mean == 0 or s.nonfinite:
+            if numel < 2 or not s.constant or s.abs_max == 0 or s.nonfinite:
                 continue
             verdict = judge(param)
             evidence = {"value": s.mean, "grad_norm": s.grad_norm}

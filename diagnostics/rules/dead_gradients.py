@@ -36,11 +36,17 @@ class DeadGradients(Rule):
                       if lp.activation and lp.activation.dead_units >= 0.999]
         wall = max(dead_walls) if dead_walls else -1
         judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
+        # A weight whose layer output no longer depends on the input gets a zero gradient
+        # because its input is zero: a consequence of the dead layer upstream.
+        signal_lost = {lp.point.weight for lp in probe.of_role("linear")
+                       if lp.point.weight and lp.activation and lp.activation.sample_var == 0}
         for name, param in probe.params.items():
             s = param.stats
             if s.grad_norm != 0 or s.nonfinite:
                 continue
-            if name in judged_by_symmetry and (s.std == 0 or name in probe.unblocked):
+            if name in judged_by_symmetry and (s.constant or name in probe.unblocked):
+                continue
+            if name in signal_lost:
                 continue
             if index_of_layer.get(name, 10**9) < wall:
                 continue

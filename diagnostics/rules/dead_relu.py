@@ -37,8 +37,10 @@ class DeadRelu(Rule):
             bias_mean = None
             if producer is not None and producer.point.weight:
                 w = probe.params[producer.point.weight].stats
-                if w.std == 0 or w.nonfinite:
+                if w.constant or w.nonfinite:
                     continue  # zero-/constant-/nonfinite-weights names the cause
+                if producer.activation is not None and producer.activation.sample_var == 0:
+                    continue  # its input carries no signal: the cause is upstream
                 if producer.point.bias:
                     bias_mean = probe.params[producer.point.bias].stats.mean
             share = act.dead_units

@@ -11,7 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gradprobe.diagnostics.probe import LayerProbe
+from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
+from gradprobe.diagnostics.rules.symmetry import judge
 
 TINY = 1e-38  # below float32's smallest normal: "exactly zero" for a variance
 
@@ -51,6 +52,32 @@ def first_beyond(trend: Trend, factor: float) -> LayerProbe:
     return trend.layers[-1]
 
 
-def depth_layers(layers: Sequence[LayerProbe]) -> list[LayerProbe]:
-    """Parameterised layers in graph order: the depth axis of every trend."""
-    return [lp for lp in layers if lp.point.role == "linear"]
+def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
+    """Parameterised layers in graph order: the depth axis of a trend of `signal`
+    ('activation' or 'gradient').
+
+    Only geometric drift is a trend; exact zeros have causes other rules name. Activations: a
+    zero or constant weight that can train (zero head) is left out, and the trend ends at one
+    that cannot, or where the signal no longer depends on the input (a dead layer upstream).
+    Gradients: the trend is measured behind the last layer whose gradient is exactly zero."""
+    out: list[LayerProbe] = []
+    for lp in probe.layers:
+        if lp.point.role != "linear":
+            continue
+        if signal == "activation":
+            param = probe.params.get(lp.point.weight or "")
+            if param is not None and param.stats.constant:
+                if not judge(param).can_train:
+                    break
+                continue
+            if lp.activation is None:
+                continue
+            if lp.activation.sample_var == 0:
+                break
+        elif lp.gradient is None:
+            continue
+        out.append(lp)
+    if signal == "gradient":
+        blocked = [i for i, lp in enumerate(out) if lp.gradient and lp.gradient.rms == 0]
+        out = out[blocked[-1] + 1:] if blocked else out
+    return out

@@ -18,7 +18,7 @@ class GradientTrendRule(Rule):
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         if probe.has_nonfinite:
             return  # nonfinite-* rules say what happened; a trend through NaN means nothing
-        layers = [lp for lp in depth_layers(probe.layers) if lp.gradient]
+        layers = depth_layers(probe, "gradient")
         trend = fit(layers, [lp.gradient.rms for lp in layers])  # type: ignore[union-attr]
         if trend is None or trend.total <= 0:
             return

@@ -48,7 +48,7 @@ class InitScale(Rule):
             target = target_variance(point)
             var_out = lp.activation.var if lp.activation else math.nan
             prev, previous_var = previous_var, var_out
-            if target is None or stats.std == 0 or stats.nonfinite or point.folded_batchnorm:
+            if target is None or stats.constant or stats.nonfinite or point.folded_batchnorm:
                 continue
             k = stats.std**2 / target
             wf, ff = self.t["weight_factor"], self.t["flow_factor"]

@@ -114,7 +114,7 @@ class Finding(_message.Message):
     def __init__(self, rule: _Optional[str] = ..., severity: _Optional[_Union[Severity, str]] = ..., layer: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., parameters: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., evidence: _Optional[_Iterable[_Union[EvidenceEntry, _Mapping]]] = ..., fix: _Optional[_Union[Fix, _Mapping]] = ...) -> None: ...
 
 class ActivationStats(_message.Message):
-    __slots__ = ("mean", "var", "min", "max", "zero_fraction", "dead_units", "saturation", "nonfinite", "units", "numel")
+    __slots__ = ("mean", "var", "min", "max", "zero_fraction", "dead_units", "saturation", "nonfinite", "units", "numel", "sample_var")
     MEAN_FIELD_NUMBER: _ClassVar[int]
     VAR_FIELD_NUMBER: _ClassVar[int]
     MIN_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class ActivationStats(_message.Message):
     NONFINITE_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_VAR_FIELD_NUMBER: _ClassVar[int]
     mean: float
     var: float
     min: float
@@ -135,7 +136,8 @@ class ActivationStats(_message.Message):
     nonfinite: int
     units: int
     numel: int
-    def __init__(self, mean: _Optional[float] = ..., var: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., zero_fraction: _Optional[float] = ..., dead_units: _Optional[float] = ..., saturation: _Optional[float] = ..., nonfinite: _Optional[int] = ..., units: _Optional[int] = ..., numel: _Optional[int] = ...) -> None: ...
+    sample_var: float
+    def __init__(self, mean: _Optional[float] = ..., var: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., zero_fraction: _Optional[float] = ..., dead_units: _Optional[float] = ..., saturation: _Optional[float] = ..., nonfinite: _Optional[int] = ..., units: _Optional[int] = ..., numel: _Optional[int] = ..., sample_var: _Optional[float] = ...) -> None: ...
 
 class GradientStats(_message.Message):
     __slots__ = ("norm", "rms", "nonfinite")
@@ -148,7 +150,7 @@ class GradientStats(_message.Message):
     def __init__(self, norm: _Optional[float] = ..., rms: _Optional[float] = ..., nonfinite: _Optional[int] = ...) -> None: ...
 
 class ParameterStats(_message.Message):
-    __slots__ = ("name", "layer", "shape", "mean", "std", "abs_max", "nonfinite", "grad_norm", "grad_rms", "grad_to_weight", "zero_grad_fraction", "nonfinite_grad")
+    __slots__ = ("name", "layer", "shape", "mean", "std", "abs_max", "nonfinite", "grad_norm", "grad_rms", "grad_to_weight", "zero_grad_fraction", "nonfinite_grad", "constant")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,7 @@ class ParameterStats(_message.Message):
     GRAD_TO_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ZERO_GRAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_GRAD_FIELD_NUMBER: _ClassVar[int]
+    CONSTANT_FIELD_NUMBER: _ClassVar[int]
     name: str
     layer: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -173,7 +176,8 @@ class ParameterStats(_message.Message):
     grad_to_weight: float
     zero_grad_fraction: float
     nonfinite_grad: int
-    def __init__(self, name: _Optional[str] = ..., layer: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., abs_max: _Optional[float] = ..., nonfinite: _Optional[int] = ..., grad_norm: _Optional[float] = ..., grad_rms: _Optional[float] = ..., grad_to_weight: _Optional[float] = ..., zero_grad_fraction: _Optional[float] = ..., nonfinite_grad: _Optional[int] = ...) -> None: ...
+    constant: bool
+    def __init__(self, name: _Optional[str] = ..., layer: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., abs_max: _Optional[float] = ..., nonfinite: _Optional[int] = ..., grad_norm: _Optional[float] = ..., grad_rms: _Optional[float] = ..., grad_to_weight: _Optional[float] = ..., zero_grad_fraction: _Optional[float] = ..., nonfinite_grad: _Optional[int] = ..., constant: _Optional[bool] = ...) -> None: ...
 
 class LayerReport(_message.Message):
     __slots__ = ("name", "op", "node", "role", "nonlinearity", "parameters", "activation", "gradient")
