@@ -1,0 +1,711 @@
+"""Load an ONNX file into a `LoadedModel` that our own interpreter runs with torch.
+
+Everything that does not depend on the inputs is decided here, once: node order, operator
+functions, decoded attributes, which float initializers are trainable parameters, value slots
+and when each value can be freed. `OnnxModel.run` is then a tight loop over prepared steps.
+
+Exporter habits this loader undoes (observed with torch 2.13):
+- Both exporters de-duplicate initializers with identical values. The legacy exporter reaches
+  the shared tensor through Identity nodes named after each user's parameter (`net.2.weight`);
+  the dynamo exporter lets several layers read one initializer directly (all LayerNorms of a
+  fresh transformer read `encoder.layers.0.norm1.weight`). Each layer gets its own Parameter
+  (a copy), so each has its own gradient; `shared_parameters` records the sharing.
+- BatchNorm running statistics and recurrent initial states are float initializers but not
+  trainable: they stay constants.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+import gradprobe.diagnostics.onnx_ops  # noqa: F401  (registers every operator)
+from gradprobe.diagnostics.errors import (
+    GradprobeError,
+    InputSpecError,
+    ModelLoadError,
+    ProbeError,
+)
+from gradprobe.diagnostics.graph import InputSpec, LoadedModel, ProbePoint, Tap
+from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, is_anonymous
+from gradprobe.diagnostics.loaders.onnx_points import GraphNode, GraphView, PointPlan, build_points
+from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
+from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpFn, lookup
+from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch, tensor_from_proto
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
+# (op, input slot) pairs that read a float tensor as state or configuration, not as a weight.
+_STATE_SLOTS = {
+    ("BatchNormalization", 3), ("BatchNormalization", 4), ("LSTM", 5), ("LSTM", 6),
+    ("GRU", 5), ("RNN", 5), ("Resize", 1), ("Resize", 2), ("Upsample", 1), ("Pad", 2),
+    ("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Range", 0), ("Range", 1), ("Range", 2),
+    ("Shape", 0), ("Size", 0), ("ConstantOfShape", 0),
+}
+# (op, input slot) pairs that read a layer's own weight or bias.
+_LAYER_SLOTS = {
+    ("Conv", 1), ("Conv", 2), ("ConvTranspose", 1), ("ConvTranspose", 2), ("Gemm", 1),
+    ("Gemm", 2), ("MatMul", 0), ("MatMul", 1), ("LSTM", 1), ("LSTM", 2), ("LSTM", 3),
+    ("LSTM", 7), ("GRU", 1), ("GRU", 2), ("GRU", 3), ("RNN", 1), ("RNN", 2), ("RNN", 3),
+    ("PRelu", 1), ("Gather", 0), ("BatchNormalization", 1), ("BatchNormalization", 2),
+    ("LayerNormalization", 1), ("LayerNormalization", 2), ("GroupNormalization", 1),
+    ("GroupNormalization", 2), ("InstanceNormalization", 1), ("InstanceNormalization", 2),
+}
+_INDEX_PATH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose"}
+_EXTERNAL_DATA_LIMIT = 1 << 30  # write weights beside the file above ~1 GiB of tensors
+
+
+def load_onnx(source: Path | bytes, *, base_dir: Path | None = None,
+              name: str | None = None) -> OnnxModel:
+    """Read an ONNX model (a path, or the file's bytes) and prepare it for probing.
+
+    External data is read from `base_dir` (default: the file's folder); bytes that refer to
+    external data need `base_dir`. Raises ModelLoadError for anything that is not a readable,
+    consistent ONNX model and UnsupportedOperator for an operator the interpreter lacks.
+    """
+    label, model, base_dir, path = _read(source, base_dir, name)
+    return _Builder(label, model, base_dir, path).build()
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def _read(source: Path | bytes, base_dir: Path | None,
+          name: str | None) -> tuple[str, onnx.ModelProto, Path | None, str | None]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = name or "uploaded model"
+        path = None
+    else:
+        file = Path(source)
+        label = name or str(file)
+        path = str(file)
+        if not file.exists():
+            raise ModelLoadError(f"{label}: no such file")
+        if file.is_dir():
+            raise ModelLoadError(f"{label} is a directory, not an ONNX file")
+        try:
+            data = file.read_bytes()
+        except OSError as err:
+            raise ModelLoadError(f"{label}: cannot read the file ({err.strerror})") from None
+        base_dir = base_dir if base_dir is not None else file.parent
+    if not data:
+        raise ModelLoadError(f"{label} is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception:  # protobuf raises DecodeError, RuntimeWarning-ish errors, ValueError
+        if _starts_like_onnx(data):
+            raise ModelLoadError(
+                f"{label}: truncated or corrupted ONNX file (it starts like one, but the "
+                f"{len(data)} bytes do not parse)"
+            ) from None
+        raise ModelLoadError(f"{label}: not an ONNX model (the bytes are not an ONNX protobuf)") \
+            from None
+    del data
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelLoadError(f"{label}: not an ONNX model (no graph or no nodes in it)")
+    if not any(op.domain in ("", "ai.onnx") for op in model.opset_import):
+        raise ModelLoadError(
+            f"{label}: no opset for the default ONNX domain (truncated or not an ONNX model)")
+    if model.functions:
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception as err:
+            raise ModelLoadError(f"{label}: cannot inline its local functions ({_line(err)})") \
+                from None
+    return label, model, base_dir, path
+
+
+def _starts_like_onnx(data: bytes) -> bool:
+    """A ModelProto begins with field 1 (ir_version, a small varint): bytes 0x08, 1..15."""
+    return len(data) >= 2 and data[0] == 0x08 and 1 <= data[1] <= 15
+
+
+def _line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# --- building -------------------------------------------------------------------------------
+
+@dataclass
+class _Binding:
+    """Where a parameter lives in the file, so `save` can write it back."""
+
+    file_tensor: str  # the initializer it was read from
+    identity_node: int | None = None  # Identity node (proto index) whose output it replaces
+    retarget: list[tuple[int, int]] = field(default_factory=list)  # (proto node, input slot)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    steps: list[tuple[Any, ...]]
+    n_slots: int
+    slots: dict[str, int]
+    input_slots: tuple[int, ...]
+    output_slots: tuple[int, ...]
+
+
+class _Builder:
+    def __init__(self, label: str, model: onnx.ModelProto, base_dir: Path | None,
+                 path: str | None) -> None:
+        self.label = label
+        self.model = model
+        self.graph = model.graph
+        self.base_dir = base_dir
+        self.path = path
+        self.opset = max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+        self.notes: list[str] = []
+
+    def build(self) -> OnnxModel:
+        graph = self.graph
+        names = _node_names(graph.node)
+        fns = [lookup(n.op_type, n.domain, names[i]) for i, n in enumerate(graph.node)]
+        init_types = {t.name: t.data_type for t in graph.initializer}
+        init_order = [t.name for t in graph.initializer]
+        try:
+            attrs = [decode_attributes(n, self.base_dir) for n in graph.node]
+            tensors = {t.name: tensor_from_proto(t, self.base_dir) for t in graph.initializer}
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{self.label}: {err}") from None
+        graph.ClearField("initializer")  # the tensors now hold the data; `save` rebuilds these
+        skeleton = _skeleton(self.model, tensors, init_types)
+        self._check(skeleton)
+        inputs = [vi for vi in graph.input if vi.name not in tensors]
+        order = _topological_order(graph, {vi.name for vi in inputs} | set(tensors), names,
+                                   self.label)
+
+        constants, aliases, run_order = self._fold_static(order, names, fns, attrs, tensors)
+        namer = ScopeNamer([graph.node[i] for i in run_order])
+        nodes = [
+            GraphNode(index=k, op_type=graph.node[i].op_type, name=names[i],
+                      inputs=list(graph.node[i].input), outputs=list(graph.node[i].output),
+                      attrs=attrs[i], proto=graph.node[i], scope=namer.scope(k))
+            for k, i in enumerate(run_order)
+        ]
+        params, bindings = self._parameters(nodes, run_order, tensors, init_types, aliases,
+                                            constants)
+        view = GraphView(nodes=nodes, params=params, constants=constants,
+                         ranks=_ranks(skeleton), opset=self.opset)
+        plans = build_points(view)
+        specs = [_input_spec(vi, view) for vi in inputs]
+        outputs = [o.name for o in graph.output]
+        for out in outputs:
+            if out not in view.producer and out not in params and out not in constants \
+                    and out not in {vi.name for vi in inputs}:
+                raise ModelLoadError(f"{self.label}: graph output '{out}' is never computed "
+                                     "(truncated or broken file)")
+        plan = _compile(nodes, [fns[i] for i in run_order], self.opset, plans, params,
+                        constants, [vi.name for vi in inputs], outputs)
+        self._note_exports(plans, nodes, bindings)
+        return OnnxModel(
+            path=self.path, parameters=params, inputs=specs,
+            probe_points=[p.point for p in plans], shared_parameters=_shared(bindings, plans,
+                                                                            nodes),
+            notes=self.notes, model=self.model, plan=plan, constants=constants,
+            init_order=init_order, init_types=init_types, file_tensors=tensors,
+            bindings=bindings, label=self.label,
+        )
+
+    def _check(self, skeleton: onnx.ModelProto) -> None:
+        """onnx.checker findings that do not stop the interpreter become notes; what stops it
+        (undefined values, cycles, unsupported ops, bad tensors) is an error of its own."""
+        try:
+            onnx.checker.check_model(skeleton)
+        except Exception as err:  # ValidationError, or C++ errors on odd files
+            self.notes.append(f"onnx.checker: {_line(err)}")
+
+    def _fold_static(self, order: list[int], names: list[str], fns: list[OpFn],
+                     attrs: list[dict[str, Any]], tensors: dict[str, torch.Tensor],
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[int]]:
+        """Evaluate Constant nodes once and resolve Identity-of-initializer aliases; what is
+        left is what `run` executes."""
+        constants: dict[str, torch.Tensor] = {}
+        aliases: dict[str, str] = {}  # Identity output -> the initializer it copies
+        run_order = []
+        for i in order:
+            node = self.graph.node[i]
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                ctx = OpContext(names[i], node.op_type, self.opset, len(node.output))
+                try:
+                    value = fns[i](ctx, [], attrs[i])
+                except GradprobeError:
+                    raise
+                except Exception as err:
+                    raise ModelLoadError(f"{self.label}: Constant node '{names[i]}' is "
+                                         f"malformed ({_line(err)})") from None
+                constants[node.output[0]] = value if isinstance(value, torch.Tensor) else value[0]
+                continue
+            if node.op_type == "Identity" and len(node.input) == 1 and node.output:
+                src = node.input[0]
+                root = aliases.get(src, src if src in tensors else None)
+                if root is not None:
+                    aliases[node.output[0]] = root
+                    continue
+                if src in constants:
+                    constants[node.output[0]] = constants[src]
+                    continue
+            run_order.append(i)
+        return constants, aliases, run_order
+
+    def _parameters(self, nodes: list[GraphNode], run_order: list[int],
+                    tensors: dict[str, torch.Tensor], init_types: dict[str, int],
+                    aliases: dict[str, str], constants: dict[str, torch.Tensor],
+                    ) -> tuple[dict[str, torch.nn.Parameter], dict[str, _Binding]]:
+        uses: dict[str, list[tuple[GraphNode, int]]] = {}
+        for node in nodes:
+            for slot, value in enumerate(node.inputs):
+                if value in tensors or value in aliases:
+                    uses.setdefault(value, []).append((node, slot))
+        identity_of = {self.graph.node[i].output[0]: i for i in range(len(self.graph.node))
+                       if self.graph.node[i].output and self.graph.node[i].output[0] in aliases}
+
+        taken = set(tensors) | set(aliases) | {o for n in nodes for o in n.outputs}
+        taken |= {vi.name for vi in self.graph.input}
+        params: dict[str, torch.nn.Parameter] = {}
+        bindings: dict[str, _Binding] = {}
+        sources = list(dict.fromkeys(v for n in nodes for v in n.inputs
+                                     if v in tensors or v in aliases))  # first-use order
+        for source in sources:
+            root = aliases.get(source, source)
+            tensor = tensors[root]
+            if not _is_parameter(source, tensor, init_types[root], uses[source]):
+                constants[source] = tensor
+                continue
+            groups = _group_by_scope(uses[source])
+            canonical = _canonical_group(source, groups)
+            for key, group_uses in groups.items():
+                if key == canonical:
+                    name = source
+                    binding = _Binding(root, identity_node=identity_of.get(source))
+                else:
+                    name = _untied_name(source, key, canonical, taken)
+                    taken.add(name)
+                    binding = _Binding(root, identity_node=None, retarget=[
+                        (run_order[node.index], slot) for node, slot in group_uses])
+                    for node, slot in group_uses:
+                        node.inputs[slot] = name
+                if key == canonical and source == root:
+                    value = tensor
+                else:
+                    value = tensor.clone()
+                params[name] = torch.nn.Parameter(value, requires_grad=True)
+                bindings[name] = binding
+        for out in self.graph.output:  # an output that is an initializer as is
+            root = aliases.get(out.name, out.name)
+            if root in tensors and out.name not in params:
+                constants.setdefault(out.name, tensors[root])
+        return params, bindings
+
+    def _note_exports(self, plans: list[PointPlan], nodes: list[GraphNode],
+                      bindings: dict[str, _Binding]) -> None:
+        folded = [p.point for p in plans if p.point.folded_batchnorm]
+        if folded:
+            ops = sorted({p.op for p in folded})
+            self.notes.append(
+                f"BatchNorm folded into {len(folded)} {'/'.join(ops)} layer(s) at export (eval "
+                "mode): the probe cannot run them on batch statistics; their scale is the "
+                "export's running statistics, not what training will see")
+        eval_bn = [n for n in nodes if n.op_type == "BatchNormalization"
+                   and not n.attrs.get("training_mode", 0)]
+        if eval_bn:
+            self.notes.append(
+                f"{len(eval_bn)} BatchNormalization node(s) were exported in eval mode: the "
+                "probe runs them on batch statistics, as in training")
+        untied = {b.file_tensor for name, b in bindings.items() if name != b.file_tensor}
+        if untied:
+            self.notes.append(
+                f"{len(untied)} initializer(s) are shared by several layers in the file "
+                "(the exporter merges equal values): each layer gets its own parameter")
+
+
+def _skeleton(model: onnx.ModelProto, tensors: Mapping[str, torch.Tensor],
+              init_types: Mapping[str, int]) -> onnx.ModelProto:
+    """The graph without its weights (float initializers become typed inputs), small enough
+    to hand to onnx.checker and shape inference whatever the model's size."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for name, tensor in tensors.items():
+        elem = init_types[name]
+        if elem in _FLOAT_TYPES or tensor.numel() > 4096:
+            skeleton.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, elem, list(tensor.shape)))
+        else:
+            skeleton.graph.initializer.append(_tensor_proto(name, tensor, elem))
+    return skeleton
+
+
+def _ranks(skeleton: onnx.ModelProto) -> dict[str, int]:
+    """Value ranks from ONNX shape inference; a help for naming axes, never a requirement."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False,
+                                                     data_prop=True)
+    except Exception:
+        inferred = skeleton
+    ranks = {}
+    g = inferred.graph
+    for vi in [*g.value_info, *g.input, *g.output]:
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            ranks[vi.name] = len(tt.shape.dim)
+    return ranks
+
+
+def _node_names(nodes: Sequence[onnx.NodeProto]) -> list[str]:
+    """Node names, made up (`Relu_12`) where the file has none, and made unique."""
+    seen: set[str] = set()
+    result = []
+    for i, node in enumerate(nodes):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        seen.add(name)
+        result.append(name)
+    return result
+
+
+def _topological_order(graph: onnx.GraphProto, available: set[str], names: list[str],
+                       label: str) -> list[int]:
+    """Node indices in an order where every input exists before it is read (file order when
+    the file is already sorted, as exporters write it)."""
+    producer: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            if not out:
+                continue
+            if out in producer or out in available:
+                raise ModelLoadError(f"{label}: value '{out}' is produced twice (node "
+                                     f"'{names[i]}'): broken graph")
+            producer[out] = i
+    waiting: list[int] = []
+    dependents: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        count = 0
+        for value in set(node.input):
+            if not value or value in available:
+                continue
+            if value not in producer:
+                raise ModelLoadError(
+                    f"{label}: node '{names[i]}' reads '{value}', which no node, input or "
+                    "initializer provides (truncated or broken file)")
+            dependents.setdefault(producer[value], []).append(i)
+            count += 1
+        waiting.append(count)
+    ready = [i for i, c in enumerate(waiting) if c == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in dependents.get(i, ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(graph.node):
+        stuck = next(names[i] for i, c in enumerate(waiting) if c > 0)
+        raise ModelLoadError(f"{label}: the graph has a cycle (at node '{stuck}')")
+    return order
+
+
+def _is_parameter(name: str, tensor: torch.Tensor, elem_type: int,
+                  uses: list[tuple[GraphNode, int]]) -> bool:
+    """Trainable: a float initializer read as data, not as state (BN running stats, RNN
+    initial state), configuration (Clip bounds, Resize scales) or a lone anonymous scalar."""
+    if elem_type not in _FLOAT_TYPES or not uses:
+        return False
+    slots = [(node.op_type, slot) for node, slot in uses]
+    if all(s in _STATE_SLOTS for s in slots):
+        return False
+    if tensor.numel() <= 1 and is_anonymous(name) and not any(s in _LAYER_SLOTS for s in slots):
+        return False  # attention scale, epsilon: constants the exporter lifted
+    return True
+
+
+def _group_by_scope(uses: list[tuple[GraphNode, int]]) -> dict[str | None, list[tuple[GraphNode, int]]]:
+    """Readers of one tensor by module path: readers in different modules are different
+    layers that the exporter made share equal values."""
+    groups: dict[str | None, list[tuple[GraphNode, int]]] = {}
+    for node, slot in uses:
+        groups.setdefault(node.scope, []).append((node, slot))
+    if None in groups and len(groups) > 1:  # unknown scope: keep with the first known one
+        unknown = groups.pop(None)
+        next(iter(groups.values())).extend(unknown)
+    return groups
+
+
+def _canonical_group(name: str, groups: Mapping[str | None, Any]) -> str | None:
+    """The readers that keep the file's name: the module that owns it by name, else the
+    first reader."""
+    owners = [k for k in groups if k is not None and (k == "" or name.startswith(k + "."))]
+    if owners:
+        return max(owners, key=len)
+    return next(iter(groups))
+
+
+def _untied_name(name: str, scope: str | None, canonical: str | None, taken: set[str]) -> str:
+    """`encoder.layers.0.norm1.weight` read by `encoder.layers.1.norm2` ->
+    `encoder.layers.1.norm2.weight`: the parameter that module had before the export."""
+    candidate = None
+    if scope is not None and not is_anonymous(name):
+        if canonical is not None and (canonical == "" or name.startswith(canonical + ".")):
+            relative = name[len(canonical) + 1:] if canonical else name
+        else:
+            relative = name.rsplit(".", 1)[-1]
+        candidate = f"{scope}.{relative}" if scope else relative
+    if candidate is None or candidate in taken:
+        base = candidate or name
+        k = 2
+        while f"{base}#{k}" in taken:
+            k += 1
+        candidate = f"{base}#{k}"
+    return candidate
+
+
+def _shared(bindings: dict[str, _Binding], plans: list[PointPlan],
+            nodes: list[GraphNode]) -> dict[str, list[str]]:
+    """Parameter -> layers that read one tensor in the file, for tensors read by several."""
+    members: dict[str, list[str]] = {}
+    for name, binding in bindings.items():
+        members.setdefault(binding.file_tensor, []).append(name)
+    layer_of: dict[str, str] = {}
+    for plan in plans:
+        for param in plan.point.parameters:
+            layer_of.setdefault(param, plan.point.layer)
+    for node in nodes:
+        for value in node.inputs:
+            if value in bindings and value not in layer_of:
+                layer_of[value] = node.scope or node.name
+    shared = {}
+    for group in members.values():
+        if len(group) > 1:
+            layers = list(dict.fromkeys(layer_of.get(p, p) for p in group))
+            for p in group:
+                shared[p] = layers
+    return shared
+
+
+def _input_spec(vi: onnx.ValueInfoProto, view: GraphView) -> InputSpec:
+    if not vi.type.HasField("tensor_type"):
+        raise InputSpecError(f"input '{vi.name}' is not a tensor (sequences and maps are not "
+                             "supported)")
+    tt = vi.type.tensor_type
+    shape = None
+    if tt.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tt.shape.dim)
+    dtype = onnx_dtype_to_torch(tt.elem_type) if tt.elem_type else None
+    value_range = None
+    if dtype is not None and not dtype.is_floating_point and dtype != torch.bool:
+        size = _index_range(view, vi.name)
+        value_range = (0, size) if size else None
+    return InputSpec(name=vi.name, shape=shape, dtype=dtype, value_range=value_range)
+
+
+def _index_range(view: GraphView, name: str) -> int | None:
+    """Smallest table size an integer input indexes (through casts and reshapes)."""
+    sizes = []
+    frontier, seen = [name], {name}
+    while frontier:
+        value = frontier.pop()
+        for user, slot in view.consumers.get(value, []):
+            node = view.nodes[user]
+            if node.op_type == "Gather" and slot == 1 and node.attrs.get("axis", 0) == 0:
+                table = node.inputs[0]
+                static = view.params.get(table)
+                static = static if static is not None else view.constants.get(table)
+                if static is not None and static.dim() >= 1:
+                    sizes.append(int(static.shape[0]))
+            elif node.op_type in _INDEX_PATH and slot == 0:
+                for out in node.outputs:
+                    if out and out not in seen:
+                        seen.add(out)
+                        frontier.append(out)
+    return min(sizes) if sizes else None
+
+
+def _compile(nodes: list[GraphNode], fns: list[OpFn], opset: int, plans: list[PointPlan],
+             params: Mapping[str, torch.Tensor], constants: Mapping[str, torch.Tensor],
+             inputs: list[str], outputs: list[str]) -> _Plan:
+    """Steps over integer slots: (fn, ctx, attrs, input slots, output slots, taps, frees).
+    Slot 0 always holds None (omitted optional inputs); slot 1 takes unnamed outputs."""
+    slots: dict[str, int] = {}
+
+    def slot_of(value: str) -> int:
+        if not value:
+            return 0
+        if value not in slots:
+            slots[value] = len(slots) + 2
+        return slots[value]
+
+    for value in [*params, *constants, *inputs]:
+        slot_of(value)
+    keep = {slots[v] for v in [*params, *constants]}
+    last_use: dict[int, int] = {}
+    for node in nodes:
+        for value in node.inputs:
+            if value:
+                last_use[slot_of(value)] = node.index
+        for value in node.outputs:
+            slot_of(value)
+    output_slots = tuple(slot_of(v) for v in outputs)
+    keep |= set(output_slots)
+    taps: dict[int, list[tuple[ProbePoint, int]]] = {}
+    for plan in plans:
+        taps.setdefault(plan.step, []).append((plan.point, slots[plan.value]))
+    frees: dict[int, list[int]] = {}
+    for slot, index in last_use.items():
+        if slot not in keep:
+            frees.setdefault(index, []).append(slot)
+    steps = []
+    for node, fn in zip(nodes, fns):
+        outs = tuple(slot_of(v) if v else 1 for v in node.outputs) or (1,)
+        unread = [s for s in outs if s not in last_use and s not in keep]
+        ctx = OpContext(node=node.name, op_type=node.op_type, opset=opset,
+                        num_outputs=len(node.outputs), training=True)
+        steps.append((fn, ctx, node.attrs, tuple(slot_of(v) for v in node.inputs), outs,
+                      tuple(taps.get(node.index, ())),
+                      tuple(dict.fromkeys(frees.get(node.index, []) + unread))))
+    return _Plan(steps=steps, n_slots=len(slots) + 2, slots=slots,
+                 input_slots=tuple(slots[v] for v in inputs), output_slots=output_slots)
+
+
+def _tensor_proto(name: str, tensor: torch.Tensor, elem_type: int) -> onnx.TensorProto:
+    """A torch tensor as an ONNX initializer of `elem_type`, bytes as stored (little-endian)."""
+    t = tensor.detach().to("cpu", onnx_dtype_to_torch(elem_type)).contiguous()
+    proto = onnx.TensorProto()
+    proto.name = name
+    proto.data_type = elem_type
+    proto.dims.extend(int(d) for d in t.shape)
+    proto.raw_data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return proto
+
+
+# --- the model ------------------------------------------------------------------------------
+
+class OnnxModel(LoadedModel):
+    """An ONNX graph run by our interpreter: BatchNorm on batch statistics, dropout off."""
+
+    def __init__(self, *, path: str | None, parameters: dict[str, torch.nn.Parameter],
+                 inputs: list[InputSpec], probe_points: list[ProbePoint],
+                 shared_parameters: dict[str, list[str]], notes: list[str],
+                 model: onnx.ModelProto, plan: _Plan, constants: dict[str, torch.Tensor],
+                 init_order: list[str], init_types: dict[str, int],
+                 file_tensors: dict[str, torch.Tensor], bindings: dict[str, _Binding],
+                 label: str) -> None:
+        super().__init__(format="onnx", path=path, parameters=parameters, inputs=inputs,
+                         probe_points=probe_points, shared_parameters=shared_parameters,
+                         notes=notes)
+        self._model = model  # the file without its initializers (the tensors hold them)
+        self._plan = plan
+        self._constants = constants
+        self._init_order = init_order
+        self._init_types = init_types
+        self._file_tensors = file_tensors
+        self._bindings = bindings
+        self._label = label
+        self._template: list[torch.Tensor | None] = []
+        self._fill_template()
+
+    def _fill_template(self) -> None:
+        template: list[torch.Tensor | None] = [None] * self._plan.n_slots
+        slots = self._plan.slots
+        for name, tensor in self._constants.items():
+            if name in slots:
+                template[slots[name]] = tensor
+        for name, param in self.parameters.items():
+            template[slots[name]] = param
+        self._template = template
+
+    def run(self, inputs: Sequence[torch.Tensor], tap: Tap | None = None) -> list[torch.Tensor]:
+        plan = self._plan
+        if len(inputs) != len(plan.input_slots):
+            raise InputSpecError(
+                f"{self._label} takes {len(plan.input_slots)} input(s) "
+                f"({', '.join(s.name for s in self.inputs)}), got {len(inputs)}")
+        values = list(self._template)
+        for slot, value in zip(plan.input_slots, inputs):
+            values[slot] = value
+        tensor = torch.Tensor
+        for fn, ctx, attrs, ins, outs, taps, frees in plan.steps:
+            try:
+                result = fn(ctx, [values[i] for i in ins], attrs)
+            except GradprobeError:
+                raise
+            except Exception as err:
+                raise ProbeError(
+                    f"node '{ctx.node}' ({ctx.op_type}) failed: {_line(err)}") from err
+            if isinstance(result, tensor):
+                values[outs[0]] = result
+            else:
+                for slot, value in zip(outs, result):
+                    values[slot] = value
+            if taps and tap is not None:
+                for point, slot in taps:
+                    tap(point, values[slot])
+            for slot in frees:
+                values[slot] = None
+        return [values[s] for s in plan.output_slots]
+
+    def to(self, device: torch.device) -> OnnxModel:
+        device = torch.device(device)
+        with torch.no_grad():
+            for param in self.parameters.values():
+                param.data = param.data.to(device)
+        for name, tensor in self._constants.items():
+            if tensor.is_floating_point():  # integer constants are shapes/indices: CPU
+                self._constants[name] = tensor.to(device)
+        self._fill_template()
+        return self
+
+    def save(self, path: Path, values: Mapping[str, torch.Tensor]) -> None:
+        unknown = [name for name in values if name not in self.parameters]
+        if unknown:
+            raise ValueError(f"no parameter named {', '.join(repr(n) for n in unknown)}")
+        for name, value in values.items():
+            if tuple(value.shape) != tuple(self.parameters[name].shape):
+                raise ValueError(f"parameter '{name}' has shape "
+                                 f"{list(self.parameters[name].shape)}, got {list(value.shape)}")
+        model = onnx.ModelProto()
+        model.CopyFrom(self._model)
+        graph = model.graph
+
+        def current(name: str) -> torch.Tensor:
+            return values[name] if name in values else self.parameters[name]
+
+        for name in self._init_order:
+            if name in self.parameters:
+                value = current(name)
+            else:
+                value = self._constants.get(name, self._file_tensors[name])
+            graph.initializer.append(_tensor_proto(name, value, self._init_types[name]))
+
+        # Parameters untied from a shared tensor get initializers of their own once any of
+        # them changes; unchanged groups stay shared as in the file.
+        changed = {self._bindings[name].file_tensor for name in values}
+        dropped: set[int] = set()
+        for name, binding in self._bindings.items():
+            if binding.file_tensor not in changed or name == binding.file_tensor:
+                continue
+            graph.initializer.append(
+                _tensor_proto(name, current(name), self._init_types[binding.file_tensor]))
+            if binding.identity_node is not None:
+                dropped.add(binding.identity_node)
+            for node_index, slot in binding.retarget:
+                graph.node[node_index].input[slot] = name
+        for index in sorted(dropped, reverse=True):
+            del graph.node[index]
+
+        path = Path(path)
+        size = sum(len(t.raw_data) for t in graph.initializer)
+        if size > _EXTERNAL_DATA_LIMIT:
+            onnx.save_model(model, str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=f"{path.name}.data")
+        else:
+            onnx.save_model(model, str(path))
