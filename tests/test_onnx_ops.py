@@ -41,6 +41,9 @@ SKIPS: dict[str, str] = {
     "test_training_dropout_mask": "dropout is always identity in the probe",
 }
 
+# Cases whose expected values are written out by hand to fewer digits than float32 carries.
+ROUNDED_EXPECTATIONS = {"test_averagepool_2d_ceil_last_window_starts_on_pad": (1e-3, 1e-4)}
+
 
 # ---------------------------------------------------------------- case discovery
 
@@ -188,7 +191,7 @@ def _check_case(case_dir: Path, device: str) -> None:
         assert tuple(got.shape) == tuple(expected.shape), \
             f"{where}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
         if expected.is_floating_point():
-            rtol, atol = _tolerance(expected.dtype)
+            rtol, atol = ROUNDED_EXPECTATIONS.get(case_dir.name, _tolerance(expected.dtype))
             np.testing.assert_allclose(got.double().numpy(), expected.double().numpy(),
                                        rtol=rtol, atol=atol, equal_nan=True, err_msg=where)
         else:
@@ -224,7 +227,7 @@ DIFFERENTIABLE = {
 
 
 # Float inputs that only carry a type, a shape or sampling positions, never values that flow.
-NO_GRADIENT_INPUTS = {"CastLike": {1}, "Resize": {1, 2}}
+NO_GRADIENT_INPUTS = {"CastLike": {1}, "Resize": {1, 2}, "Dropout": {1}}
 
 
 def test_backend_case_gradients(case_dir: Path) -> None:
