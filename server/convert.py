@@ -8,15 +8,29 @@ both use this module (it imports no server machinery).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from gradprobe.diagnostics.errors import ConfigError
+from gradprobe.diagnostics import errors as domain_errors
+from gradprobe.diagnostics.errors import ConfigError, GradprobeError
 from gradprobe.diagnostics.options import DiagnoseOptions
-from gradprobe.diagnostics.report import EvidenceValue, Finding, Report, Severity
-from gradprobe.diagnostics.rules.base import RuleDoc
+from gradprobe.diagnostics.report import (
+    ActivationStats,
+    EvidenceValue,
+    Finding,
+    GradientStats,
+    ParameterStats,
+    Report,
+    Severity,
+    Summary,
+    Timing,
+)
 from gradprobe.v1 import report_pb2 as pb
 from gradprobe.v1 import service_pb2 as spb
+
+if TYPE_CHECKING:  # importing the rules package imports every rule, and torch with them
+    from gradprobe.diagnostics.rules.base import RuleDoc
 
 _SEVERITY_TO_PB = {
     Severity.INFO: pb.SEVERITY_INFO,
@@ -48,6 +62,17 @@ def format_from_proto(value: int) -> str | None:
         return _FORMAT_FROM_PB[value]
     except KeyError:
         raise ConfigError(f"unknown model format {value} in request") from None
+
+
+def rebuild_error(class_name: str, message: str) -> GradprobeError:
+    """A GradprobeError that crossed a process or network boundary as (class name, message),
+    as the same class again (the base class when the name is not one of ours)."""
+    cls = getattr(domain_errors, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, GradprobeError)):
+        cls = GradprobeError
+    exc = cls.__new__(cls)
+    GradprobeError.__init__(exc, message)  # subclasses' own __init__ take other arguments
+    return exc
 
 
 # --- evidence ---------------------------------------------------------------------------------
@@ -139,16 +164,11 @@ def _finding_dict(msg: pb.Finding) -> dict:
     }
 
 
-_ACTIVATION_FIELDS = ("mean", "var", "min", "max", "zero_fraction", "dead_units", "saturation",
-                      "nonfinite", "units", "numel")
-_GRADIENT_FIELDS = ("norm", "rms", "nonfinite")
-_PARAMETER_FIELDS = ("name", "layer", "shape", "mean", "std", "abs_max", "nonfinite", "grad_norm",
-                     "grad_rms", "grad_to_weight", "zero_grad_fraction", "nonfinite_grad")
-
-
-def _fields(msg, names: Iterable[str]) -> dict:
+def _fields(msg, model: type[BaseModel]) -> dict:
+    """The flat fields of a statistics message, by the pydantic model's field names (the proto
+    mirrors them one to one; tests/test_server_convert.py checks that it does)."""
     return {n: (list(v) if not isinstance(v := getattr(msg, n), int | float | str) else v)
-            for n in names}
+            for n in model.model_fields}
 
 
 def report_to_proto(report: Report, *, with_findings: bool = True) -> pb.Report:
@@ -214,16 +234,16 @@ def report_from_proto(msg: pb.Report, findings: Iterable[pb.Finding] | None = No
                 "name": layer.name, "op": layer.op, "node": layer.node, "role": layer.role,
                 "nonlinearity": _optional(layer, "nonlinearity"),
                 "parameters": list(layer.parameters),
-                "activation": (_fields(layer.activation, _ACTIVATION_FIELDS)
+                "activation": (_fields(layer.activation, ActivationStats)
                                if layer.HasField("activation") else None),
-                "gradient": (_fields(layer.gradient, _GRADIENT_FIELDS)
+                "gradient": (_fields(layer.gradient, GradientStats)
                              if layer.HasField("gradient") else None),
             }
             for layer in msg.layers
         ],
-        "parameters": [_fields(p, _PARAMETER_FIELDS) for p in msg.parameters],
-        "timing": _fields(msg.timing, ("load_s", "probe_s", "rules_s", "total_s")),
-        "summary": _fields(msg.summary, ("error", "warning", "info")),
+        "parameters": [_fields(p, ParameterStats) for p in msg.parameters],
+        "timing": _fields(msg.timing, Timing),
+        "summary": _fields(msg.summary, Summary),
     }
     return Report.model_validate(data)
 
@@ -296,6 +316,8 @@ def rule_doc_to_proto(doc: RuleDoc) -> spb.RuleDoc:
 
 
 def rule_doc_from_proto(msg: spb.RuleDoc) -> RuleDoc:
+    from gradprobe.diagnostics.rules.base import RuleDoc
+
     return RuleDoc(
         name=msg.name, severity=severity_from_proto(msg.severity), summary=msg.summary,
         why=msg.why, example=msg.example, fix=msg.fix, thresholds=msg.thresholds,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
+from pydantic import BaseModel
 
 from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.diagnostics.options import DiagnoseOptions
@@ -25,6 +27,30 @@ from gradprobe.diagnostics.report import (
 from gradprobe.diagnostics.rules.base import RuleDoc
 from gradprobe.server import convert
 from gradprobe.v1 import report_pb2, service_pb2
+
+
+def _json_names(model: type[BaseModel]) -> set[str]:
+    return {f.alias or name for name, f in model.model_fields.items()}
+
+
+@pytest.mark.parametrize("model, message", [
+    (Report, report_pb2.Report), (ModelInfo, report_pb2.ModelInfo),
+    (InputInfo, report_pb2.InputInfo), (Finding, report_pb2.Finding), (Fix, report_pb2.Fix),
+    (LayerReport, report_pb2.LayerReport), (ActivationStats, report_pb2.ActivationStats),
+    (GradientStats, report_pb2.GradientStats), (ParameterStats, report_pb2.ParameterStats),
+    (Timing, report_pb2.Timing), (Summary, report_pb2.Summary),
+], ids=lambda x: x.__name__)
+def test_proto_mirrors_the_report_schema(model, message):
+    """A field added to report.py must be added to report.proto (and regenerated) too."""
+    assert _json_names(model) == set(message.DESCRIPTOR.fields_by_name)
+
+
+def test_proto_mirrors_options_and_rule_docs():
+    # input_file names a file on the caller's machine: it has no meaning on a server.
+    assert _json_names(DiagnoseOptions) - {"input_file"} == set(
+        service_pb2.DiagnoseOptions.DESCRIPTOR.fields_by_name)
+    assert {f.name for f in dataclasses.fields(RuleDoc)} == set(
+        service_pb2.RuleDoc.DESCRIPTOR.fields_by_name)
 
 
 def _report() -> Report:
@@ -55,14 +81,14 @@ def _report() -> Report:
                         activation=ActivationStats(mean=0.1, var=1e-30, min=-3.0, max=math.inf,
                                                    zero_fraction=0.0, dead_units=0.5,
                                                    saturation=0.0, nonfinite=2, units=32,
-                                                   numel=256),
+                                                   numel=256, sample_var=0.25),
                         gradient=GradientStats(norm=1.5, rms=math.nan, nonfinite=0)),
             LayerReport(name="relu", op="Relu", node="n", role="activation"),
         ],
         parameters=[ParameterStats(name="net.0.weight", layer="net.0", shape=[32, 16], mean=0.0,
                                    std=0.1, abs_max=0.3, nonfinite=0, grad_norm=0.0,
                                    grad_rms=0.0, grad_to_weight=math.inf,
-                                   zero_grad_fraction=1.0, nonfinite_grad=0)],
+                                   zero_grad_fraction=1.0, nonfinite_grad=0, constant=True)],
         timing=Timing(load_s=0.1, probe_s=0.2, rules_s=0.01, total_s=0.31),
         summary=Summary(error=1, warning=1, info=1),
     )

@@ -1,0 +1,124 @@
+"""The Gradprobe servicer: translates requests into store/pool calls and results into
+responses. Errors are raised, never caught here: interceptors.py maps them to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from gradprobe.server import convert
+from gradprobe.server.errors import UploadError
+from gradprobe.server.interceptors import annotate
+from gradprobe.server.store import ModelStore, check_sha256
+from gradprobe.server.worker_process import About, Job
+from gradprobe.server.workers import WorkerPool
+from gradprobe.v1 import service_pb2 as spb
+from gradprobe.v1 import service_pb2_grpc
+
+CHUNK_BYTES = 1 << 20  # what clients should send per upload message
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_model_bytes: int
+    workers: int
+    max_queue: int
+    timeout_s: float | None  # per probe; None: no limit
+    max_message_bytes: int
+
+
+class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
+    def __init__(self, store: ModelStore, pool: WorkerPool, about: About, limits: ServiceLimits,
+                 *, version: str, default_device: str, auth_required: bool) -> None:
+        self.store = store
+        self.pool = pool
+        self.limits = limits
+        self.version = version
+        self.default_device = default_device
+        self.auth_required = auth_required
+        self._rules = [spb.RuleDoc.FromString(doc) for doc in about.rules]
+        self._devices = [spb.Device(name=d.name, description=d.description,
+                                    memory_bytes=d.memory_bytes) for d in about.devices]
+
+    async def HasModel(self, request: spb.HasModelRequest, context) -> spb.HasModelResponse:
+        sha = check_sha256(request.sha256)
+        annotate(sha=sha)
+        path = self.store.find(sha)
+        annotate(present=path is not None)
+        if path is None:
+            return spb.HasModelResponse(present=False)
+        return spb.HasModelResponse(present=True, size_bytes=path.stat().st_size)
+
+    async def UploadModel(self, request_iterator: AsyncIterator[spb.UploadModelRequest],
+                          context) -> spb.UploadModelResponse:
+        messages = request_iterator.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            raise UploadError("empty upload: the first message must carry the metadata") from None
+        if first.WhichOneof("part") != "metadata":
+            raise UploadError("the first upload message must carry the metadata, not a chunk")
+        meta = first.metadata
+        annotate(sha=meta.sha256[:64], bytes=meta.size_bytes)
+        header = self.store.check_header(meta.sha256, meta.size_bytes,
+                                         convert.format_from_proto(meta.format))
+        existing = self.store.find(header.sha256)
+        if existing is not None:  # the client did not ask first; the chunks stay unread
+            annotate(already_present=True)
+            return spb.UploadModelResponse(sha256=header.sha256,
+                                           size_bytes=existing.stat().st_size,
+                                           already_present=True)
+        await self.store.receive(header, _chunks(messages))
+        return spb.UploadModelResponse(sha256=header.sha256, size_bytes=header.size_bytes)
+
+    async def Diagnose(self, request: spb.DiagnoseRequest, context
+                       ) -> AsyncIterator[spb.DiagnoseEvent]:
+        sha = check_sha256(request.sha256)
+        annotate(sha=sha)
+        path = self.store.path_of(sha)
+        options = convert.options_from_proto(request.options, default_device=self.default_device)
+        label = request.path_label if request.HasField("path_label") else None
+        job = Job(sha256=sha, model_path=str(path), options=options, path_label=label)
+
+        events: asyncio.Queue[tuple[str, float] | None] = asyncio.Queue()
+        probe = asyncio.ensure_future(self.pool.run(
+            job, timeout_s=self.limits.timeout_s,
+            progress=lambda stage, fraction: events.put_nowait((stage, fraction))))
+        probe.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                yield spb.DiagnoseEvent(progress=spb.Progress(stage=event[0], fraction=event[1]))
+            report = probe.result()
+        finally:
+            probe.cancel()  # no-op when done; else the pool kills the worker
+        annotate(rules=sorted({f.rule for f in report.findings}), findings=len(report.findings),
+                 device=report.device)
+        for finding in report.findings:
+            yield spb.DiagnoseEvent(finding=convert.finding_to_proto(finding))
+        yield spb.DiagnoseEvent(report=convert.report_to_proto(report, with_findings=False))
+
+    async def ListRules(self, request: spb.ListRulesRequest, context) -> spb.ListRulesResponse:
+        return spb.ListRulesResponse(rules=self._rules)
+
+    async def GetServerInfo(self, request: spb.GetServerInfoRequest, context) -> spb.ServerInfo:
+        limits = self.limits
+        return spb.ServerInfo(
+            version=self.version,
+            devices=self._devices,
+            default_device=self.default_device,
+            auth_required=self.auth_required,
+            limits=spb.Limits(
+                max_model_bytes=limits.max_model_bytes, workers=limits.workers,
+                max_queue=limits.max_queue, timeout_s=limits.timeout_s or 0.0,
+                chunk_bytes=CHUNK_BYTES, max_message_bytes=limits.max_message_bytes,
+            ),
+        )
+
+
+async def _chunks(messages: AsyncIterator[spb.UploadModelRequest]) -> AsyncIterator[bytes]:
+    async for message in messages:
+        if message.WhichOneof("part") != "chunk":
+            raise UploadError("upload metadata may only come in the first message")
+        yield message.chunk
+
