@@ -73,6 +73,12 @@ class ProbePoint:
     # True when a BatchNorm follows this layer in the graph (run on batch statistics).
     followed_by_norm: bool = False
 
+    @property
+    def is_embedding(self) -> bool:
+        """A table lookup (ONNX Gather on a weight, aten::embedding): rows are looked up, not
+        mixed, so fan-in based schemes say nothing about its scale."""
+        return self.op.rsplit("::", 1)[-1].lower() in ("gather", "embedding")
+
 
 Tap = Callable[[ProbePoint, torch.Tensor], None]
 

@@ -210,11 +210,15 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "text_encoder": TextEncoder,
     "lstm": lambda: Recurrent("lstm"),
     "gru": lambda: Recurrent("gru"),
+    # Deliberate zeros: must be reported at most as info.
+    "resnet_zero_residual": lambda: ResNet(zero_init_residual=True),
+    "vit_zero_head": lambda: ViT(zero_head=True),
 }
 
 
 def example_inputs(name: str, batch: int = 4) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
+    name = {"resnet_zero_residual": "resnet", "vit_zero_head": "vit"}.get(name, name)
     if name in ("mlp",):
         return (torch.randn(batch, 16, generator=g),)
     if name in ("resnet", "mobilenet"):
@@ -260,3 +264,4 @@ def export_torchscript(model: nn.Module, args: tuple[torch.Tensor, ...], path: P
         module = torch.jit.script(model) if scripted else torch.jit.trace(model, args)
     torch.jit.save(module, str(path))
     return path
+

@@ -21,12 +21,15 @@ class DeadRelu(Rule):
     of the batch (with a batch of 8 a healthy unit is silent by chance with p = 2^-8). Warning
     when `share` (0.5) of the layer is dead — SageMaker Debugger's DeadRelu uses 50% of the layer;
     error from `error_share` (0.9). Not reported when the layer feeding it has zero, constant or
-    non-finite weights (those rules name the cause).
+    non-finite weights (those rules name the cause). Only info when the probe batch barely varies
+    at this point (variance across samples below `min_sample_share` (1%) of the total variance, as
+    behind a global pooling of synthetic noise in a squeeze-excite block): there the weights, not
+    the data, decide which units are silent, and real inputs (`--input`) should judge.
     """
 
     name = "dead-relu"
     severity = Severity.ERROR
-    defaults = {"share": 0.5, "error_share": 0.9}
+    defaults = {"share": 0.5, "error_share": 0.9, "min_sample_share": 0.01}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         for lp in probe.activations("relu"):
@@ -45,6 +48,8 @@ class DeadRelu(Rule):
                     bias_mean = probe.params[producer.point.bias].stats.mean
             share = act.dead_units
             severity = Severity.ERROR if share >= self.t["error_share"] else Severity.WARNING
+            pre = producer.activation if producer is not None and producer.activation else act
+            uninformative = pre.var > 0 and pre.sample_var < self.t["min_sample_share"] * pre.var
             cause = ""
             if bias_mean is not None and producer is not None and bias_mean < -0.1:
                 cause = f" The bias of {producer.point.layer} averages {bias_mean:.3g}."
@@ -57,6 +62,15 @@ class DeadRelu(Rule):
             if bias_mean is not None:
                 evidence["bias_mean"] = bias_mean
             name = producer.point.layer if producer is not None else lp.point.layer
+            if uninformative:
+                yield self.finding(
+                    lp, f"{share:.0%} of the {act.units} units after {name} are silent on the probe "
+                        f"batch, but the batch barely varies here (variance across samples is "
+                        f"{pre.sample_var / pre.var:.1%} of the total): lint with real inputs "
+                        f"(--input) to judge.",
+                    evidence={**evidence, "sample_share": pre.sample_var / pre.var},
+                    severity=Severity.INFO, parameters=[])
+                continue
             yield self.finding(
                 lp, f"{share:.0%} of the {act.units} units after {name} are never active on the "
                     f"probe batch: they get no gradient and will not recover.{cause}{blocks}",
