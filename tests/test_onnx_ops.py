@@ -9,8 +9,7 @@ pytest cache, in the same layout, and reused by later runs.
 
 from __future__ import annotations
 
-import math
-import os
+import functools
 import shutil
 import tempfile
 import warnings
@@ -98,24 +97,31 @@ def _load_case(case_dir: Path) -> tuple[onnx.ModelProto, onnx.NodeProto]:
     return model, model.graph.node[0]
 
 
-def _discover(config: pytest.Config) -> list[Path]:
+def _discover(config: pytest.Config) -> list[tuple[Path, str]]:
+    """(case folder, op type) of every single-node case of a supported operator."""
+    return _discover_in(_case_root(config))
+
+
+@functools.cache
+def _discover_in(root: Path) -> list[tuple[Path, str]]:
     supported = set(supported_operators())
     found = []
-    for case_dir in sorted(_case_root(config).iterdir()):
+    for case_dir in sorted(root.iterdir()):
         if not (case_dir / "model.onnx").is_file():
             continue
         model, node = _load_case(case_dir)
         if len(model.graph.node) == 1 and node.domain in ("", "ai.onnx") \
                 and node.op_type in supported:
-            found.append(case_dir)
+            found.append((case_dir, node.op_type))
     return found
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case_dir" in metafunc.fixturenames:
-        cases = _discover(metafunc.config)
+        found = _discover(metafunc.config)
         if metafunc.function.__name__ == "test_backend_case_gradients":
-            cases = [c for c in cases if _load_case(c)[1].op_type in DIFFERENTIABLE]
+            found = [(c, op) for c, op in found if op in DIFFERENTIABLE]
+        cases = [c for c, _ in found]
         metafunc.parametrize("case_dir", cases, ids=[c.name for c in cases])
 
 
@@ -262,7 +268,7 @@ def test_backend_case_gradients(case_dir: Path) -> None:
 
 
 def test_every_supported_operator_has_backend_cases(pytestconfig: pytest.Config) -> None:
-    covered = {_load_case(c)[1].op_type for c in _discover(pytestconfig)}
+    covered = {op for _, op in _discover(pytestconfig)}
     missing = sorted(set(supported_operators()) - covered)
     assert not missing, f"operators without a backend case: {missing}"
 
