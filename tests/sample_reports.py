@@ -32,7 +32,7 @@ def _layers(depth: int, decay: float, prefix: str = "net") -> list[LayerReport]:
             activation=ActivationStats(
                 mean=0.0, var=var, min=-3 * math.sqrt(var), max=3 * math.sqrt(var),
                 zero_fraction=0.0, dead_units=0.0, saturation=0.0, nonfinite=0, units=32,
-                numel=256),
+                numel=256, sample_var=var),
             gradient=GradientStats(norm=1e-3 * (1.6 ** i), rms=1e-4 * (1.6 ** i), nonfinite=0),
         ))
     # A layer the probe could not measure (no activation): the plots must skip it, not crash.
@@ -45,7 +45,7 @@ def _parameters(layers: list[LayerReport]) -> list[ParameterStats]:
     return [ParameterStats(
         name=layer.parameters[0], layer=layer.name, shape=[32, 32], mean=0.0, std=0.05,
         abs_max=0.2, nonfinite=0, grad_norm=0.01, grad_rms=0.001, grad_to_weight=0.01,
-        zero_grad_fraction=0.0, nonfinite_grad=0) for layer in layers if layer.parameters]
+        zero_grad_fraction=0.0, nonfinite_grad=0, constant=False) for layer in layers if layer.parameters]
 
 
 def _summary(findings: list[Finding]) -> Summary:
