@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gradprobe.diagnostics.errors import InputSpecError, ModelLoadError, ProbeError
-from gradprobe.diagnostics.graph import InputSpec, LoadedModel, Tap
+from gradprobe.diagnostics.graph import InputSpec, LoadedModel, ProbePoint, Tap
 from gradprobe.diagnostics.loaders.torchscript_passes import (
     prepare_forward_graph,
     retarget_device_constants,
@@ -103,11 +103,12 @@ class TorchScriptModel(LoadedModel):
 
     def __init__(self, module: torch.jit.ScriptModule, path: str | None, *,
                  graph: torch._C.Graph, inputs: list[InputSpec], defaults: list[Any],
-                 discovery_points: list, notes: list[str], frozen: list[str],
+                 discovery_points: list[ProbePoint], notes: list[str], frozen: list[str],
                  training_flags: dict[str, bool]):
         super().__init__(format="torchscript", path=path, parameters=_parameters(module),
                          inputs=inputs, probe_points=discovery_points, notes=notes)
         self.module = module
+        self._observed_points = list(discovery_points)  # aligned with the graph's extra output
         self._graph = graph
         self._function = torch._C._create_function_from_graph(_FUNCTION_NAME, graph)
         self._defaults = defaults
@@ -146,11 +147,26 @@ class TorchScriptModel(LoadedModel):
             lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
             raise ProbeError(f"forward failed: {lines[-1] if lines else type(exc).__name__}") \
                 from exc
-        if tap is not None:
-            for point, value in zip(self.probe_points, observed):
-                if value is not None:  # computed in an `if` branch that did not run
-                    tap(point, value)
+        executed = []
+        for point, value in zip(self._observed_points, observed):
+            if value is None:  # computed in an `if` branch that did not run
+                continue
+            executed.append(point)
+            if tap is not None:
+                tap(point, value)
+        self._drop_points_not_run(executed)
         return _flatten_tensors(output)
+
+    def _drop_points_not_run(self, executed: list[ProbePoint]) -> None:
+        """Scripted code keeps both sides of data-dependent branches (nn.MultiheadAttention
+        has a packed and an unpacked input projection); the side the probe batch did not take
+        has nothing to report, so its points leave `probe_points` after the first run."""
+        if len(executed) == len(self.probe_points):
+            return
+        skipped = len(self.probe_points) - len(executed)
+        self.probe_points = [p for p in self.probe_points if p in executed]
+        self.notes.append(f"{skipped} layers in branches of the TorchScript code that the probe "
+                          "batch did not take are not reported")
 
     def to(self, device: torch.device) -> TorchScriptModel:
         device = torch.device(device)
