@@ -195,7 +195,7 @@ def gather(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     axis = norm_axis(attrs.get("axis", 0), x.dim(), ctx)
     indices = _wrap_negative(to_device_of(inputs[1], x), x.shape[axis])
     picked = x.index_select(axis, indices.reshape(-1))
-    return picked.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
 
 
 @register("GatherElements")
