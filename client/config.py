@@ -72,11 +72,13 @@ class LintConfig(BaseModel):
     device: Literal["cpu", "cuda", "auto"] | None = None
     seed: Int | None = None
 
-    # Not keys of the file: where it came from, and shapes given on the command line (which
-    # apply to every model and beat every glob).
+    # Not keys of the file: where it came from, and what only the command line says — shapes
+    # for every model (they beat every glob), a real input file, the model format.
     source: Path | None = Field(None, exclude=True)
     root: Path = Field(default_factory=Path.cwd, exclude=True)
     forced_shapes: list[Shape] | None = Field(None, exclude=True)
+    input_file: str | None = Field(None, exclude=True)
+    model_format: Literal["onnx", "torchscript"] | None = Field(None, exclude=True)
 
     @field_validator("input_dtype", mode="before")
     @classmethod
@@ -128,9 +130,11 @@ class LintConfig(BaseModel):
             "severities": self.severity,
             "thresholds": self.thresholds,
         }
-        for key in ("batch_size", "device", "seed"):
+        for key in ("batch_size", "device", "seed", "input_file"):
             if getattr(self, key) is not None:
                 values[key] = getattr(self, key)
+        if self.model_format is not None:
+            values["format"] = self.model_format
         return DiagnoseOptions(**values)
 
     def with_overrides(self, **overrides: Any) -> LintConfig:
@@ -142,14 +146,32 @@ class LintConfig(BaseModel):
             raise TypeError(f"not a configuration field: {sorted(unknown)}")
         if "input_dtype" in given and isinstance(given["input_dtype"], str):
             given["input_dtype"] = [given["input_dtype"]]
-        merged = {**self.model_dump(), "source": self.source, "root": self.root,
-                  "forced_shapes": self.forced_shapes, **given}
+        merged = {**self.model_dump(), **self._command_line_only(), **given}
         try:
             config = LintConfig.model_validate(merged)
         except ValidationError as exc:
             raise ConfigError(f"command line: {_first_problem(exc)}") from None
         _check_rules(config, "command line:")
         return config
+
+
+    def _command_line_only(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name, field in type(self).model_fields.items()
+                if field.exclude}
+
+
+# CLI attribute -> configuration field, for flags whose value passes through unchanged.
+_FLAGS = {"select": "select", "ignore": "ignore", "fail_on": "fail_on", "format": "format",
+          "input_shape": "forced_shapes", "input_dtype": "input_dtype",
+          "batch_size": "batch_size", "device": "device", "seed": "seed",
+          "input_file": "input_file", "model_format": "model_format"}
+
+
+def overrides_from_args(args: Any) -> dict[str, Any]:
+    """The command-line flags that were given (argparse leaves the others None), as
+    `with_overrides` keywords."""
+    return {field: getattr(args, flag) for flag, field in _FLAGS.items()
+            if getattr(args, flag, None) is not None}
 
 
 def load_config(explicit: Path | None, start_dir: Path) -> LintConfig:

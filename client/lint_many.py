@@ -60,13 +60,16 @@ def lint_files(
     *,
     jobs: int | None = None,
     progress: Progress | None = None,
+    diagnose: Diagnose | None = None,
 ) -> list[LintOutcome]:
     """Lint every path; outcomes come back in the order of `paths`. `jobs` caps the worker
-    count (None: as many as cores, files and memory allow; 1: in this process)."""
+    count (None: as many as cores, files and memory allow; 1: in this process). `diagnose`
+    replaces the local engine (e.g. a gRPC server does the work): then files go one by one."""
     options = [options_for(path) for path in paths]  # configuration errors before any work
-    workers = worker_count(paths, options, jobs)
+    workers = 1 if diagnose is not None else worker_count(paths, options, jobs)
     if workers <= 1:
-        return [_lint_here(path, opts, progress) for path, opts in zip(paths, options)]
+        run = diagnose or _diagnose
+        return [_lint_here(path, opts, progress, run) for path, opts in zip(paths, options)]
     return _lint_parallel(list(paths), options, workers, progress)
 
 
@@ -120,24 +123,29 @@ def _uses_gpu(options: Sequence[DiagnoseOptions]) -> bool:
 
 # ---------------------------------------------------------------- one file
 
+Diagnose = Callable[[Path, DiagnoseOptions, Any], Report]  # (path, options, progress hook)
+
+
 def _diagnose(path: Path, options: DiagnoseOptions, hook: Any) -> Report:
     from gradprobe.diagnostics.api import diagnose
 
     return diagnose(path, options, progress=hook, path_label=str(path))
 
 
-def _lint_here(path: Path, options: DiagnoseOptions, progress: Progress | None) -> LintOutcome:
+def _lint_here(path: Path, options: DiagnoseOptions, progress: Progress | None,
+               diagnose: Diagnose) -> LintOutcome:
     label = str(path)
     hook = progress.hook(label) if progress else None
-    outcome = _attempt(path, options, hook)
+    outcome = _attempt(path, options, hook, diagnose)
     if progress:
         progress.finished(label, _outcome_word(outcome))
     return outcome
 
 
-def _attempt(path: Path, options: DiagnoseOptions, hook: Any) -> LintOutcome:
+def _attempt(path: Path, options: DiagnoseOptions, hook: Any,
+             diagnose: Diagnose = _diagnose) -> LintOutcome:
     try:
-        return LintOutcome(path, report=_diagnose(path, options, hook))
+        return LintOutcome(path, report=diagnose(path, options, hook))
     except GradprobeError as exc:
         return LintOutcome(path, error=str(exc))
     except MemoryError:

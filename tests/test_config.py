@@ -180,3 +180,24 @@ def test_glob_matching(tmp_path, glob, path, matches):
 
 def test_defaults_are_a_valid_config():
     assert LintConfig().options_for(Path("x.onnx")).batch_size == 8
+
+
+def test_flags_given_on_the_command_line_become_overrides(tmp_path):
+    import argparse
+
+    from gradprobe.client.config import overrides_from_args
+
+    args = argparse.Namespace(select=None, ignore=["init-scale"], fail_on=None, format="json",
+                              input_shape=[[2, 16]], input_dtype=["int64"], batch_size=None,
+                              device="cpu", seed=None, input_file="x.npy", model_format="onnx",
+                              unrelated="kept out")
+    overrides = overrides_from_args(args)
+    assert overrides == {"ignore": ["init-scale"], "format": "json", "forced_shapes": [[2, 16]],
+                         "input_dtype": ["int64"], "device": "cpu", "input_file": "x.npy",
+                         "model_format": "onnx"}
+    write(tmp_path / "gradprobe.toml", 'seed = 5\nignore = ["dead-relu"]\n')
+    options = load_config(None, tmp_path).with_overrides(**overrides).options_for(
+        tmp_path / "m.onnx")
+    assert options.ignore == ["init-scale"] and options.seed == 5
+    assert options.input_shapes == [[2, 16]] and options.input_dtypes == ["int64"]
+    assert options.input_file == "x.npy" and options.format == "onnx"
