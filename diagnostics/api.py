@@ -14,7 +14,8 @@ from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.probe import ProbeResult, probe
-from gradprobe.diagnostics.report import LayerReport, ModelInfo, Report, Summary, Timing
+from gradprobe.diagnostics.graph import LoadedModel
+from gradprobe.diagnostics.report import InputInfo, LayerReport, ModelInfo, Report, Summary, Timing
 from gradprobe.diagnostics.rule_runner import run_rules, selected_rules
 
 Progress = Callable[[str, float], None]
@@ -74,7 +75,7 @@ def diagnose(
     notify("load", 1.0)
 
     notify("probe", 0.0)
-    result = _probe(model, inputs, options.seed)
+    result = _probe(model, inputs, options.seed, input_infos)
     probed = time.perf_counter()
     notify("probe", 1.0)
 
@@ -104,15 +105,20 @@ def diagnose(
     )
 
 
-def _probe(model, inputs, seed: int) -> ProbeResult:  # type: ignore[no-untyped-def]
+def _probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
+           infos: list[InputInfo]) -> ProbeResult:
+    """Run the probe; a failure inside the graph names the inputs it was given, since a shape or
+    dtype the graph cannot take is by far the most common cause."""
+    given = ", ".join(f"{i.name} {'x'.join(map(str, i.shape))} {i.dtype}" for i in infos)
     try:
         return probe(model, inputs, seed)
+    except ProbeError as exc:
+        raise ProbeError(f"{exc} (probe batch: {given})") from None
     except GradprobeError:
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        # A shape or dtype the graph cannot take surfaces as a torch error inside some op.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ProbeError(f"the model failed on the probe batch: {first}") from None
+        raise ProbeError(f"the model failed on the probe batch ({given}): {first}") from None
 
 
 def _notes(model_notes: list[str], result: ProbeResult) -> list[str]:
