@@ -1,0 +1,166 @@
+"""A real gradprobe server on 127.0.0.1 for the server tests: grpc.aio in a background thread
+with its own event loop, workers in their own processes, a store in a temp dir. Plus the
+models the tests send it, exported by the tests themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import torch
+
+from gradprobe.server.app import RunningServer, ServeConfig, start_server
+from gradprobe.v1 import service_pb2_grpc
+from zoo import MLP, build, example_inputs, export_onnx, export_torchscript
+
+# A probe of several seconds on two slow cores, so that a test can act while it runs:
+# a 1024-wide MLP on a batch of 4096 (21 MB of weights).
+SLOW_WIDTH, SLOW_DEPTH, SLOW_BATCH = 1024, 6, 4096
+
+
+class ServerThread:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.running: RunningServer | None = None
+        self._error: BaseException | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradprobe-test-server",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.running = self.loop.run_until_complete(start_server(self.config, version="test"))
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+
+    def start(self, timeout_s: float = 240.0) -> ServerThread:
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise RuntimeError("test server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.stop(grace_s), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+    @property
+    def address(self) -> str:
+        assert self.running is not None
+        return f"127.0.0.1:{self.running.port}"
+
+    @property
+    def pool(self):  # noqa: ANN201
+        assert self.running is not None
+        return self.running.pool
+
+    @property
+    def store_dir(self) -> Path:
+        assert self.config.store_dir is not None
+        return self.config.store_dir
+
+    def stub(self, channel: grpc.Channel) -> service_pb2_grpc.GradprobeStub:
+        return service_pb2_grpc.GradprobeStub(channel)
+
+    def wait_for_workers(self, count: int, timeout_s: float = 60.0) -> list[int]:
+        """Wait until `count` workers are up and idle (e.g. after one was replaced)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pool = self.pool
+            ready = [w for w in list(pool._workers) if w.ready.done() and not w.dead
+                     and w.running is None]
+            if len(ready) >= count:
+                return [w.pid for w in ready]
+            time.sleep(0.1)
+        raise AssertionError(f"fewer than {count} workers ready after {timeout_s}s")
+
+
+def start_test_server(tmp: Path, **overrides) -> ServerThread:
+    config = replace(ServeConfig(host="127.0.0.1", port=0, workers=1, max_queue=4,
+                                 timeout_s=120.0, store_dir=tmp / "store", grace_s=5.0),
+                     **overrides)
+    return ServerThread(config).start()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_dead(pid: int, timeout_s: float = 10.0) -> float:
+    start = time.monotonic()
+    while pid_alive(pid):
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"process {pid} still alive after {timeout_s}s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+class Models:
+    """Model files for the server tests, made once per test session."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        mlp = build("mlp")
+        self.onnx = export_onnx(mlp, example_inputs("mlp"), root / "mlp.onnx")
+        self.torchscript = export_torchscript(mlp, example_inputs("mlp"), root / "mlp.pt")
+        torch.manual_seed(1)
+        zero = MLP()
+        torch.nn.init.zeros_(zero.net[2].weight)  # a planted defect, so there are findings
+        self.defect = export_onnx(zero, example_inputs("mlp"), root / "defect.onnx")
+        torch.manual_seed(2)
+        slow = MLP((SLOW_WIDTH,) * SLOW_DEPTH)
+        self.slow = export_onnx(slow, (torch.randn(2, SLOW_WIDTH),), root / "slow.onnx")
+        data = self.onnx.read_bytes()
+        self.truncated = root / "truncated.onnx"
+        self.truncated.write_bytes(data[: len(data) // 2])
+        self.random = root / "random.onnx"
+        self.random.write_bytes(os.urandom(4096))
+        self.broken_torchscript = root / "broken.pt"
+        raw = bytearray(self.torchscript.read_bytes())
+        raw[len(raw) // 3: len(raw) // 3 + 2048] = os.urandom(2048)  # a zip with a bad member
+        self.broken_torchscript.write_bytes(bytes(raw))
+
+
+def openssl_available() -> bool:
+    return shutil.which("openssl") is not None
+
+
+def make_certificates(root: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed
+    by that CA, made with the openssl command line."""
+    root.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    (root / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext)
+    return {n: root / n for n in ("ca.pem", "server.pem", "server.key", "client.pem",
+                                  "client.key")}
