@@ -83,14 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     lint = sub.add_parser("lint", help="probe model files and report findings")
     lint.add_argument("models", nargs="+", type=Path, metavar="MODEL",
-                      help="ONNX (.onnx) or TorchScript (.pt) file")
+                      help="ONNX (.onnx) or TorchScript (.pt) file, or a folder of them")
     add_probe_arguments(lint)
-    lint.add_argument("--format", choices=sorted(FORMATS), default="text")
+    lint.add_argument("--format", choices=sorted(FORMATS), default=None,
+                      help="report format (default text)")
     lint.add_argument("--output", "-o", type=Path, metavar="FILE", help="write the report here")
-    lint.add_argument("--fail-on", choices=("error", "warning", "info", "never"), default="error",
+    lint.add_argument("--fail-on", choices=("error", "warning", "info", "never"), default=None,
                       help="lowest severity that makes the exit code 1 (default error)")
     lint.add_argument("--select", type=_rule_list, metavar="RULES", help="only these rules (comma-separated)")
     lint.add_argument("--ignore", type=_rule_list, metavar="RULES", help="skip these rules (comma-separated)")
+    lint.add_argument("--config", type=Path, metavar="FILE", help="configuration file (default: "
+                      "nearest gradprobe.toml, or pyproject.toml with [tool.gradprobe])")
+    baseline = lint.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", type=Path, metavar="FILE",
+                          help="report only findings not recorded in this baseline")
+    baseline.add_argument("--write-baseline", type=Path, metavar="FILE",
+                          help="record every current finding in FILE and exit 0")
+    lint.add_argument("--html", type=Path, metavar="FILE",
+                      help="also write a self-contained HTML report with plots")
+    lint.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                      help="at most N models in parallel (default: as cores and memory allow)")
     lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
     lint.add_argument("--token", help="bearer token for --server (or GRADPROBE_TOKEN)")
     lint.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify --server's TLS")
@@ -137,11 +149,50 @@ def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace
 
 
 def run_lint(args: argparse.Namespace) -> int:
-    options = options_from_args(args)
-    reports = [_diagnose_one(path, options, args) for path in args.models]
-    text = render(args.format, reports, fail_on=args.fail_on)
-    _write(text, args.output)
-    return EXIT_FINDINGS if any(r.fails(args.fail_on) for r in reports) else EXIT_CLEAN
+    from gradprobe.client import baseline
+    from gradprobe.client.config import load_config, overrides_from_args
+    from gradprobe.client.discover import expand_paths
+    from gradprobe.client.lint_many import lint_files
+    from gradprobe.client.progress import Progress
+
+    config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
+    paths = expand_paths(args.models)
+    remote = None
+    if args.server:  # the server does the work; files go to it one by one
+        def remote(path: Path, options: DiagnoseOptions, hook: object) -> object:
+            return _diagnose_one(path, options, args)
+    with Progress(len(paths)) as progress:
+        outcomes = lint_files(paths, config.options_for, jobs=args.jobs, progress=progress,
+                              diagnose=remote)
+    for failed in (o for o in outcomes if not o.ok):  # one line each; the others still count
+        if failed.detail and os.environ.get("GRADPROBE_DEBUG"):
+            print(failed.detail, file=sys.stderr)
+        print(f"gradprobe: error: {failed.path}: {failed.error}", file=sys.stderr)
+    reports = [o.report for o in outcomes if o.report is not None]
+    if args.write_baseline:
+        recorded = baseline.write_baseline(args.write_baseline, reports)
+        print(f"gradprobe: recorded {len(recorded.entries)} finding(s) in {args.write_baseline}",
+              file=sys.stderr)
+    elif args.baseline:
+        known = baseline.read_baseline(args.baseline)
+        new = baseline.filter_new(reports, known)
+        hidden = baseline.suppressed_count(reports, new)
+        if hidden:
+            print(f"gradprobe: {hidden} finding(s) hidden by baseline {args.baseline}",
+                  file=sys.stderr)
+        reports = new
+    _write(render(config.format or "text", reports, fail_on=config.fail_on), args.output)
+    if args.html:
+        from gradprobe.client.formats.html import render_html
+
+        _write(render_html(reports), args.html)
+    if any(o.internal for o in outcomes):
+        return EXIT_INTERNAL
+    if any(not o.ok for o in outcomes):
+        return EXIT_USAGE
+    if args.write_baseline:
+        return EXIT_CLEAN
+    return EXIT_FINDINGS if any(r.fails(config.fail_on) for r in reports) else EXIT_CLEAN
 
 
 def _write(text: str, output: Path | None) -> None:

@@ -298,7 +298,8 @@ def _check_rules(config: LintConfig, where: str) -> None:
         if name not in rules:
             hint = difflib.get_close_matches(name, rules, n=1)
             suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{where} key '{key}': unknown rule '{name}'{suggestion}")
+            raise ConfigError(f"{where} key '{key}': unknown rule '{name}'{suggestion}; "
+                              f"known rules: {', '.join(rules)}")
 
     for name in config.select or []:
         known(name, "select")
