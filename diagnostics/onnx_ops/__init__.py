@@ -1,6 +1,15 @@
 """ONNX operators as torch functions. Importing the package registers every family."""
 
-from gradprobe.diagnostics.onnx_ops import activations, elementwise, nn, norm, reduce, tensor  # noqa: F401
+from gradprobe.diagnostics.onnx_ops import (  # noqa: F401
+    activations,
+    elementwise,
+    nn,
+    norm,
+    reduce,
+    resize,
+    rnn,
+    tensor,
+)
 from gradprobe.diagnostics.onnx_ops.registry import (  # noqa: F401
     OpContext,
     lookup,

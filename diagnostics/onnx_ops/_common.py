@@ -45,6 +45,12 @@ def static_scalar(t: torch.Tensor, ctx: OpContext, what: str) -> float | int:
     return t.reshape(()).cpu().tolist()
 
 
+def static_floats(t: torch.Tensor, ctx: OpContext, what: str) -> list[float]:
+    """Values of a float input that decides output shapes or sampling grids (Resize scales
+    and roi). These are constants; read them on the host like shape-like integers."""
+    return [float(v) for v in t.detach().reshape(-1).cpu().tolist()]
+
+
 def axes_arg(ctx: OpContext, inputs: Inputs, attrs: Attrs, index: int) -> list[int] | None:
     """`axes` from input `index` (newer opsets) or from the attribute (older ones)."""
     if len(inputs) > index and inputs[index] is not None:
