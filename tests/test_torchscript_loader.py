@@ -293,3 +293,75 @@ def test_bytes_errors_use_the_given_name():
     torch.save({"w": torch.zeros(2)}, buffer)
     with pytest.raises(ModelLoadError, match="^upload.pt is a PyTorch state_dict"):
         load_torchscript(buffer.getvalue(), name="upload.pt")
+
+
+class _TiedLoopModel(nn.Module):
+    """Tied embedding/output weights, a constant loop reusing one layer, an optional input
+    with a default, and a tuple output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 20, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embed(ids)
+        for _ in range(3):
+            x = torch.tanh(self.fc(x))
+        return self.out(x) * scale, x
+
+
+def test_tied_weights_loops_defaults_and_tuple_outputs(tmp_path):
+    torch.manual_seed(0)
+    net = _TiedLoopModel()
+    ids = torch.randint(0, 20, (2, 5))
+    path = tmp_path / "tied.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    model = load_torchscript(path)
+    assert [(s.name, s.dtype, s.value_range) for s in model.inputs] == [("ids", torch.int64, (0, 20))]
+    assert list(model.parameters) == ["embed.weight", "fc.weight", "fc.bias"]
+    points = {p.layer: p for p in model.probe_points}
+    assert {"fc", "fc#2", "fc#3"} <= set(points), "the constant loop was not unrolled"
+    assert points["out"].weight == "embed.weight"
+    assert model.shared_parameters == {"embed.weight": ["embed", "out"], "fc.weight": ["fc", "fc#2", "fc#3"]}
+    assert points["fc#3"].nonlinearity == "tanh"
+    outputs, seen = _run_with_taps(model, [ids])
+    expected = net(ids)
+    assert len(outputs) == 2 and len(seen) == len(model.probe_points)
+    torch.testing.assert_close(outputs[0], expected[0])
+    torch.testing.assert_close(outputs[1], expected[1])
+    torch.testing.assert_close(model.run([ids, 1.0])[0], net(ids, 1.0)[0])
+
+
+def test_device_constants_of_traced_graphs_follow_the_model(exported):
+    """A traced LSTM creates its initial state with `device=cpu` baked in: moving the model
+    must move those constants too (checked on the graph; CUDA below runs it for real)."""
+    from gradprobe.diagnostics.loaders.torchscript_passes import all_nodes, retarget_device_constants
+
+    model = _load(exported, ("lstm", False))
+    graph = model._graph.copy()
+
+    def devices() -> set[str]:
+        return {str(n.output().toIValue()) for n in all_nodes(graph)
+                if n.kind() == "prim::Constant" and n.output().type().kind() == "DeviceObjType"}
+
+    assert devices() == {"cpu"}
+    retarget_device_constants(graph, torch.device("meta"))
+    assert devices() == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", [("lstm", False), ("resnet", True), ("text_encoder", True)],
+                         ids=_case_id)
+def test_runs_on_cuda(exported, case):
+    model = _load(exported, case).to(torch.device("cuda"))
+    inputs = [t.cuda() for t in example_inputs(case[0])]
+    outputs, seen = _run_with_taps(model, inputs)
+    assert outputs[0].device.type == "cuda"
+    assert all(v.device.type == "cuda" for _, v in seen.values())
+    outputs[0].sum().backward()
+    assert all(p.grad is not None and p.grad.is_cuda for p in model.parameters.values())
+    expected = build(case[0]).train()(*example_inputs(case[0]))
+    torch.testing.assert_close(outputs[0].cpu(), expected, atol=1e-4, rtol=1e-4)

@@ -129,9 +129,11 @@ class TorchScriptModel(LoadedModel):
         if frozen:
             notes.append(f"{len(frozen)} parameters saved with requires_grad=False are probed "
                          "as trainable")
-        return cls(module, path, graph=graph, inputs=inputs, defaults=defaults,
-                   discovery_points=discovery.points, notes=notes, frozen=frozen,
-                   training_flags=training_flags)
+        model = cls(module, path, graph=graph, inputs=inputs, defaults=defaults,
+                    discovery_points=discovery.points, notes=notes, frozen=frozen,
+                    training_flags=training_flags)
+        model.shared_parameters = _shared_parameters(discovery.points)
+        return model
 
     def run(self, inputs: Sequence[torch.Tensor], tap: Tap | None = None) -> list[torch.Tensor]:
         required, optional = len(self.inputs), len(self._defaults)
@@ -196,6 +198,15 @@ class TorchScriptModel(LoadedModel):
             for name in self._frozen:
                 self.parameters[name].requires_grad_(True)
             self.module.eval()
+
+
+def _shared_parameters(points: list[ProbePoint]) -> dict[str, list[str]]:
+    """Weights read by more than one layer: tied embeddings, a module applied twice."""
+    users: dict[str, list[str]] = {}
+    for point in points:
+        if point.role == "linear" and point.weight:
+            users.setdefault(point.weight, []).append(point.layer)
+    return {name: layers for name, layers in users.items() if len(layers) > 1}
 
 
 def _make_trainable(module: torch.jit.ScriptModule) -> list[str]:

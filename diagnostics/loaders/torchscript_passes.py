@@ -80,6 +80,9 @@ def prepare_forward_graph(module: torch.jit.ScriptModule) -> Graph:
         torch._C._jit_pass_cse(graph)
         if not fold_identity_checks(graph):
             break
+    # `for _ in range(3): x = layer(x)` becomes three calls, each one probed
+    torch._C._jit_pass_constant_loop_unrolling(graph)
+    torch._C._jit_pass_constant_propagation(graph)
     torch._C._jit_pass_dce(graph)
     rewrite_inplace_ops(graph)
     force_batch_statistics(graph)
