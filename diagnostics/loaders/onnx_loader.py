@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
-import torch
-
 import gradprobe.diagnostics.onnx_ops  # noqa: F401  (registers every operator)
+import onnx
+import onnx.inliner
+import onnx.shape_inference
+import torch
 from gradprobe.diagnostics.errors import (
     GradprobeError,
     InputSpecError,
@@ -291,12 +292,12 @@ class _Builder:
                         (run_order[node.index], slot) for node, slot in group_uses])
                     for node, slot in group_uses:
                         node.inputs[slot] = name
-                if key == canonical and source == root:
-                    value = tensor
-                else:
-                    value = tensor.clone()
+                # the first reader of a file tensor shares its memory; copies for the rest
+                value = tensor if key == canonical and source == root else tensor.clone()
                 params[name] = torch.nn.Parameter(value, requires_grad=True)
                 bindings[name] = binding
+        first_use = {v: i for i, v in reversed(list(enumerate(v for n in nodes for v in n.inputs)))}
+        params = dict(sorted(params.items(), key=lambda item: first_use.get(item[0], 0)))
         for out in self.graph.output:  # an output that is an initializer as is
             root = aliases.get(out.name, out.name)
             if root in tensors and out.name not in params:
@@ -422,15 +423,18 @@ def _is_parameter(name: str, tensor: torch.Tensor, elem_type: int,
     slots = [(node.op_type, slot) for node, slot in uses]
     if all(s in _STATE_SLOTS for s in slots):
         return False
-    if tensor.numel() <= 1 and is_anonymous(name) and not any(s in _LAYER_SLOTS for s in slots):
-        return False  # attention scale, epsilon: constants the exporter lifted
-    return True
+    # an anonymous scalar is an attention scale or an epsilon the exporter lifted
+    lone_scalar = tensor.numel() <= 1 and is_anonymous(name)
+    return not lone_scalar or any(s in _LAYER_SLOTS for s in slots)
 
 
-def _group_by_scope(uses: list[tuple[GraphNode, int]]) -> dict[str | None, list[tuple[GraphNode, int]]]:
+Uses = list[tuple[GraphNode, int]]
+
+
+def _group_by_scope(uses: Uses) -> dict[str | None, Uses]:
     """Readers of one tensor by module path: readers in different modules are different
     layers that the exporter made share equal values."""
-    groups: dict[str | None, list[tuple[GraphNode, int]]] = {}
+    groups: dict[str | None, Uses] = {}
     for node, slot in uses:
         groups.setdefault(node.scope, []).append((node, slot))
     if None in groups and len(groups) > 1:  # unknown scope: keep with the first known one
@@ -564,7 +568,7 @@ def _compile(nodes: list[GraphNode], fns: list[OpFn], opset: int, plans: list[Po
         if slot not in keep:
             frees.setdefault(index, []).append(slot)
     steps = []
-    for node, fn in zip(nodes, fns):
+    for node, fn in zip(nodes, fns, strict=True):
         outs = tuple(slot_of(v) if v else 1 for v in node.outputs) or (1,)
         unread = [s for s in outs if s not in last_use and s not in keep]
         ctx = OpContext(node=node.name, op_type=node.op_type, opset=opset,
@@ -630,7 +634,7 @@ class OnnxModel(LoadedModel):
                 f"{self._label} takes {len(plan.input_slots)} input(s) "
                 f"({', '.join(s.name for s in self.inputs)}), got {len(inputs)}")
         values = list(self._template)
-        for slot, value in zip(plan.input_slots, inputs):
+        for slot, value in zip(plan.input_slots, inputs, strict=True):
             values[slot] = value
         tensor = torch.Tensor
         for fn, ctx, attrs, ins, outs, taps, frees in plan.steps:
@@ -644,7 +648,7 @@ class OnnxModel(LoadedModel):
             if isinstance(result, tensor):
                 values[outs[0]] = result
             else:
-                for slot, value in zip(outs, result):
+                for slot, value in zip(outs, result, strict=False):
                     values[slot] = value
             if taps and tap is not None:
                 for point, slot in taps:

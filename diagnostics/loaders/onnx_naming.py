@@ -72,7 +72,7 @@ def _join_scopes(parts: Sequence[str]) -> str:
     parts = [p for p in parts if p]
     if not parts:
         return ""
-    cumulative = all(b.startswith(a + ".") for a, b in zip(parts, parts[1:]))
+    cumulative = all(b.startswith(a + ".") for a, b in zip(parts, parts[1:], strict=False))
     return parts[-1] if cumulative else ".".join(parts)
 
 

@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 import onnx
 import torch
-
 from gradprobe.diagnostics.graph import ProbePoint
 from gradprobe.diagnostics.loaders.onnx_naming import (
     class_hierarchy,
@@ -193,7 +192,9 @@ def _weight_source(view: GraphView, value: str) -> tuple[str, bool] | None:
             return None
         if node.op_type == "Transpose":
             perm = node.attrs.get("perm")
-            if perm is not None and len(perm) >= 2 and list(perm[-2:]) != [len(perm) - 1, len(perm) - 2]:
+            swaps_last_two = perm is None or (
+                len(perm) >= 2 and list(perm[-2:]) == [len(perm) - 1, len(perm) - 2])
+            if not swaps_last_two:
                 return None
             transposed = not transposed
         value = node.inputs[0]
@@ -521,5 +522,5 @@ def _name_layers(view: GraphView, drafts: list[_Draft]) -> None:
         else:
             container = any(n == scope or n.startswith(scope + ".") for n in layer_names)
         d.layer = f"{scope}.{d.kind}" if container else scope
-    for d, name in zip(drafts, unique_names(d.layer for d in drafts)):
+    for d, name in zip(drafts, unique_names([d.layer for d in drafts]), strict=True):
         d.layer = name
