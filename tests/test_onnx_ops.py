@@ -22,7 +22,7 @@ import torch
 from onnx import numpy_helper
 
 import gradprobe.diagnostics.onnx_ops  # noqa: F401  (registers every operator)
-from gradprobe.diagnostics.errors import InputSpecError, UnsupportedOperator
+from gradprobe.diagnostics.errors import InputSpecError, ModelLoadError, UnsupportedOperator
 from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
 from gradprobe.diagnostics.onnx_ops.registry import OpContext, lookup, supported_operators
 from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch, tensor_from_proto
@@ -279,3 +279,417 @@ def test_unknown_operator_names_op_and_node() -> None:
     assert "FrobnicateV2" in str(err.value) and "/encoder/layer.3/Frobnicate" in str(err.value)
     with pytest.raises(UnsupportedOperator, match="com.example::Relu"):
         lookup("Relu", "com.example", "n1")
+
+
+# ---------------------------------------------------------------- against onnxruntime
+#
+# The backend cases pin the newest opset of each operator. Real exports also carry older
+# forms (axes and split as attributes, Clip bounds as attributes, Softmax coercing to 2D) and
+# options the cases leave out (uneven sequence lengths, clip, layouts); onnxruntime, which
+# every exporter is tested against, is the reference for those.
+
+_ONNX_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT,
+               np.dtype(np.int64): onnx.TensorProto.INT64,
+               np.dtype(np.int32): onnx.TensorProto.INT32,
+               np.dtype(np.bool_): onnx.TensorProto.BOOL}
+
+
+def _against_ort(op_type: str, feeds: dict[str, np.ndarray | None], outputs: list[str],
+                 opset: int, out_types: tuple[int, ...] = (), rtol: float = 1e-4,
+                 atol: float = 1e-5, **attributes) -> list[torch.Tensor]:
+    """Run one node in onnxruntime and through our op; assert equal outputs; return ours."""
+    import onnxruntime as ort
+
+    names = [name if value is not None else "" for name, value in feeds.items()]
+    node = onnx.helper.make_node(op_type, names, outputs, name=f"{op_type}_under_test",
+                                 **attributes)
+    present = {k: v for k, v in feeds.items() if v is not None}
+    graph = onnx.helper.make_graph(
+        [node], "one_node",
+        [onnx.helper.make_tensor_value_info(k, _ONNX_TYPES[v.dtype], v.shape)
+         for k, v in present.items()],
+        [onnx.helper.make_tensor_value_info(o, out_types[i] if i < len(out_types)
+                                            else onnx.TensorProto.FLOAT, None)
+         for i, o in enumerate(outputs) if o])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    expected = session.run(None, present)
+
+    ctx = OpContext(node=node.name, op_type=op_type, opset=opset, num_outputs=len(outputs),
+                    training=False)
+    inputs = [torch.from_numpy(v.copy()) if v is not None else None for v in feeds.values()]
+    ours = _outputs(lookup(op_type, "", node.name)(ctx, inputs, decode_attributes(node)),
+                    len(outputs))
+    ours = [o for o, name in zip(ours, outputs, strict=False) if name]
+    for index, (got, want) in enumerate(zip(ours, expected, strict=True)):
+        np.testing.assert_allclose(got.detach().numpy(), want, rtol=rtol, atol=atol,
+                                   err_msg=f"{op_type} output {index}")
+    return ours
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _randn(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    return (_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_lstm_uneven_lengths_peepholes_clip_match_ort(direction: str) -> None:
+    seq, batch, size, hidden = 5, 3, 4, 6
+    dirs = 2 if direction == "bidirectional" else 1
+    feeds = {"X": _randn(seq, batch, size, seed=1),
+             "W": _randn(dirs, 4 * hidden, size, seed=2, scale=0.5),
+             "R": _randn(dirs, 4 * hidden, hidden, seed=3, scale=0.5),
+             "B": _randn(dirs, 8 * hidden, seed=4, scale=0.3),
+             "sequence_lens": np.array([5, 2, 4], dtype=np.int32),
+             "initial_h": _randn(dirs, batch, hidden, seed=5),
+             "initial_c": _randn(dirs, batch, hidden, seed=6),
+             "P": _randn(dirs, 3 * hidden, seed=7, scale=0.3)}
+    attrs = {"hidden_size": hidden, "direction": direction, "clip": 1.5}
+    y, y_h, y_c = _against_ort("LSTM", feeds, ["Y", "Y_h", "Y_c"], opset=14, **attrs)
+
+    # onnxruntime has no batch-major layout; it must equal the time-major result transposed.
+    batch_major = dict(feeds)
+    for name in ("X", "initial_h", "initial_c"):
+        batch_major[name] = torch.from_numpy(feeds[name]).transpose(0, 1)
+    ctx = OpContext(node="lstm", op_type="LSTM", opset=14, num_outputs=3)
+    inputs = [torch.as_tensor(v) for v in batch_major.values()]
+    y1, y_h1, y_c1 = lookup("LSTM", "", "lstm")(ctx, inputs, {**attrs, "layout": 1})
+    torch.testing.assert_close(y1, y.permute(2, 0, 1, 3))
+    torch.testing.assert_close(y_h1, y_h.transpose(0, 1))
+    torch.testing.assert_close(y_c1, y_c.transpose(0, 1))
+
+
+@pytest.mark.parametrize("linear_before_reset", [0, 1])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_gru_matches_ort(linear_before_reset: int, direction: str) -> None:
+    seq, batch, size, hidden = 4, 2, 3, 5
+    dirs = 2 if direction == "bidirectional" else 1
+    feeds = {"X": _randn(seq, batch, size, seed=1),
+             "W": _randn(dirs, 3 * hidden, size, seed=2, scale=0.5),
+             "R": _randn(dirs, 3 * hidden, hidden, seed=3, scale=0.5),
+             "B": _randn(dirs, 6 * hidden, seed=4, scale=0.3),
+             "sequence_lens": np.array([4, 3], dtype=np.int32),
+             "initial_h": _randn(dirs, batch, hidden, seed=5)}
+    _against_ort("GRU", feeds, ["Y", "Y_h"], opset=14, hidden_size=hidden,
+                 direction=direction, linear_before_reset=linear_before_reset)
+
+
+def test_rnn_custom_activation_reverse_matches_ort() -> None:
+    seq, batch, size, hidden = 4, 2, 3, 5
+    feeds = {"X": _randn(seq, batch, size, seed=1),
+             "W": _randn(1, hidden, size, seed=2), "R": _randn(1, hidden, hidden, seed=3),
+             "B": _randn(1, 2 * hidden, seed=4)}
+    _against_ort("RNN", feeds, ["Y", "Y_h"], opset=14, hidden_size=hidden,
+                 direction="reverse", activations=["Relu"])
+
+
+def test_recurrent_gradients_reach_every_weight() -> None:
+    seq, batch, size, hidden = 3, 2, 3, 4
+    leaves = {
+        "W": torch.randn(2, 4 * hidden, size), "R": torch.randn(2, 4 * hidden, hidden),
+        "B": torch.randn(2, 8 * hidden), "initial_h": torch.randn(2, batch, hidden),
+        "initial_c": torch.randn(2, batch, hidden), "P": torch.randn(2, 3 * hidden),
+    }
+    for t in leaves.values():
+        t.requires_grad_(True)
+    x = torch.randn(seq, batch, size)
+    ctx = OpContext(node="lstm", op_type="LSTM", opset=14, num_outputs=3)
+    inputs = [x, leaves["W"], leaves["R"], leaves["B"], None, leaves["initial_h"],
+              leaves["initial_c"], leaves["P"]]
+    y, y_h, y_c = lookup("LSTM", "", "lstm")(ctx, inputs, {"hidden_size": hidden,
+                                                          "direction": "bidirectional"})
+    (y.sum() + y_h.sum() + y_c.sum()).backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.abs().sum() > 0, f"no gradient for {name}"
+
+
+def test_lstm_coupled_gates_are_refused_by_name() -> None:
+    ctx = OpContext(node="/enc/lstm/LSTM", op_type="LSTM", opset=14, num_outputs=1)
+    x, w, r = torch.randn(2, 1, 3), torch.randn(1, 8, 3), torch.randn(1, 8, 2)
+    with pytest.raises(UnsupportedOperator, match="input_forget.*|.*/enc/lstm/LSTM"):
+        lookup("LSTM", "", ctx.node)(ctx, [x, w, r], {"hidden_size": 2, "input_forget": 1})
+
+
+# Older opset forms: attributes that later became inputs.
+
+
+def test_split_with_split_attribute_opset11() -> None:
+    ours = _against_ort("Split", {"x": _randn(7, 4)}, ["a", "b", "c"], opset=11,
+                        axis=0, split=[2, 4, 1])
+    assert [tuple(o.shape) for o in ours] == [(2, 4), (4, 4), (1, 4)]
+
+
+def test_split_equal_parts_without_sizes_opset13() -> None:
+    _against_ort("Split", {"x": _randn(2, 6)}, ["a", "b", "c"], opset=13, axis=1)
+
+
+@pytest.mark.parametrize("op_type", ["Squeeze", "Unsqueeze"])
+def test_squeeze_family_axes_attribute_opset11(op_type: str) -> None:
+    x = _randn(3, 1, 4, 1)
+    _against_ort(op_type, {"x": x}, ["y"], opset=11, axes=[1, -1] if op_type == "Squeeze"
+                 else [0, 5])
+
+
+@pytest.mark.parametrize("op_type", ["ReduceMean", "ReduceMax", "ReduceL2", "ReduceProd",
+                                     "ReduceSumSquare", "ReduceLogSumExp"])
+def test_reductions_axes_attribute_opset13(op_type: str) -> None:
+    _against_ort(op_type, {"x": _randn(2, 3, 4)}, ["y"], opset=13, axes=[0, -1], keepdims=0)
+
+
+def test_reduce_sum_axes_attribute_opset11() -> None:
+    _against_ort("ReduceSum", {"x": _randn(2, 3, 4)}, ["y"], opset=11, axes=[1])
+
+
+def test_reduce_sum_axes_input_opset13() -> None:
+    _against_ort("ReduceSum", {"x": _randn(2, 3, 4), "axes": np.array([0, 2])}, ["y"],
+                 opset=13, keepdims=1)
+
+
+def test_clip_bounds_as_attributes_opset6() -> None:
+    _against_ort("Clip", {"x": _randn(3, 5)}, ["y"], opset=6, min=-0.5, max=0.25)
+
+
+def test_clip_with_only_max_input_opset13() -> None:
+    _against_ort("Clip", {"x": _randn(3, 5), "min": None,
+                          "max": np.array(0.1, dtype=np.float32)}, ["y"], opset=13)
+
+
+@pytest.mark.parametrize("op_type", ["Softmax", "LogSoftmax"])
+def test_softmax_coerces_to_2d_before_opset13(op_type: str) -> None:
+    _against_ort(op_type, {"x": _randn(2, 3, 4)}, ["y"], opset=11, axis=1)
+
+
+def test_slice_attributes_opset9() -> None:
+    _against_ort("Slice", {"x": _randn(4, 6)}, ["y"], opset=9, starts=[1, -4],
+                 ends=[1000, -1], axes=[0, 1])
+
+
+def test_slice_negative_steps_opset13() -> None:
+    feeds = {"x": _randn(5, 6), "starts": np.array([-1, 4]), "ends": np.array([-1000, 0]),
+             "axes": np.array([0, 1]), "steps": np.array([-2, -3])}
+    _against_ort("Slice", feeds, ["y"], opset=13)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_attributes_opset2(mode: str) -> None:
+    _against_ort("Pad", {"x": _randn(1, 2, 4, 5)}, ["y"], opset=2, mode=mode,
+                 pads=[0, 0, 1, 2, 0, 0, 3, 1], value=1.5)
+
+
+def test_pad_negative_pads_and_value_input_opset13() -> None:
+    feeds = {"x": _randn(3, 5), "pads": np.array([1, -1, -1, 2]),
+             "value": np.array(-2.0, dtype=np.float32)}
+    _against_ort("Pad", feeds, ["y"], opset=13)
+
+
+def test_topk_k_attribute_opset1() -> None:
+    _against_ort("TopK", {"x": _randn(3, 6)}, ["v", "i"], opset=1, k=2,
+                 out_types=(onnx.TensorProto.FLOAT, onnx.TensorProto.INT64))
+
+
+def test_batchnorm_inference_opset9() -> None:
+    feeds = {"x": _randn(2, 3, 4, 4), "scale": _randn(3, seed=1),
+             "bias": _randn(3, seed=2), "mean": _randn(3, seed=3),
+             "var": np.abs(_randn(3, seed=4)) + 0.5}
+    _against_ort("BatchNormalization", feeds, ["y"], opset=9, epsilon=1e-3)
+
+
+def test_group_norm_per_group_scale_opset18() -> None:
+    x = torch.from_numpy(_randn(2, 6, 3, 3))
+    scale, bias = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.1, 0.2, 0.3])
+    ctx = OpContext(node="gn", op_type="GroupNormalization", opset=18, num_outputs=1)
+    y = lookup("GroupNormalization", "", "gn")(ctx, [x, scale, bias], {"num_groups": 3})
+    expected = torch.nn.functional.group_norm(x, 3, scale.repeat_interleave(2),
+                                              bias.repeat_interleave(2), 1e-5)
+    torch.testing.assert_close(y, expected)
+
+
+def test_resize_opset10_nearest_upsample() -> None:
+    feeds = {"x": _randn(1, 2, 3, 4), "scales": np.array([1, 1, 2, 1.5], dtype=np.float32)}
+    _against_ort("Resize", feeds, ["y"], opset=10, mode="nearest")
+
+
+@pytest.mark.parametrize("transform", ["half_pixel", "pytorch_half_pixel", "align_corners",
+                                       "asymmetric"])
+def test_resize_linear_sizes_matches_ort(transform: str) -> None:
+    feeds = {"x": _randn(1, 2, 5, 7), "roi": None, "scales": None,
+             "sizes": np.array([1, 2, 8, 3])}
+    _against_ort("Resize", feeds, ["y"], opset=13, mode="linear",
+                 coordinate_transformation_mode=transform)
+
+
+# Convolution and pooling geometry beyond the backend cases.
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_LOWER", "SAME_UPPER", "VALID"])
+def test_conv1d_and_3d_auto_pad_dilation_groups_match_ort(auto_pad: str) -> None:
+    # onnxruntime refuses dilation together with SAME padding.
+    dilation = [2] if auto_pad == "VALID" else [1]
+    _against_ort("Conv", {"x": _randn(2, 4, 9), "w": _randn(6, 2, 3, seed=1)}, ["y"],
+                 opset=13, auto_pad=auto_pad, strides=[2], dilations=dilation, group=2)
+    _against_ort("Conv", {"x": _randn(1, 2, 5, 6, 4), "w": _randn(3, 2, 2, 3, 2, seed=1),
+                          "b": _randn(3, seed=2)}, ["y"], opset=13, auto_pad=auto_pad,
+                 strides=[1, 2, 1])
+
+
+def test_conv_asymmetric_pads_match_ort() -> None:
+    _against_ort("Conv", {"x": _randn(1, 3, 7, 6), "w": _randn(4, 3, 3, 3, seed=1)}, ["y"],
+                 opset=13, pads=[0, 2, 1, 0], strides=[2, 1])
+
+
+@pytest.mark.parametrize("attrs", [
+    {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 1]},
+    {"strides": [3, 2], "output_shape": [10, 8]},
+    {"strides": [2, 2], "auto_pad": "SAME_UPPER", "group": 2},
+    {"strides": [2, 1], "pads": [1, 1, 1, 1], "dilations": [2, 1]},
+])
+def test_conv_transpose_geometry_matches_ort(attrs: dict) -> None:
+    groups = attrs.get("group", 1)
+    feeds = {"x": _randn(1, 2, 3, 3), "w": _randn(2, 3 // groups * groups // groups, 3, 3,
+                                                   seed=1), "b": _randn(3 // groups * groups,
+                                                                        seed=2)}
+    if groups == 2:
+        feeds["w"], feeds["b"] = _randn(2, 2, 3, 3, seed=1), _randn(4, seed=2)
+    _against_ort("ConvTranspose", feeds, ["y"], opset=13, **attrs)
+
+
+@pytest.mark.parametrize("op_type", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+    {"kernel_shape": [2, 3], "strides": [2, 2], "pads": [0, 1, 1, 0]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+])
+def test_pool_geometry_matches_ort(op_type: str, attrs: dict) -> None:
+    if op_type == "MaxPool":
+        attrs = {k: v for k, v in attrs.items() if k != "count_include_pad"}
+    _against_ort(op_type, {"x": _randn(1, 2, 7, 8)}, ["y"], opset=13, **attrs)
+
+
+def test_maxpool_1d_and_3d_ceil_mode_match_ort() -> None:
+    _against_ort("MaxPool", {"x": _randn(2, 3, 10)}, ["y"], opset=13, kernel_shape=[3],
+                 strides=[2], ceil_mode=1)
+    _against_ort("MaxPool", {"x": _randn(1, 1, 5, 6, 7)}, ["y"], opset=13,
+                 kernel_shape=[2, 2, 3], strides=[2, 2, 2], ceil_mode=1)
+
+
+# ---------------------------------------------------------------- probe-mode semantics
+
+
+def test_batchnorm_follows_probe_training_not_the_node_attribute() -> None:
+    x = torch.randn(8, 3, 4, 4) * 5 + 2
+    scale, bias = torch.ones(3), torch.zeros(3)
+    mean, var = torch.zeros(3), torch.full((3,), 1e6)  # running stats far from the batch's
+    fn = lookup("BatchNormalization", "", "bn")
+    train = OpContext(node="bn", op_type="BatchNormalization", opset=15, num_outputs=3,
+                      training=True)
+    y, running_mean, running_var = fn(train, [x, scale, bias, mean, var],
+                                      {"training_mode": 0, "momentum": 0.9})
+    dims = (0, 2, 3)
+    torch.testing.assert_close(y.mean(dim=dims), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(dim=dims, correction=0), torch.ones(3), atol=1e-3, rtol=0)
+    torch.testing.assert_close(running_mean, 0.9 * mean + 0.1 * x.mean(dim=dims))
+    torch.testing.assert_close(running_var, 0.9 * var + 0.1 * x.var(dim=dims, correction=0))
+    infer = OpContext(node="bn", op_type="BatchNormalization", opset=15, num_outputs=1,
+                      training=False)
+    y_eval = fn(infer, [x, scale, bias, mean, var], {})
+    assert float(y_eval.abs().max()) < 0.05  # running stats squash the activations
+
+
+def test_batchnorm_single_value_per_channel_in_training() -> None:
+    # batch 1 and 1x1 spatial (an SE block): no error, normalised output is zero.
+    ctx = OpContext(node="bn", op_type="BatchNormalization", opset=15, num_outputs=1)
+    y = lookup("BatchNormalization", "", "bn")(
+        ctx, [torch.randn(1, 4, 1, 1), torch.ones(4), torch.zeros(4), torch.zeros(4),
+              torch.ones(4)], {})
+    assert torch.equal(y, torch.zeros(1, 4, 1, 1))
+
+
+def test_dropout_is_identity_even_in_training_mode() -> None:
+    x = torch.randn(4, 5)
+    ctx = OpContext(node="drop", op_type="Dropout", opset=13, num_outputs=2)
+    y, mask = lookup("Dropout", "", "drop")(ctx, [x, torch.tensor(0.5), torch.tensor(True)], {})
+    assert y is x and mask.dtype == torch.bool and bool(mask.all())
+
+
+def test_shape_results_stay_on_cpu_and_gather_follows_data() -> None:
+    meta = torch.randn(2, 3, device="meta")
+    ctx = OpContext(node="s", op_type="Shape", opset=15, num_outputs=1)
+    shape_out = lookup("Shape", "", "s")(ctx, [meta], {})
+    assert shape_out.device.type == "cpu" and shape_out.tolist() == [2, 3]
+    table = torch.randn(10, 4, device="meta")
+    ids = torch.tensor([[1, 2], [3, -1]])
+    ctx = OpContext(node="g", op_type="Gather", opset=13, num_outputs=1)
+    picked = lookup("Gather", "", "g")(ctx, [table, ids], {})
+    assert picked.device.type == "meta" and tuple(picked.shape) == (2, 2, 4)
+
+
+# ---------------------------------------------------------------- tensors and attributes
+
+
+def test_tensor_from_proto_typed_fields_and_raw_agree() -> None:
+    for array in (np.array([[1.5, -2.25]], dtype=np.float16), np.array([3, -4], dtype=np.int8),
+                  np.array([True, False]), np.array([7, 9], dtype=np.uint16),
+                  np.array([1 << 40], dtype=np.int64), np.array([2.5], dtype=np.float64)):
+        raw = tensor_from_proto(numpy_helper.from_array(array, "t"), None)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        typed = tensor_from_proto(onnx.helper.make_tensor("t", elem, array.shape,
+                                                          array.flatten().tolist()), None)
+        assert raw.dtype == typed.dtype and torch.equal(raw, typed)
+        np.testing.assert_array_equal(raw.numpy(), array)
+
+
+def test_tensor_from_proto_bfloat16() -> None:
+    values = torch.tensor([1.0, -2.5, 3.0e38], dtype=torch.bfloat16)
+    proto = onnx.TensorProto(name="b", data_type=onnx.TensorProto.BFLOAT16, dims=[3],
+                             raw_data=values.view(torch.uint16).numpy().tobytes())
+    assert torch.equal(tensor_from_proto(proto, None), values)
+
+
+def test_tensor_from_proto_external_data(tmp_path: Path) -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 8 + array.tobytes())
+    proto = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[3, 4],
+                             data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "weights.bin"), ("offset", "8"), ("length", "48")):
+        proto.external_data.add(key=key, value=value)
+    np.testing.assert_array_equal(tensor_from_proto(proto, tmp_path).numpy(), array)
+
+    escaping = onnx.TensorProto()
+    escaping.CopyFrom(proto)
+    escaping.external_data[0].value = "../outside.bin"
+    with pytest.raises(ModelLoadError, match="outside the model folder"):
+        tensor_from_proto(escaping, tmp_path)
+    truncated = onnx.TensorProto()
+    truncated.CopyFrom(proto)
+    truncated.external_data[2].value = "4096"
+    with pytest.raises(ModelLoadError, match="truncated"):
+        tensor_from_proto(truncated, tmp_path)
+
+
+def test_unsupported_element_types_are_named() -> None:
+    strings = onnx.helper.make_tensor("labels", onnx.TensorProto.STRING, [1], [b"cat"])
+    with pytest.raises(ModelLoadError, match="labels.*STRING"):
+        tensor_from_proto(strings, None)
+    with pytest.raises(InputSpecError, match="FLOAT8E4M3FN"):
+        onnx_dtype_to_torch(onnx.TensorProto.FLOAT8E4M3FN)
+
+
+def test_decode_attributes_values_and_subgraphs() -> None:
+    node = onnx.helper.make_node(
+        "Foo", ["x"], ["y"], name="foo", alpha=0.5, axes=[1, 2], mode="edge",
+        names=["a", "b"], value=numpy_helper.from_array(np.array([1, 2], dtype=np.int32)))
+    attrs = decode_attributes(node)
+    assert attrs["alpha"] == 0.5 and attrs["axes"] == [1, 2] and attrs["mode"] == "edge"
+    assert attrs["names"] == ["a", "b"]
+    assert attrs["value"].dtype == torch.int32 and attrs["value"].tolist() == [1, 2]
+    body = onnx.helper.make_graph([], "body", [], [])
+    branch = onnx.helper.make_node("If", ["c"], ["y"], name="/model/If_3", then_branch=body,
+                                   else_branch=body)
+    with pytest.raises(UnsupportedOperator, match="If.*/model/If_3"):
+        decode_attributes(branch)
