@@ -223,7 +223,7 @@ def run_rule(args: argparse.Namespace) -> int:
 
 def run_fix(args: argparse.Namespace) -> int:
     from gradprobe.diagnostics.repair import repair
-    from gradprobe.client.formats.text import render_comparison
+    from gradprobe.client.formats.comparison import render_comparison
 
     outcome = repair(args.model, args.output, options_from_args(args), method=args.init)
     print(render_comparison(outcome))

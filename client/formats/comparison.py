@@ -1,0 +1,132 @@
+"""What `gradprobe fix` prints: the layer table before and after the repair, the tensors that
+changed, what re-initialisation cannot fix, and the findings that remain."""
+
+from __future__ import annotations
+
+from gradprobe.client.formats.text import _finding_lines, _num
+from gradprobe.diagnostics.repair import ChangedTensor, RepairOutcome
+from gradprobe.diagnostics.report import LayerReport, Report
+
+
+def _layer_key(layer: LayerReport) -> tuple[str, str]:
+    return layer.name, layer.op
+
+
+def _paired(before: Report, after: Report) -> list[tuple[LayerReport | None, LayerReport | None]]:
+    """Rows of both reports matched by (layer, op) and occurrence, in the fixed model's order.
+    Saving can rename nodes (untied shared initializers), so node names do not pair them."""
+    def keyed(report: Report) -> dict[tuple[str, str, int], LayerReport]:
+        seen: dict[tuple[str, str], int] = {}
+        out = {}
+        for layer in report.layers:
+            k = _layer_key(layer)
+            seen[k] = seen.get(k, 0) + 1
+            out[(*k, seen[k])] = layer
+        return out
+
+    old, new = keyed(before), keyed(after)
+    rows = [(old.get(k), layer) for k, layer in new.items()]
+    rows += [(layer, None) for k, layer in old.items() if k not in new]
+    return rows
+
+
+def _table(outcome: RepairOutcome) -> list[str]:
+    changed_layers = {c.layer for c in outcome.changed}
+    rows = _paired(outcome.before, outcome.after)
+    width = max([len((b or a).name) for b, a in rows] + [5])  # type: ignore[union-attr]
+    head = (f"  {'layer':<{width}}  {'op':<12} {'act var before':>14} {'after':>9}   "
+            f"{'grad rms before':>15} {'after':>9}")
+    lines = [head, "  " + "-" * (len(head) - 2)]
+    for b, a in rows:
+        layer = a or b
+        assert layer is not None
+        op = layer.op if layer.role != "activation" else (layer.nonlinearity or layer.op)
+        mark = "*" if layer.name in changed_layers and layer.role == "linear" else " "
+
+        def act(r: LayerReport | None) -> str:
+            return _num(r.activation.var if r and r.activation else None)
+
+        def grad(r: LayerReport | None) -> str:
+            return _num(r.gradient.rms if r and r.gradient else None)
+
+        lines.append(f"{mark} {layer.name:<{width}}  {op[:12]:<12} {act(b):>14} {act(a):>9}   "
+                     f"{grad(b):>15} {grad(a):>9}")
+    return lines
+
+
+def _scheme_text(c: ChangedTensor) -> str:
+    if c.scheme == "zeros":
+        return "zeros"
+    if c.scheme == "lsuv":
+        return f"orthogonal x {c.gain:.4g} (std {_num(c.std)})" if c.gain else "orthogonal"
+    shown = {"gain": c.gain if c.gain not in (None, 1.0) else None,
+             "std": c.std if not c.scheme.endswith("_uniform") else None,
+             "bound": c.bound if c.scheme.endswith("_uniform") else None}
+    numbers = [f"{k}={v:.4g}" for k, v in shown.items() if v is not None]
+    return f"{c.scheme}({', '.join(numbers)})"
+
+
+def _change_lines(changed: list[ChangedTensor]) -> list[str]:
+    """One line per tensor; a run of tensors changed the same way for the same reasons (the
+    40 layers of a trend) folds into one line naming the first and the last."""
+    groups: list[list[ChangedTensor]] = []
+    for c in changed:
+        key = (_scheme_text(c), c.reasons, c.round)
+        if groups and c.scheme != "lsuv" and (_scheme_text(groups[-1][0]), groups[-1][0].reasons,
+                                              groups[-1][0].round) == key:
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    width = max([len(c.name) for c in changed] + [10])
+    lines = []
+    for group in groups:
+        first = group[0]
+        reasons = ", ".join(first.reasons) + (f" (round {first.round})" if first.round > 1 else "")
+        if len(group) > 3:
+            names = f"{first.name} .. {group[-1].name} ({len(group)} tensors)"
+            lines.append(f"  {names}")
+            lines.append(f"  {'':<{width}} {_scheme_text(first):<40} {reasons}")
+        else:
+            lines += [f"  {c.name:<{width}} {_scheme_text(c):<40} {reasons}" for c in group]
+    return lines
+
+
+def _counts(report: Report) -> str:
+    s = report.summary
+    return f"{s.error} error(s), {s.warning} warning(s), {s.info} info"
+
+
+def render_comparison(outcome: RepairOutcome) -> str:
+    before, after = outcome.before, outcome.after
+    out = [f"{outcome.source} -> {outcome.output}  ({outcome.format}, seed {after.seed}, "
+           f"method {outcome.method})"]
+    if outcome.method == "lsuv":
+        out.append(f"LSUV re-initialises every linear/conv layer ({len(outcome.lsuv)}), not only "
+                   f"the flagged ones: orthogonal start, then each layer rescaled to unit output "
+                   f"variance on the probe batch.")
+        unconverged = [item.layer for item in outcome.lsuv if not item.converged]
+        if unconverged:
+            out.append(f"note: LSUV did not reach unit variance at {', '.join(unconverged[:5])}"
+                       + (" ..." if len(unconverged) > 5 else ""))
+    out += ["", *_table(outcome), "  (* = layer re-initialised)", ""]
+
+    if outcome.changed:
+        out.append(f"re-initialised ({len(outcome.changed)} tensor(s)):")
+        out += _change_lines(outcome.changed)
+    else:
+        out.append("re-initialised: nothing (no finding asks for a new init)")
+    if outcome.left_alone:
+        out.append("left as they are:")
+        out += [f"  {line}" for line in outcome.left_alone]
+    if outcome.not_fixable:
+        out += ["", "not fixable by re-initialisation:"]
+        for f in outcome.not_fixable:
+            out += [f"  {line}" for line in _finding_lines(f)[:2]]
+    out += ["", f"before: {_counts(before)}", f"after:  {_counts(after)}"]
+    if after.findings:
+        out += ["", "remaining findings:"]
+        for f in after.findings:
+            out += _finding_lines(f)
+    else:
+        out.append("no findings remain: the network looks trainable as initialised")
+    return "\n".join(out)
