@@ -3,6 +3,8 @@ graph order, local functions, name recovery and writing a fixed model back."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -209,6 +211,30 @@ def test_local_functions_are_inlined() -> None:
     torch.testing.assert_close(out, torch.tanh(inputs))
     proj = model.point("proj")
     assert proj.nonlinearity == "tanh" and proj.weight == "w" and proj.weight_layout == "in_out"
+
+
+def test_activations_written_as_several_nodes(tmp_path) -> None:
+    """Opset 17 has no Gelu/Mish nodes and torch writes SiLU as x * sigmoid(x): each pattern
+    is one activation point, and the layer before it knows which one follows."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 16), nn.GELU(),
+                        nn.Linear(16, 16), nn.ReLU6(), nn.Linear(16, 16), nn.Mish(),
+                        nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 16)
+    path = tmp_path / "acts.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17)
+    model = load_onnx(path)
+    linear = [p.nonlinearity for p in model.probe_points if p.role == "linear"]
+    assert linear == ["silu", "gelu", "relu", "mish", None]
+    acts = [(p.layer, p.op, p.nonlinearity) for p in model.probe_points
+            if p.role == "activation"]
+    assert acts == [("1", "Mul", "silu"), ("3", "Mul", "gelu"), ("5", "Clip", "relu"),
+                    ("7", "Mul", "mish")]
+    np.testing.assert_allclose(model.run([x])[0].detach().numpy(), _ort(path, (x,))[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 # --- names ------------------------------------------------------------------------------------

@@ -348,8 +348,8 @@ def _activation(view: GraphView, node: GraphNode) -> _Draft | None:
 
 
 def _composite_activations(view: GraphView, internal: dict[int, int]) -> dict[int, _Draft]:
-    """SiLU written as x * Sigmoid(x), GELU written with Erf: one activation point at the
-    pattern's last node; its inner nodes are recorded in `internal`."""
+    """SiLU written as x * Sigmoid(x), Mish as x * tanh(softplus(x)), GELU written with Erf:
+    one activation point at the pattern's last node; its inner nodes go into `internal`."""
     found: dict[int, _Draft] = {}
     for node in view.nodes:
         if node.op_type == "Sigmoid" and node.outputs:
@@ -361,6 +361,13 @@ def _composite_activations(view: GraphView, internal: dict[int, int]) -> dict[in
                                               kind="silu")
                     internal[node.index] = mul.index
                     break
+        elif node.op_type == "Softplus" and node.outputs:
+            chain = _mish_chain(view, node)
+            if chain:
+                tanh, mul = chain
+                found[mul.index] = _Draft(mul, "activation", mul.outputs[0], mul.index,
+                                          kind="mish")
+                internal[node.index] = internal[tanh.index] = mul.index
         elif node.op_type == "Erf":
             chain = _gelu_chain(view, node)
             if chain:
@@ -370,6 +377,20 @@ def _composite_activations(view: GraphView, internal: dict[int, int]) -> dict[in
                 for inner in chain[:-1]:
                     internal[inner.index] = last.index
     return found
+
+
+def _mish_chain(view: GraphView, softplus: GraphNode) -> tuple[GraphNode, GraphNode] | None:
+    """x * tanh(softplus(x)), as exporters write Mish before opset 18."""
+    x = softplus.inputs[0]
+    users = view.consumers.get(softplus.outputs[0], [])
+    if len(users) != 1 or view.nodes[users[0][0]].op_type != "Tanh":
+        return None
+    tanh = view.nodes[users[0][0]]
+    for user, slot in view.consumers.get(tanh.outputs[0], []):
+        mul = view.nodes[user]
+        if mul.op_type == "Mul" and mul.inputs[1 - slot] == x:
+            return tanh, mul
+    return None
 
 
 def _gelu_chain(view: GraphView, erf: GraphNode) -> list[GraphNode] | None:
