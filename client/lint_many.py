@@ -1,5 +1,5 @@
-"""Lint many model files in one run: in parallel worker processes where cores and memory allow,
-results in input order, and a file that cannot be linted becomes one error entry instead of
+"""Lint many model files in one run: in parallel worker processes where cores and memory allow
+and the work pays for starting them, results in input order, and a file that cannot be linted becomes one error entry instead of
 ending the run.
 
 Outcome of each file, and what the CLI makes of it (the convention of mature linters: a file
@@ -39,6 +39,10 @@ from gradprobe.diagnostics.report import Report
 # running out of memory loses a file, running a little slower loses nothing.
 WORKER_BASE_BYTES = 700 * 2**20
 MODEL_BYTES_FACTOR = 8
+# Starting a worker costs seconds of CPU (importing torch); a small model lints in well under
+# one. Unless asked for with --jobs, workers start only where they can pay that back.
+PARALLEL_MIN_FILES = 8
+PARALLEL_MIN_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -79,10 +83,13 @@ def worker_count(paths: Sequence[Path], options: Sequence[DiagnoseOptions],
         return 1
     if _uses_gpu(options):
         return 1
+    sizes = [model_bytes(path) for path in paths]
+    if jobs is None and len(paths) < PARALLEL_MIN_FILES and sum(sizes) < PARALLEL_MIN_BYTES:
+        return 1
     limit = min(os.cpu_count() or 1, len(paths), jobs or len(paths))
     available = available_memory()
     if available is not None:
-        largest = max(model_bytes(path) for path in paths)
+        largest = max(sizes)
         per_worker = WORKER_BASE_BYTES + MODEL_BYTES_FACTOR * largest
         limit = min(limit, max(1, available // per_worker))
     return max(1, limit)

@@ -89,10 +89,14 @@ def test_worker_count_respects_files_jobs_cpus_and_memory(models, monkeypatch):
     options = [cpu_options(p) for p in models]
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(lint_many, "available_memory", lambda: 64 * 2**30)
-    assert worker_count(models, options, None) == 3  # no more workers than files
+    # Three small files: starting workers would cost more than it saves, unless asked for.
+    assert worker_count(models, options, None) == 1
+    assert worker_count(models, options, 8) == 3  # no more workers than files
     assert worker_count(models, options, 2) == 2
     assert worker_count(models, options, 1) == 1
-    assert worker_count(models[:1], options[:1], None) == 1
+    assert worker_count(models[:1], options[:1], 4) == 1
+    monkeypatch.setattr(lint_many, "PARALLEL_MIN_FILES", 2)
+    assert worker_count(models, options, None) == 3
     monkeypatch.setattr(lint_many, "available_memory",
                         lambda: lint_many.WORKER_BASE_BYTES * 3 // 2)
     assert worker_count(models, options, None) == 1  # memory for ~one worker with its model
