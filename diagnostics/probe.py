@@ -75,6 +75,15 @@ class ProbeResult:
         return next((lp for lp in self.layers
                      if lp.point.role == "linear" and activation.point.node in lp.point.feeds), None)
 
+    def norm_between(self, producer: LayerProbe, activation: LayerProbe) -> LayerProbe | None:
+        """The normalisation layer between a linear layer and the activation it feeds (conv ->
+        BatchNorm -> ReLU), if any: its shift, not the conv's bias, decides what the ReLU sees."""
+        if not producer.point.followed_by_norm:
+            return None
+        between = [lp for lp in self.layers if lp.point.role == "norm"
+                   and producer.point.index < lp.point.index < activation.point.index]
+        return between[-1] if between else None
+
     @property
     def folded_batchnorm(self) -> bool:
         return any(lp.point.folded_batchnorm for lp in self.layers)

@@ -245,7 +245,7 @@ def export_onnx(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            torch.onnx.export(model, args, str(path), dynamo=True)
+            torch.onnx.export(model, args, str(path), dynamo=True, verbose=False)
         else:
             mode = torch.onnx.TrainingMode.TRAINING if train_bn else torch.onnx.TrainingMode.EVAL
             names = [f"input{i}" for i in range(len(args))]

@@ -38,8 +38,9 @@ class DeadGradients(Rule):
         judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
         # A weight whose layer output no longer depends on the input gets a zero gradient
         # because its input is zero: a consequence of the dead layer upstream.
-        signal_lost = {lp.point.weight for lp in probe.of_role("linear")
-                       if lp.point.weight and lp.activation and lp.activation.sample_var == 0}
+        signal_lost = {lp.point.weight for lp in probe.layers
+                       if lp.point.role in ("linear", "norm") and lp.point.weight
+                       and lp.activation and lp.activation.sample_var == 0}
         for name, param in probe.params.items():
             s = param.stats
             if s.grad_norm != 0 or s.nonfinite:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from gradprobe.diagnostics.init_schemes import recommended_init
-from gradprobe.diagnostics.probe import ProbeResult
+from gradprobe.diagnostics.init_schemes import param_expr, recommended_init
+from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
 
@@ -37,25 +37,31 @@ class DeadRelu(Rule):
             if act is None or act.dead_units < self.t["share"] or act.nonfinite:
                 continue
             producer = probe.producer_of(lp)
-            bias_mean = None
+            bias_mean, shift = None, None  # the bias that shifts what the ReLU sees
             if producer is not None and producer.point.weight:
                 w = probe.params[producer.point.weight].stats
                 if w.constant or w.nonfinite:
                     continue  # zero-/constant-/nonfinite-weights names the cause
                 if producer.activation is not None and producer.activation.sample_var == 0:
                     continue  # its input carries no signal: the cause is upstream
-                if producer.point.bias:
-                    bias_mean = probe.params[producer.point.bias].stats.mean
+                norm = probe.norm_between(producer, lp)
+                shift = norm.point.bias if norm is not None else producer.point.bias
+                if shift:
+                    bias_mean = probe.params[shift].stats.mean
             share = act.dead_units
             severity = Severity.ERROR if share >= self.t["error_share"] else Severity.WARNING
             pre = producer.activation if producer is not None and producer.activation else act
             uninformative = pre.var > 0 and pre.sample_var < self.t["min_sample_share"] * pre.var
             cause = ""
-            if bias_mean is not None and producer is not None and bias_mean < -0.1:
-                cause = f" The bias of {producer.point.layer} averages {bias_mean:.3g}."
+            if bias_mean is not None and shift and bias_mean < -0.1:
+                cause = f" {shift} averages {bias_mean:.3g}."
             blocks = " It blocks every gradient to the layers before it." if share >= 0.999 else ""
             fix = (recommended_init(producer.point, reset_bias=True) if producer is not None
                    else Fix())
+            if shift and producer is not None and shift != producer.point.bias:
+                fix = fix.model_copy(update={
+                    "bias": "zeros",
+                    "code": f"{fix.code}\nnn.init.zeros_({param_expr(shift, shift.rsplit('.', 1)[0])})"})
             fix = fix.model_copy(update={"advice": "reset the bias to 0 and use He init; or use "
                                                    "LeakyReLU/ELU/PReLU"})
             evidence = {"dead_units": share, "units": act.units}
@@ -75,5 +81,12 @@ class DeadRelu(Rule):
                 lp, f"{share:.0%} of the {act.units} units after {name} are never active on the "
                     f"probe batch: they get no gradient and will not recover.{cause}{blocks}",
                 evidence=evidence, fix=fix, severity=severity,
-                parameters=list(producer.point.parameters) if producer is not None else [],
+                parameters=_involved(producer, shift),
                 nodes=[lp.point.node] + ([producer.point.node] if producer is not None else []))
+
+
+def _involved(producer: LayerProbe | None, shift: str | None) -> list[str]:
+    names = list(producer.point.parameters) if producer is not None else []
+    if shift and shift not in names:
+        names.append(shift)
+    return names
