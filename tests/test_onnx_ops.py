@@ -142,6 +142,11 @@ def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+# Float inputs that decide output shapes or sampling grids. They are constants in real graphs,
+# read on the host, and stay on the CPU like integer shape tensors.
+SHAPE_INPUTS = {"Range": {0, 1, 2}, "OneHot": {1}, "Resize": {1, 2, 3}, "Upsample": {1}}
+
+
 def _prepare(case_dir: Path, device: str = "cpu"):  # type: ignore[no-untyped-def]
     model, node = _load_case(case_dir)
     reason = SKIPS.get(case_dir.name) or _unsupported_type(model)
@@ -152,10 +157,15 @@ def _prepare(case_dir: Path, device: str = "cpu"):  # type: ignore[no-untyped-de
     for j, info in enumerate(model.graph.input):
         proto = onnx.TensorProto()
         proto.ParseFromString((data_dir / f"input_{j}.pb").read_bytes())
-        tensor = tensor_from_proto(proto, None)
+        values[info.name] = tensor_from_proto(proto, None)
+    host_only = SHAPE_INPUTS.get(node.op_type, set())
+    inputs = []
+    for position, name in enumerate(node.input):
+        tensor = values[name] if name else None
         # Float data goes to the device; integer inputs play the role of shape-like constants.
-        values[info.name] = tensor.to(device) if tensor.is_floating_point() else tensor
-    inputs = [values[name] if name else None for name in node.input]
+        if tensor is not None and tensor.is_floating_point() and position not in host_only:
+            tensor = tensor.to(device)
+        inputs.append(tensor)
     attrs = decode_attributes(node)
     training = node.op_type == "BatchNormalization" and attrs.get("training_mode", 0) == 1
     ctx = OpContext(node=node.name or case_dir.name, op_type=node.op_type, opset=_opset(model),
@@ -191,11 +201,17 @@ def _check_case(case_dir: Path, device: str) -> None:
         proto = onnx.TensorProto()
         proto.ParseFromString((data_dir / f"output_{by_name[name]}.pb").read_bytes())
         expected = tensor_from_proto(proto, None)
-        got = outs[position].detach().cpu()
+        got = outs[position].detach()
         where = f"output {position} ('{name}')"
         assert got.dtype == expected.dtype, f"{where}: dtype {got.dtype} != {expected.dtype}"
         assert tuple(got.shape) == tuple(expected.shape), \
             f"{where}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+        if got.is_floating_point() and any(t is not None and t.device.type == device
+                                           for t in inputs):
+            assert got.device.type == device, f"{where}: float result left {device}"
+        if got.device.type == "meta":
+            continue  # no values on the meta device
+        got = got.cpu()
         if expected.is_floating_point():
             rtol, atol = ROUNDED_EXPECTATIONS.get(case_dir.name, _tolerance(expected.dtype))
             np.testing.assert_allclose(got.double().numpy(), expected.double().numpy(),
@@ -208,10 +224,16 @@ def test_backend_case(case_dir: Path) -> None:
     _check_case(case_dir, "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_backend_case_cuda(case_dir: Path) -> None:
-    """Float data on the accelerator, shape-like integers on the CPU: the loader's layout."""
-    _check_case(case_dir, "cuda")
+ACCELERATOR = "cuda" if torch.cuda.is_available() else "meta"
+
+
+def test_backend_case_on_accelerator(case_dir: Path) -> None:
+    """Float data on the accelerator, shape-like integers on the CPU: the loader's layout.
+
+    Without a GPU the meta device stands in: it has no values, but any mix of CPU and device
+    tensors, and any read of device data (a sync), raises; shapes and dtypes are still checked.
+    """
+    _check_case(case_dir, ACCELERATOR)
 
 
 # ---------------------------------------------------------------- gradients
