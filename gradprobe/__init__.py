@@ -1,11 +1,36 @@
 """gradprobe: lint a neural network at initialisation.
 
-The public surface: `diagnose`, `Report`, `Finding`, `Severity`, `Client`. Everything else is
-importable but not promised.
+The public surface: `diagnose`, `DiagnoseOptions`, `Report`, `Finding`, `Severity`, `Client`.
+Everything else is importable but not promised.
+
+    import gradprobe
+    report = gradprobe.diagnose("model.onnx")
+    with gradprobe.Client("localhost:50051") as client:
+        report = client.diagnose("model.onnx")
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gradprobe.diagnostics.api import diagnose
+from gradprobe.diagnostics.errors import GradprobeError
+from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Finding, Report, Severity
+
+if TYPE_CHECKING:
+    from gradprobe.client.api import Client
 
 __version__ = "0.1.0"
 
-__all__ = ["Finding", "Report", "Severity", "__version__"]
+__all__ = ["Client", "DiagnoseOptions", "Finding", "GradprobeError", "Report", "Severity",
+           "__version__", "diagnose"]
+
+
+def __getattr__(name: str) -> Any:
+    # The gRPC client pulls in grpc; load it only for users who ask for it.
+    if name == "Client":
+        from gradprobe.client.api import Client
+
+        return Client
+    raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
