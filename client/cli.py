@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     fix = sub.add_parser("fix", help="write a copy of the model with flagged weights re-initialised")
     fix.add_argument("model", type=Path, metavar="MODEL")
     fix.add_argument("-o", "--output", type=Path, required=True, metavar="FIXED")
+    fix.add_argument("--html", type=Path, metavar="FILE",
+                     help="also write an HTML page with the curves before and after the fix")
     fix.add_argument("--init", choices=("auto", "lsuv"), default="auto",
                      help="auto: the scheme each finding names (He/Xavier/LeCun); lsuv: "
                           "layer-sequential unit-variance init on the probe batch")
@@ -227,6 +229,10 @@ def run_fix(args: argparse.Namespace) -> int:
 
     outcome = repair(args.model, args.output, options_from_args(args), method=args.init)
     print(render_comparison(outcome))
+    if args.html:
+        from gradprobe.client.formats.html import render_html
+
+        _write(render_html([outcome.after], before=[outcome.before]), args.html)
     return EXIT_FINDINGS if outcome.after.fails("error") else EXIT_CLEAN
 
 

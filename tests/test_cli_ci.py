@@ -206,3 +206,13 @@ def test_pre_commit_hook_definition():
     assert not re.search(pattern, "models/net.onnx.data")
     assert build_parser().parse_args(["lint", "a.onnx", "b.pt"]).models == [Path("a.onnx"),
                                                                             Path("b.pt")]
+
+
+def test_fix_writes_before_and_after_page(capsys, in_zoo):
+    code, out, err = run(capsys, "fix", "onnx/zero.onnx", "-o", "fixed.onnx", "--device", "cpu",
+                         "--html", "fix.html")
+    assert code == 0, err
+    page = (in_zoo / "fix.html").read_text()
+    assert "gradprobe fix report" in page and "fixed from" in page
+    assert page.count("before fix</text>") == 2 and page.count("after fix</text>") == 2
+    assert "Resolved by the fix" in page and "zero-weights" in page

@@ -124,6 +124,11 @@ def test_before_and_after_curves():
     assert len(before_points) == len(after_points) == 12
     assert before_points[-1][1] > after_points[-1][1]  # before ends far lower on the page
     assert "Resolved by the fix (2)" in text
+    # Layers flagged before the fix stay marked, in grey, with what was found there.
+    assert 'net.4 (before fix): error dead-relu</title><line' in text
+    assert re.search(r'<g class="flag"><title>net.4 \(before fix\)[^<]*</title><line [^>]*'
+                     r'stroke="#9e9e9e"', text)
+    assert "fixed from" in text
     with pytest.raises(ValueError):
         render_html([after], before=[])
 

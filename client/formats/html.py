@@ -70,12 +70,13 @@ def _model_section(index: int, report: Report, before: Report | None) -> str:
     if before is not None:
         act.insert(0, Series("before fix", BEFORE, _values(before, order, "var"), dashed=True))
         grad.insert(0, Series("before fix", BEFORE, _values(before, order, "norm"), dashed=True))
-    plots = (_plot("Activation variance by depth", act, order, flagged)
-             + _plot("Gradient norm by depth", grad, order, flagged))
+    earlier = _flags(before) if before is not None else {}
+    plots = (_plot("Activation variance by depth", act, order, flagged, earlier)
+             + _plot("Gradient norm by depth", grad, order, flagged, earlier))
     resolved = _resolved(before, report) if before is not None else []
     return f"""<section id="model-{index}">
 <h2>{escape(_label(report))}</h2>
-{_meta(report)}
+{_meta(report, before)}
 <div class="plots">{plots}</div>
 <h3>Findings {_counts(report)}</h3>
 {_findings_table(report.findings, index)}
@@ -103,7 +104,7 @@ def _tag(severity: Severity) -> str:
     return f'<span class="badge {severity.value}">{severity.value}</span>'
 
 
-def _meta(report: Report) -> str:
+def _meta(report: Report, before: Report | None = None) -> str:
     m = report.model
     inputs = ", ".join(f"{i.name} {'x'.join(map(str, i.shape))} {i.dtype} ({i.source})"
                        for i in m.inputs)
@@ -111,6 +112,8 @@ def _meta(report: Report) -> str:
             ("inputs", inputs), ("device", report.device), ("seed", str(report.seed)),
             ("time", f"{report.timing.total_s:.2f} s (load {report.timing.load_s:.2f}, "
                      f"probe {report.timing.probe_s:.2f}, rules {report.timing.rules_s:.2f})")]
+    if before is not None:
+        rows.insert(0, ("fixed from", f"{_label(before)} (sha256 {before.model.sha256[:16]})"))
     table = "".join(f"<tr><th>{k}</th><td>{escape(v)}</td></tr>" for k, v in rows)
     notes = "".join(f"<li>{escape(n)}</li>" for n in m.notes)
     return f'<table class="meta">{table}</table>' + (f'<ul class="notes">{notes}</ul>'
@@ -237,7 +240,11 @@ def _values(report: Report, order: list[str], stat: str) -> list[float | None]:
 
 
 def _plot(title: str, series: Sequence[Series], order: list[str],
-          flagged: dict[str, list[Finding]]) -> str:
+          flagged: dict[str, list[Finding]],
+          earlier: dict[str, list[Finding]] | None = None) -> str:
+    """`flagged`: layers with findings now; `earlier`: layers flagged before a fix, drawn in
+    grey where nothing is flagged any more."""
+    earlier = {name: f for name, f in (earlier or {}).items() if name not in flagged}
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     positive = [v for s in series for v in s.values
                 if v is not None and math.isfinite(v) and v > 0]
@@ -270,10 +277,11 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
                  f'(measured layer, in graph order)</text>')
 
     for i, name in enumerate(order):  # flagged layers: a band in the worst severity's colour
-        if name in flagged:
-            findings = flagged[name]
-            color = COLORS[_worst(findings)]
-            tip = escape(f"{name}: " + "; ".join(f"{f.severity.value} {f.rule}" for f in findings))
+        if name in flagged or name in earlier:
+            findings = flagged.get(name) or earlier[name]
+            color = COLORS[_worst(findings)] if name in flagged else BEFORE
+            prefix = f"{name}: " if name in flagged else f"{name} (before fix): "
+            tip = escape(prefix + "; ".join(f"{f.severity.value} {f.rule}" for f in findings))
             parts.append(f'<g class="flag"><title>{tip}</title><line x1="{x_of(i):.1f}" '
                          f'x2="{x_of(i):.1f}" y1="{TOP}" y2="{TOP + plot_h}" stroke="{color}" '
                          f'stroke-width="2" stroke-dasharray="4 3"/><path d="M{x_of(i) - 5:.1f},'
@@ -305,9 +313,9 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
                      f'y2="{TOP - 14}" stroke="{s.color}" stroke-width="2"{dash}/><text '
                      f'x="{legend_x + 26}" y="{TOP - 10}" class="legend">{escape(s.name)}</text>')
         legend_x += 44 + 8 * len(s.name)
-    if any(name in flagged for name in order):
-        parts.append(f'<text x="{legend_x}" y="{TOP - 10}" class="legend">▼ flagged layer'
-                     f"</text>")
+    if any(name in flagged or name in earlier for name in order):
+        label = "flagged layer" if not earlier else "flagged layer (grey: before the fix)"
+        parts.append(f'<text x="{legend_x}" y="{TOP - 10}" class="legend">▼ {label}</text>')
     aria = escape(f"{title}, log scale, {count} layers")
     return (f'<figure class="plot"><figcaption>{escape(title)} (log scale)</figcaption>'
             f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
