@@ -210,7 +210,9 @@ class _Builder:
             probe_points=[p.point for p in plans], shared_parameters=_shared(bindings, plans,
                                                                             nodes),
             notes=self.notes, model=self.model, plan=plan, constants=constants,
-            init_order=init_order, init_types=init_types, file_tensors=tensors,
+            init_order=init_order, init_types=init_types,
+            file_tensors={n: t for n, t in tensors.items()  # only what nothing else holds
+                          if n not in params and n not in constants},
             bindings=bindings, label=self.label,
         )
 
@@ -296,7 +298,8 @@ class _Builder:
                 value = tensor if key == canonical and source == root else tensor.clone()
                 params[name] = torch.nn.Parameter(value, requires_grad=True)
                 bindings[name] = binding
-        first_use = {v: i for i, v in reversed(list(enumerate(v for n in nodes for v in n.inputs)))}
+        reads = [v for n in nodes for v in n.inputs]  # after untying: list params by first use
+        first_use = {v: i for i, v in reversed(list(enumerate(reads)))}
         params = dict(sorted(params.items(), key=lambda item: first_use.get(item[0], 0)))
         for out in self.graph.output:  # an output that is an initializer as is
             root = aliases.get(out.name, out.name)

@@ -303,9 +303,10 @@ def _folded_batchnorm(node: GraphNode, draft: _Draft) -> bool:
     if classes:  # dynamo: the fused node keeps the BatchNorm's metadata
         return any("BatchNorm" in c or "batch_norm" in c for c in classes) or bool(
             draft.bias and draft.bias.endswith(".weight_bias"))
-    # legacy: folding turns both the weight and the bias into anonymous initializers
-    return bool(draft.weight and is_anonymous(draft.weight) and draft.bias
-                and is_anonymous(draft.bias))
+    # legacy: its eval-mode peephole fuses BN into Conv only, turning both the weight and
+    # the bias into anonymous initializers
+    return bool(node.op_type in ("Conv", "ConvTranspose") and draft.weight
+                and is_anonymous(draft.weight) and draft.bias and is_anonymous(draft.bias))
 
 
 # --- normalisations and activations ---------------------------------------------------------
