@@ -1,7 +1,7 @@
 """Writes the bundled example models (run via `make examples`; the outputs are committed).
 
 mlp_defects.onnx: a 5-layer ReLU MLP with two planted defects that cost real users days —
-a hidden layer initialised to zero, and a bias of -10 in front of a ReLU.
+a bias of -10 on most units in front of a ReLU, and a hidden layer initialised to zero.
 mlp_healthy.onnx: the same network with He init: lints clean.
 """
 
@@ -47,8 +47,8 @@ def main() -> None:
     torch.manual_seed(0)
     broken = MLP()
     with torch.no_grad():
-        broken.net[2].weight.zero_()  # zero hidden layer: its units can never differ
-        broken.net[4].bias.fill_(-10.0)  # every unit after net.4 is dead
+        broken.net[2].bias[:56].fill_(-10.0)  # 56 of 64 units after net.2 never fire
+        broken.net[6].weight.zero_()  # zero hidden layer: no gradient, its units never differ
     export(broken, HERE / "mlp_defects.onnx")
 
 

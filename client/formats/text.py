@@ -67,9 +67,11 @@ def render_one(report: Report) -> str:
         f"(load {t.load_s:.2f}s, probe {t.probe_s:.2f}s, rules {t.rules_s:.2f}s)",
     ]
     out += [f"note: {n}" for n in m.notes]
-    if m.shared_parameters:
-        for param, layers in m.shared_parameters.items():
-            out.append(f"note: layers {', '.join(layers)} shared one tensor ({param}) in the file")
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for param, layers in m.shared_parameters.items():
+        groups.setdefault(tuple(layers), []).append(param)
+    for layers, params in groups.items():
+        out.append(f"note: {', '.join(params)} (layers {', '.join(layers)}) were one tensor in the file")
     out += ["", *_layer_rows(report), ""]
     for f in report.findings:
         out += _finding_lines(f)
