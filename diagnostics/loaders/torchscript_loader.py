@@ -150,7 +150,7 @@ class TorchScriptModel(LoadedModel):
             raise ProbeError(f"forward failed: {lines[-1] if lines else type(exc).__name__}") \
                 from exc
         executed = []
-        for point, value in zip(self._observed_points, observed):
+        for point, value in zip(self._observed_points, observed, strict=True):
             if value is None:  # computed in an `if` branch that did not run
                 continue
             executed.append(point)

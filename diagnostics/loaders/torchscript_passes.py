@@ -92,7 +92,8 @@ def prepare_forward_graph(module: torch.jit.ScriptModule) -> Graph:
 
 def fold_module_attributes(graph: Graph, root: torch._C.ScriptModule) -> None:
     """Replace reads of scalar or None module attributes (`self.training`, `self.norm_first`,
-    `self.inplace`, `self.bias_k = None`) by constants, so constant propagation can resolve the branches they guard.
+    `self.inplace`, `self.bias_k = None`) by constants, so constant propagation can resolve
+    the branches they guard.
     Attributes the graph itself assigns (prim::SetAttr) keep being read at run time."""
     self_value = next(iter(graph.inputs()))
     owners: dict[int, tuple[str, torch._C.ScriptModule]] = {self_value.unique(): ("", root)}

@@ -389,29 +389,40 @@ def _upstream_point(value: Value, by_node: dict[int, _Candidate]) -> _Candidate 
 
 
 def _follow_downstream(candidate: _Candidate, by_node: dict[int, _Candidate]) -> None:
-    """Find the nonlinearities this layer's output reaches before the next layer."""
+    """Find the nonlinearities this layer's output reaches before the next layer. Besides
+    pass-through ops, the signal is followed out of `if` branches and through tuples
+    (scripted attention returns `(output, weights)`): `element` is its place in a tuple."""
     found: list[_Candidate] = []
-    stack, visited = [candidate.value], set()
+    stack: list[tuple[Value, int | None]] = [(candidate.value, None)]
+    visited: set[tuple[int, int | None]] = set()
     while stack:
-        value = stack.pop()
-        if value.unique() in visited:
+        value, element = stack.pop()
+        if (value.unique(), element) in visited:
             continue
-        visited.add(value.unique())
+        visited.add((value.unique(), element))
         for use in value.uses():
             user = use.user
-            if user.kind() == "prim::Return":
+            kind = user.kind()
+            if kind == "prim::Return":
                 owner = user.owningBlock().owningNode()
                 if owner is not None and owner.kind() == "prim::If":
-                    stack.append(owner.outputsAt(use.offset))
-                continue
-            reached = by_node.get(user.outputsAt(0).unique()) if user.outputsSize() else None
-            if reached is not None and reached.role == "activation":
-                found.append(reached)
-            elif reached is not None and reached.role == "linear":
-                continue
-            elif user.kind() in _PASS_THROUGH and (use.offset == 0 or user.kind() in _ELEMENTWISE):
-                candidate.followed_by_norm |= user.kind() in _NORM_OPS
-                stack.append(user.outputsAt(0))
+                    stack.append((owner.outputsAt(use.offset), element))
+            elif element is not None:
+                if kind == "prim::TupleUnpack":
+                    stack.append((user.outputsAt(element), None))
+                elif kind == "prim::TupleIndex" and user.inputsAt(1).toIValue() == element:
+                    stack.append((user.output(), None))
+            elif kind == "prim::TupleConstruct":
+                stack.append((user.output(), use.offset))
+            else:
+                reached = by_node.get(user.outputsAt(0).unique()) if user.outputsSize() else None
+                if reached is not None and reached.role == "activation":
+                    found.append(reached)
+                elif reached is not None and reached.role == "linear":
+                    continue
+                elif kind in _PASS_THROUGH and (use.offset == 0 or kind in _ELEMENTWISE):
+                    candidate.followed_by_norm |= kind in _NORM_OPS
+                    stack.append((user.outputsAt(0), None))
     order = {id(c): i for i, c in enumerate(by_node.values())}
     found.sort(key=lambda c: order[id(c)])
     candidate.feeds = list(dict.fromkeys(c.label for c in found))
