@@ -104,26 +104,37 @@ class RunningServer:
 
 
 async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
-    """Start workers, then listen. Raises ConfigError for bad settings (files, port)."""
+    """Bind the port, start the workers, then serve. Raises ConfigError for bad settings
+    (files, port) before any worker is started."""
     credentials = _credentials(config)
     store = ModelStore(config.store_dir or default_store_dir(), config.max_model_bytes)
+    interceptors: list[aio.ServerInterceptor] = []
+    if config.token:
+        interceptors.append(AuthInterceptor(config.token))
+    interceptors.append(ErrorMapInterceptor())
+    server = aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+        ],
+        # Guard against floods of cheap calls; Diagnose has its own queue limit.
+        maximum_concurrent_rpcs=256 + 4 * (config.workers + config.max_queue),
+    )
+    target = f"[{config.host}]:{config.port}" if ":" in config.host \
+        else f"{config.host}:{config.port}"
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(target)
+        else:
+            port = server.add_secure_port(target, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {target}: {exc}") from None
+
     pool = WorkerPool(config.workers, config.max_queue)
     await pool.start()
     try:
-        interceptors: list[aio.ServerInterceptor] = []
-        if config.token:
-            interceptors.append(AuthInterceptor(config.token))
-        interceptors.append(ErrorMapInterceptor())
-        server = aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES),
-                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
-            ],
-            # Guard against floods of cheap calls; Diagnose has its own queue limit.
-            maximum_concurrent_rpcs=256 + 4 * (config.workers + config.max_queue),
-        )
         servicer = GradprobeServicer(
             store, pool, pool.about, ServiceLimits(
                 max_model_bytes=config.max_model_bytes, workers=config.workers,
@@ -136,15 +147,6 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        target = f"[{config.host}]:{config.port}" if ":" in config.host \
-            else f"{config.host}:{config.port}"
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(target)
-            else:
-                port = server.add_secure_port(target, credentials)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {target}: {exc}") from None
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)

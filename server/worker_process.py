@@ -12,6 +12,7 @@ Messages, child -> parent, each a tuple:
 from __future__ import annotations
 
 import gc
+import logging
 import signal
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -92,6 +93,47 @@ def run_job(job: Job, conn: Connection) -> tuple:
     return ("report", report)
 
 
+def _tiny_models() -> list[bytes]:
+    """A two-layer ReLU network as ONNX and as TorchScript, built in memory."""
+    import io
+
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
+               for name, shape in (("fc1.weight", (8, 4)), ("fc1.bias", (8,)),
+                                   ("fc2.weight", (2, 8)), ("fc2.bias", (2,)))]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], "/fc1/Gemm", transB=1),
+         helper.make_node("Relu", ["h"], ["a"], "/relu/Relu"),
+         helper.make_node("Gemm", ["a", "fc2.weight", "fc2.bias"], ["y"], "/fc2/Gemm", transB=1)],
+        "warm_up",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 2])],
+        weights)
+    onnx_bytes = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(module, torch.zeros(4, 4)), buffer)
+    return [onnx_bytes.SerializeToString(), buffer.getvalue()]
+
+
+def _warm_up() -> None:
+    """Run the engine once on tiny models: the first probe in a process pays for lazy
+    initialisation in torch (seconds on a slow machine), which no request should."""
+    from gradprobe.diagnostics.api import diagnose
+    from gradprobe.diagnostics.options import DiagnoseOptions
+
+    try:
+        for model in _tiny_models():
+            diagnose(model, DiagnoseOptions(input_shapes=[[4, 4]], device="cpu"))
+    except Exception as exc:  # a warm-up problem must not keep the worker from serving
+        logging.getLogger("gradprobe.server").warning("worker warm-up failed: %s", exc)
+
+
 def worker_main(conn: Connection, threads: int, describe: bool) -> None:
     """Entry point of a worker process."""
     # The parent decides when workers stop: a Ctrl-C or SIGTERM sent to the whole process group
@@ -108,6 +150,8 @@ def worker_main(conn: Connection, threads: int, describe: bool) -> None:
     from gradprobe.diagnostics.rules import all_rules
 
     from gradprobe.server.convert import rule_doc_to_proto
+
+    _warm_up()
 
     about = About(_devices(), [rule_doc_to_proto(rule.doc()).SerializeToString()
                                for rule in all_rules()]) if describe else None

@@ -202,6 +202,7 @@ class WorkerPool:
         if not worker.ready.done():
             worker.ready.set_exception(
                 RuntimeError(f"worker {worker.pid} failed to start ({describe_exit(code)})"))
+            worker.ready.exception()  # retrieved: only start() waits on it, and may not
             if not self._closing:
                 log.error("worker %d failed to start (%s); retrying in %.0fs", worker.pid,
                           describe_exit(code), _RESPAWN_BACKOFF_S)
@@ -249,13 +250,14 @@ class WorkerPool:
         worker.running = _Running(future, progress)
         try:
             worker.send(job)
-            result = await asyncio.wait_for(future, timeout_s)
-        except WorkerCrashed as exc:
-            raise WorkerCrashed(f"worker crashed while probing {job.sha256} ({exc})") from None
-        except OSError:  # the pipe broke as the job was sent: the worker is gone
+        except OSError:  # the pipe broke: the worker is gone
             self._replace(worker)
             raise WorkerCrashed(f"worker crashed while probing {job.sha256}") from None
-        except asyncio.TimeoutError:  # not the builtin before Python 3.11
+        try:
+            result = await asyncio.wait_for(future, timeout_s)
+        except WorkerCrashed as exc:  # the pool has replaced it already
+            raise WorkerCrashed(f"worker crashed while probing {job.sha256} ({exc})") from None
+        except asyncio.TimeoutError:
             self._replace(worker)
             raise ProbeTimedOut(
                 f"probe of {job.sha256} ran past the server's limit of {timeout_s:g}s "

@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 
 import grpc
@@ -116,30 +117,53 @@ def wait_dead(pid: int, timeout_s: float = 10.0) -> float:
 
 
 class Models:
-    """Model files for the server tests, made once per test session."""
+    """Model files for the server tests, each exported on first use."""
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
-        mlp = build("mlp")
-        self.onnx = export_onnx(mlp, example_inputs("mlp"), root / "mlp.onnx")
-        self.torchscript = export_torchscript(mlp, example_inputs("mlp"), root / "mlp.pt")
+
+    @cached_property
+    def onnx(self) -> Path:
+        return export_onnx(build("mlp"), example_inputs("mlp"), self.root / "mlp.onnx")
+
+    @cached_property
+    def torchscript(self) -> Path:
+        return export_torchscript(build("mlp"), example_inputs("mlp"), self.root / "mlp.pt")
+
+    @cached_property
+    def defect(self) -> Path:
         torch.manual_seed(1)
         zero = MLP()
         torch.nn.init.zeros_(zero.net[2].weight)  # a planted defect, so there are findings
-        self.defect = export_onnx(zero, example_inputs("mlp"), root / "defect.onnx")
+        return export_onnx(zero, example_inputs("mlp"), self.root / "defect.onnx")
+
+    @cached_property
+    def slow(self) -> Path:
         torch.manual_seed(2)
         slow = MLP((SLOW_WIDTH,) * SLOW_DEPTH)
-        self.slow = export_onnx(slow, (torch.randn(2, SLOW_WIDTH),), root / "slow.onnx")
+        return export_onnx(slow, (torch.randn(2, SLOW_WIDTH),), self.root / "slow.onnx")
+
+    @cached_property
+    def truncated(self) -> Path:
         data = self.onnx.read_bytes()
-        self.truncated = root / "truncated.onnx"
-        self.truncated.write_bytes(data[: len(data) // 2])
-        self.random = root / "random.onnx"
-        self.random.write_bytes(os.urandom(4096))
-        self.broken_torchscript = root / "broken.pt"
+        path = self.root / "truncated.onnx"
+        path.write_bytes(data[: len(data) // 2])
+        return path
+
+    @cached_property
+    def random(self) -> Path:
+        path = self.root / "random.onnx"
+        path.write_bytes(os.urandom(4096))
+        return path
+
+    @cached_property
+    def broken_torchscript(self) -> Path:
         raw = bytearray(self.torchscript.read_bytes())
         raw[len(raw) // 3: len(raw) // 3 + 2048] = os.urandom(2048)  # a zip with a bad member
-        self.broken_torchscript.write_bytes(bytes(raw))
+        path = self.root / "broken.pt"
+        path.write_bytes(bytes(raw))
+        return path
 
 
 def openssl_available() -> bool:
