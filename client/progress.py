@@ -42,14 +42,14 @@ class Progress:
         with self._lock:
             start = self._started.setdefault(model, time.monotonic())
             elapsed = time.monotonic() - start
-            self._draw(f"{model}: {stage} {fraction:.0%} ({elapsed:.1f}s)")
+            self._draw(model, f"{stage} {fraction:.0%} ({elapsed:.1f}s)")
 
     def finished(self, model: str, outcome: str) -> None:
         """One model is done; `outcome` is a short word or count summary."""
         with self._lock:
             self.done += 1
             self._started.pop(model, None)
-            self._draw(f"{model}: {outcome}")
+            self._draw(model, outcome)
 
     def close(self) -> None:
         with self._lock:
@@ -62,14 +62,14 @@ class Progress:
         """The callable `diagnose(progress=...)` wants, bound to one model."""
         return lambda stage, fraction: self.stage(model, stage, fraction)
 
-    def _draw(self, text: str) -> None:
+    def _draw(self, model: str, status: str) -> None:
         if not self.enabled:
             return
-        line = f"[{self.done}/{self.total}] {text}"
-        width = _terminal_width()
-        if len(line) > width - 1:
-            line = line[: width - 2] + "…"
-        self.stream.write(_CLEAR_LINE + line)
+        prefix, suffix = f"[{self.done}/{self.total}] ", f": {status}"
+        room = _terminal_width() - 1 - len(prefix) - len(suffix)
+        if len(model) > room:  # keep the file name, drop leading directories
+            model = "…" + model[len(model) - max(room - 1, 8):]
+        self.stream.write(_CLEAR_LINE + prefix + model + suffix)
         self.stream.flush()
         self._shown = True
 
@@ -82,6 +82,7 @@ class Progress:
 
 def _terminal_width() -> int:
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
+        columns = os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError):
-        return 100
+        columns = 0
+    return columns if columns >= 40 else 100  # 0 from a pseudo-terminal with no size

@@ -128,3 +128,10 @@ def test_progress_only_on_a_terminal(monkeypatch):
     progress.close()
     text = shown.getvalue()
     assert "[0/2] m.onnx: probe 50%" in text and text.endswith("\r\x1b[2K")
+
+    long_name = "/very/deep/" * 20 + "model.onnx"
+    shown = io.StringIO()
+    monkeypatch.setattr("gradprobe.client.progress._terminal_width", lambda: 60)
+    Progress(1, stream=shown, enabled=True).stage(long_name, "rules", 1.0)
+    line = shown.getvalue().removeprefix("\r\x1b[2K")
+    assert len(line) <= 59 and line.startswith("[0/1] …") and "model.onnx: rules 100%" in line
