@@ -125,6 +125,8 @@ def _check_output(source: Path, output: Path) -> None:
             output.exists() and source.exists() and os.path.samefile(output, source)):
         raise ConfigError(f"fix: the output {output} is the model itself; write the fixed copy "
                           f"to another file (-o FIXED)")
+    if not source.is_file():
+        return  # the loader says what is wrong with the model, before anything about the output
     if output.is_dir():
         raise ConfigError(f"fix: the output {output} is a directory; name a file")
     if not output.parent.is_dir():
