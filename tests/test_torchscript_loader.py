@@ -394,3 +394,10 @@ def test_forward_failure_is_a_one_line_probe_error(exported):
     with pytest.raises(ProbeError, match="^forward failed: .*shapes cannot be mult") as caught:
         model.run([torch.randn(4, 15)])
     assert "\n" not in str(caught.value)
+
+
+def test_frozen_modules_are_refused_with_the_reason(tmp_path):
+    path = tmp_path / "frozen.pt"
+    torch.jit.save(torch.jit.freeze(torch.jit.script(MLP().eval())), str(path))
+    with pytest.raises(ModelLoadError, match="frozen TorchScript module .*save the module before"):
+        load_torchscript(path)

@@ -38,31 +38,40 @@ def load_torchscript(source: Path | str | bytes, *, name: str | None = None) -> 
 
 
 def _read_module(source: Path | str | bytes, label: str) -> torch.jit.ScriptModule:
-    if isinstance(source, bytes):
-        data = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
+    if not isinstance(source, bytes):
+        source = Path(source)
+        if not source.is_file():
+            what = "is a directory" if source.is_dir() else "does not exist"
             raise ModelLoadError(f"{label}: {what}; expected a TorchScript file (.pt)")
-        data = path.read_bytes()
-    _check_archive(data, label)
+    _check_archive(source, label)
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        target = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+        module = torch.jit.load(target, map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError/ValueError with multi-line texts
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"{label}: not a loadable TorchScript archive: {first_line}") from exc
-    if not isinstance(module, torch.jit.ScriptModule) or not hasattr(module, "forward"):
+    if not isinstance(module, torch.jit.ScriptModule) or not module._c._has_method("forward"):
         raise ModelLoadError(f"{label}: the TorchScript archive has no forward method")
+    if not module._c.hasattr("training"):  # torch.jit.freeze drops attributes and parameters
+        raise ModelLoadError(
+            f"{label} is a frozen TorchScript module (torch.jit.freeze): its weights are "
+            "constants in the code, not parameters; save the module before freezing it")
     return module
 
 
-def _check_archive(data: bytes, label: str) -> None:
+def _check_archive(source: Path | bytes, label: str) -> None:
     """Say what the file is when it is not a TorchScript archive, without unpickling it."""
-    if not data.startswith(b"PK"):
+    if isinstance(source, bytes):
+        head = source[:4]
+    else:
+        with source.open("rb") as file:
+            head = file.read(4)
+    if not head.startswith(b"PK"):
+        data = source if isinstance(source, bytes) else source.read_bytes()
         raise ModelLoadError(f"{label}: {_describe_non_zip(data)}, not a TorchScript archive")
     try:
-        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
+            names = zf.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelLoadError(f"{label}: truncated or corrupt zip archive ({exc})") from exc
     if not any("/code/" in n for n in names) or not any(n.endswith("constants.pkl") for n in names):
