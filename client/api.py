@@ -249,9 +249,11 @@ class Client:
     def _diagnose(self, request: spb.DiagnoseRequest, progress: Progress | None,
                   deadline: float | None) -> Report:
         findings = []
+        report = None
         stream = self._call(self._stub.Diagnose, request, deadline)
+        finished = False
         try:
-            for event in stream:
+            for event in stream:  # to the end of the stream: the server ends it with OK
                 kind = event.WhichOneof("event")
                 if kind == "progress":
                     if progress is not None:
@@ -259,13 +261,17 @@ class Client:
                 elif kind == "finding":
                     findings.append(event.finding)
                 elif kind == "report":
-                    return convert.report_from_proto(event.report, findings)
+                    report = event.report
+            finished = True
         except grpc.RpcError as exc:
             raise translate_error(exc, self.target) from None
         finally:
-            stream.cancel()  # no-op once complete; frees the server's worker on an exception
-        raise RemoteError(grpc.StatusCode.INTERNAL,
-                          f"gradprobe server {self.target} ended the stream without a report")
+            if not finished:  # e.g. the progress callback raised: free the server's worker
+                stream.cancel()
+        if report is None:
+            raise RemoteError(grpc.StatusCode.INTERNAL,
+                              f"gradprobe server {self.target} ended the stream without a report")
+        return convert.report_from_proto(report, findings)
 
     def list_rules(self, *, timeout_s: float | None = None) -> list[RuleDoc]:
         reply = self._call(self._stub.ListRules, spb.ListRulesRequest(), self._deadline(timeout_s))
