@@ -9,6 +9,8 @@ Every pass works on a copy of `forward.graph`; the module itself is never change
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 Graph = torch._C.Graph
@@ -60,6 +62,10 @@ def all_nodes(block: torch._C.Block | Graph) -> list[Node]:
     return found
 
 
+def _nodes_of_kinds(graph: Graph, kinds: Iterable[str]) -> list[Node]:
+    return [node for kind in kinds for node in graph.findAllNodes(kind, True)]
+
+
 def argument_index(node: Node, name: str) -> int | None:
     """Position of the schema argument `name` of an aten node (None if the node has no schema)."""
     schema = node.schema()
@@ -97,7 +103,7 @@ def fold_module_attributes(graph: Graph, root: torch._C.ScriptModule) -> None:
     Attributes the graph itself assigns (prim::SetAttr) keep being read at run time."""
     self_value = next(iter(graph.inputs()))
     owners: dict[int, tuple[str, torch._C.ScriptModule]] = {self_value.unique(): ("", root)}
-    getattrs = [n for n in all_nodes(graph) if n.kind() == "prim::GetAttr"]
+    getattrs = graph.findAllNodes("prim::GetAttr", True)  # program order: owners first
     for node in getattrs:
         owner = owners.get(node.input().unique())
         if owner is None:
@@ -108,8 +114,8 @@ def fold_module_attributes(graph: Graph, root: torch._C.ScriptModule) -> None:
         if isinstance(child, torch._C.ScriptModule):
             owners[node.output().unique()] = (f"{path}.{name}", child)
     assigned = set()
-    for node in all_nodes(graph):
-        if node.kind() == "prim::SetAttr" and node.inputsAt(0).unique() in owners:
+    for node in graph.findAllNodes("prim::SetAttr", True):
+        if node.inputsAt(0).unique() in owners:
             assigned.add((owners[node.inputsAt(0).unique()][0], node.s("name")))
     for node in getattrs:
         owner = owners.get(node.input().unique())
@@ -128,9 +134,8 @@ def fold_identity_checks(graph: Graph) -> bool:
     """`x is x` is True and `x is not x` False: after inlining, `self_attn(x, x, x)` asks
     `query is key` of one value, and folding it keeps attention on its straight-line path."""
     changed = False
-    for node in all_nodes(graph):
-        if node.kind() not in ("aten::__is__", "aten::__isnot__"):
-            continue
+    checks = graph.findAllNodes("aten::__is__", True) + graph.findAllNodes("aten::__isnot__", True)
+    for node in checks:
         left, right = node.inputs()
         if not _same_object(left, right):
             continue
@@ -205,23 +210,18 @@ def force_batch_statistics(graph: Graph) -> None:
     """BatchNorm (and InstanceNorm with tracked statistics) normalise with the batch's own
     statistics, as in a training step. The running buffers are passed as None so that the
     probe never updates them; with batch statistics the output does not depend on them."""
-    for node in all_nodes(graph):
-        flag = _BATCH_STAT_FLAG.get(node.kind())
-        if flag is None:
-            continue
-        _set_argument(graph, node, flag, True)
+    for node in _nodes_of_kinds(graph, _BATCH_STAT_FLAG):
+        _set_argument(graph, node, _BATCH_STAT_FLAG[node.kind()], True)
         _set_argument(graph, node, "running_mean", None)
         _set_argument(graph, node, "running_var", None)
 
 
 def disable_dropout(graph: Graph) -> None:
     """Dropout off everywhere, including between stacked RNN layers and inside attention."""
-    for node in all_nodes(graph):
-        flag = _DROPOUT_FLAG.get(node.kind())
-        if flag is not None:
-            _set_argument(graph, node, flag, False)
-        elif node.kind() == "aten::scaled_dot_product_attention":
-            _set_argument(graph, node, "dropout_p", 0.0)
+    for node in _nodes_of_kinds(graph, _DROPOUT_FLAG):
+        _set_argument(graph, node, _DROPOUT_FLAG[node.kind()], False)
+    for node in graph.findAllNodes("aten::scaled_dot_product_attention", True):
+        _set_argument(graph, node, "dropout_p", 0.0)
 
 
 def _set_argument(graph: Graph, node: Node, name: str, value: object) -> None:
@@ -236,8 +236,8 @@ def _set_argument(graph: Graph, node: Node, name: str, value: object) -> None:
 def retarget_device_constants(graph: Graph, device: torch.device) -> None:
     """Traced graphs record the tracing device in constants (`aten::zeros(..., device=cpu)` for
     an LSTM's initial state) and tensor constants on that device; move both to `device`."""
-    for node in all_nodes(graph):
-        if node.kind() != "prim::Constant" or node.outputsSize() != 1:
+    for node in graph.findAllNodes("prim::Constant", True):
+        if node.outputsSize() != 1:
             continue
         output = node.output()
         output_type = output.type()
