@@ -18,7 +18,7 @@ from gradprobe.diagnostics.errors import (
     UnsupportedOperator,
 )
 from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
-from gradprobe.diagnostics.loaders.onnx_naming import node_scope
+from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, node_scope
 from onnx import TensorProto, helper
 
 
@@ -255,6 +255,14 @@ def test_node_scope(name: str, scopes: str | None, expected: str | None) -> None
         entry = node.metadata_props.add()
         entry.key, entry.value = "pkg.torch.onnx.name_scopes", scopes
     assert node_scope(node) == expected
+
+
+def test_legacy_reuse_suffix_folds_only_for_a_module_called_twice() -> None:
+    nodes = [helper.make_node("Relu", ["a"], ["b"], name=n) for n in
+             ("/block/act/Relu", "/block/act_1/Relu", "/conv/Relu", "/conv_1/Relu")]
+    namer = ScopeNamer(nodes, parameter_names=["conv.weight", "conv_1.weight"])
+    # `act_1` is `act` called again; `conv_1` is a module of its own (it has parameters)
+    assert [namer.scope(i) for i in range(4)] == ["block.act", "block.act", "conv", "conv_1"]
 
 
 # --- running and saving -------------------------------------------------------------------

@@ -183,7 +183,7 @@ class _Builder:
                                    self.label)
 
         constants, aliases, run_order = self._fold_static(order, names, fns, attrs, tensors)
-        namer = ScopeNamer([graph.node[i] for i in run_order])
+        namer = ScopeNamer([graph.node[i] for i in run_order], [*tensors, *aliases])
         nodes = [
             GraphNode(index=k, op_type=graph.node[i].op_type, name=names[i],
                       inputs=list(graph.node[i].input), outputs=list(graph.node[i].output),

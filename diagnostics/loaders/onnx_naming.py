@@ -101,18 +101,24 @@ def node_scope(node: onnx.NodeProto) -> str | None:
     Reuse suffixes of the legacy exporter (`relu_1`) are still in the result; `ScopeNamer`
     folds them back.
     """
+    found = _scope_and_origin(node)
+    return found[0] if found else None
+
+
+def _scope_and_origin(node: onnx.NodeProto) -> tuple[str, bool] | None:
+    """(module path, whether it came from a legacy node name)."""
     meta = _metadata(node)
     scopes = _literal_list(meta.get(_NAME_SCOPES))
     if scopes is not None and len(scopes) >= 1:
-        return _join_scopes(scopes[:-1])
+        return _join_scopes(scopes[:-1]), False
     namespace = meta.get(_NAMESPACE)
     if namespace:
         names = [item.split(":", 1)[0].strip() for item in namespace.split("/")]
-        return _join_scopes(names[:-1])
+        return _join_scopes(names[:-1]), False
     name = node.name
-    if name.startswith("/") and name.count("/") >= 1:
+    if name.startswith("/"):
         segments = [s for s in name.split("/")[1:-1] if s]
-        return _legacy_path(segments)
+        return _legacy_path(segments), True
     return None
 
 
@@ -131,27 +137,39 @@ def class_hierarchy(node: onnx.NodeProto) -> list[str]:
 class ScopeNamer:
     """Module paths for every node of a graph, with legacy reuse suffixes folded back.
 
-    `scope(i)` is the module path of node i with `relu_1` turned back into `relu` when `relu`
-    was seen too (the same module called a second time); the caller numbers repeated layers.
+    `scope(i)` is the module path of node i, with the legacy exporter's `relu_1` turned back
+    into `relu` when `relu` was seen too and no parameter names a module `relu_1` (then it is
+    the same module called a second time); the caller numbers repeated layers.
     """
 
-    def __init__(self, nodes: Sequence[onnx.NodeProto]) -> None:
-        raw = [node_scope(n) for n in nodes]
-        known = {p for p in raw if p}
-        prefixes = {".".join(p.split(".")[:k]) for p in known for k in range(1, p.count(".") + 2)}
-        self._scopes = [self._fold_reuse(p, prefixes) if p else p for p in raw]
+    def __init__(self, nodes: Sequence[onnx.NodeProto],
+                 parameter_names: Iterable[str] = ()) -> None:
+        found = [_scope_and_origin(n) for n in nodes]
+        known = {f[0] for f in found if f and f[0]}
+        prefixes = _prefixes(known)
+        real = _prefixes({o for o in map(owner_of, parameter_names) if o})
+        self._scopes = [
+            None if f is None else (self._fold_reuse(f[0], prefixes, real) if f[1] else f[0])
+            for f in found
+        ]
 
     @staticmethod
-    def _fold_reuse(path: str, prefixes: set[str]) -> str:
+    def _fold_reuse(path: str, prefixes: set[str], real: set[str]) -> str:
         atoms = path.split(".")
         for i, atom in enumerate(atoms):
             match = _REUSE_SUFFIX.match(atom)
-            if match and ".".join(atoms[:i] + [match.group(1)]) in prefixes:
+            if (match and ".".join(atoms[:i] + [match.group(1)]) in prefixes
+                    and ".".join(atoms[:i + 1]) not in real):
                 atoms[i] = match.group(1)
         return ".".join(atoms)
 
     def scope(self, index: int) -> str | None:
         return self._scopes[index]
+
+
+def _prefixes(paths: Iterable[str]) -> set[str]:
+    """Every module path and its ancestors: `a.b.c` -> `a`, `a.b`, `a.b.c`."""
+    return {".".join(p.split(".")[:k]) for p in paths for k in range(1, p.count(".") + 2)}
 
 
 def unique_names(names: Iterable[str]) -> list[str]:

@@ -467,8 +467,7 @@ def _follow(view: GraphView, draft: _Draft, by_node: dict[int, _Draft]) -> None:
                         kinds.append(target.kind or "")
                     continue
                 if node.op_type != "BatchNormalization" or slot != 0:
-                    continue
-                draft.followed_by_norm = True
+                    continue  # the next layer
             elif node.op_type in _SCALE_OPS:
                 if not all(v == value or view.is_static(v) for v in node.inputs):
                     continue
