@@ -335,7 +335,11 @@ def _against_ort(op_type: str, feeds: dict[str, np.ndarray | None], outputs: lis
          for i, o in enumerate(outputs) if o])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     model.ir_version = 8
-    session = ort.InferenceSession(model.SerializeToString(),
+    options = ort.SessionOptions()
+    # The reference is the kernel itself; graph rewrites only add risk (one crashes on
+    # LayerNormalization without bias).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     expected = session.run(None, present)
 
@@ -521,6 +525,26 @@ def test_batchnorm_inference_opset9() -> None:
     _against_ort("BatchNormalization", feeds, ["y"], opset=9, epsilon=1e-3)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm_single_output_matches_ort(with_bias: bool) -> None:
+    # The export's usual form (one output, scale over the last axis) takes torch's fused path.
+    feeds = {"x": _randn(2, 5, 8), "scale": _randn(8, seed=1),
+             "bias": _randn(8, seed=2) if with_bias else None}
+    _against_ort("LayerNormalization", feeds, ["y"], opset=17, epsilon=1e-6)
+    feeds = {"x": _randn(2, 5, 8), "scale": _randn(5, 8, seed=1), "bias": _randn(5, 8, seed=2)}
+    _against_ort("LayerNormalization", feeds, ["y"], opset=17, axis=-2)
+
+
+def test_layer_norm_broadcast_scale_over_two_axes() -> None:
+    # onnxruntime crashes on a broadcast bias here; torch's own layer_norm is the reference.
+    x, scale, bias = torch.randn(2, 5, 8), torch.randn(8), torch.randn(1, 8)
+    ctx = OpContext(node="ln", op_type="LayerNormalization", opset=17, num_outputs=1)
+    y = lookup("LayerNormalization", "", "ln")(ctx, [x, scale, bias], {"axis": -2})
+    expected = torch.nn.functional.layer_norm(x, (5, 8), scale.expand(5, 8),
+                                              bias.expand(5, 8), 1e-5)
+    torch.testing.assert_close(y, expected)
+
+
 def test_group_norm_per_group_scale_opset18() -> None:
     x = torch.from_numpy(_randn(2, 6, 3, 3))
     scale, bias = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.1, 0.2, 0.3])
@@ -617,6 +641,9 @@ def test_batchnorm_follows_probe_training_not_the_node_attribute() -> None:
     torch.testing.assert_close(y.var(dim=dims, correction=0), torch.ones(3), atol=1e-3, rtol=0)
     torch.testing.assert_close(running_mean, 0.9 * mean + 0.1 * x.mean(dim=dims))
     torch.testing.assert_close(running_var, 0.9 * var + 0.1 * x.var(dim=dims, correction=0))
+    single = OpContext(node="bn", op_type="BatchNormalization", opset=15, num_outputs=1,
+                       training=True)
+    torch.testing.assert_close(fn(single, [x, scale, bias, mean, var], {}), y)
     infer = OpContext(node="bn", op_type="BatchNormalization", opset=15, num_outputs=1,
                       training=False)
     y_eval = fn(infer, [x, scale, bias, mean, var], {})

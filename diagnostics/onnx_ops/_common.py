@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from gradprobe.diagnostics.errors import UnsupportedOperator
-from gradprobe.diagnostics.onnx_ops.registry import OpContext
+from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpResult
 
 Inputs = list[torch.Tensor | None]
 Attrs = dict[str, Any]
@@ -99,6 +99,13 @@ def widened(fn: Callable[..., Any]) -> Callable[..., Any]:
         return type(out)(o.to(wide) if o.dtype == torch.int64 else o for o in out)
 
     return run
+
+
+def node_outputs(ctx: OpContext, values: Sequence[torch.Tensor]) -> OpResult:
+    """The first `ctx.num_outputs` values; a lone tensor when the node declares one output."""
+    if ctx.num_outputs <= 1:
+        return values[0]
+    return list(values[:ctx.num_outputs])
 
 
 def pairs(values: Sequence[int]) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gradprobe.diagnostics.onnx_ops._common import Attrs, Inputs, align, unsupported
-from gradprobe.diagnostics.onnx_ops.registry import OpContext, register
+from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpResult, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -57,13 +57,12 @@ def einsum(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
 
 
 @register("Dropout")
-def dropout(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> list[torch.Tensor]:
+def dropout(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
     # The probe measures the network as it will train minus the noise: dropout stays off.
     x = inputs[0]
-    outputs = [x]
-    if ctx.num_outputs > 1:
-        outputs.append(torch.ones_like(x, dtype=torch.bool))
-    return outputs
+    if ctx.num_outputs <= 1:
+        return x
+    return [x, torch.ones_like(x, dtype=torch.bool)]
 
 
 # ---------------------------------------------------------------- window geometry
@@ -220,7 +219,7 @@ def _crop(y: torch.Tensor, out: Sequence[int]) -> torch.Tensor:
 
 
 @register("MaxPool")
-def max_pool(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor | list[torch.Tensor]:
+def max_pool(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
     x = inputs[0]
     win, out, extra = _pool_setup(ctx, x, attrs)
     n = x.dim() - 2

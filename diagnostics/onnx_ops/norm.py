@@ -10,8 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gradprobe.diagnostics.onnx_ops._common import Attrs, Inputs, align, norm_axis, unsupported
-from gradprobe.diagnostics.onnx_ops.registry import OpContext, register
+from gradprobe.diagnostics.onnx_ops._common import (
+    Attrs,
+    Inputs,
+    align,
+    node_outputs,
+    norm_axis,
+    unsupported,
+)
+from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpResult, register
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -22,13 +29,19 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @register("BatchNormalization")
-def batch_norm(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor | list[torch.Tensor]:
+def batch_norm(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
     x, scale, bias, mean, var = align(*inputs[:5])
     eps = attrs.get("epsilon", 1e-5)
     if not ctx.training:
+        # Written out: F.batch_norm refuses running statistics that require grad, and the
+        # loader makes them Parameters like every float initializer.
         inv = torch.rsqrt(_per_channel(var, x) + eps)
         y = (x - _per_channel(mean, x)) * inv * _per_channel(scale, x) + _per_channel(bias, x)
         return y
+    if ctx.num_outputs == 1 and x.numel() > x.shape[1]:
+        # The fused kernel; it refuses a single value per channel, handled below.
+        return F.batch_norm(x, None, None, scale.to(x.dtype), bias.to(x.dtype), training=True,
+                            eps=eps)
     dims = [0, *range(2, x.dim())]
     batch_var, batch_mean = torch.var_mean(x, dim=dims, correction=0)
     inv = torch.rsqrt(batch_var + eps)
@@ -40,11 +53,11 @@ def batch_norm(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor | l
     running_mean = mean * momentum + batch_mean.to(mean.dtype) * (1 - momentum)
     running_var = var * momentum + batch_var.to(var.dtype) * (1 - momentum)
     # Opset < 14 declared saved mean/variance outputs as well.
-    return [y, running_mean, running_var, batch_mean, batch_var][:ctx.num_outputs]
+    return node_outputs(ctx, [y, running_mean, running_var, batch_mean, batch_var])
 
 
 @register("LayerNormalization")
-def layer_norm(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor | list[torch.Tensor]:
+def layer_norm(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
     x, scale, bias = align(inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None)
     axis = norm_axis(attrs.get("axis", -1), x.dim(), ctx)
     eps = attrs.get("epsilon", 1e-5)
@@ -62,7 +75,7 @@ def layer_norm(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor | l
     y = ((stash - mean) * inv_std).to(x.dtype) * scale.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return [y, mean, inv_std][:max(ctx.num_outputs, 1)]
+    return node_outputs(ctx, [y, mean, inv_std])
 
 
 @register("InstanceNormalization")

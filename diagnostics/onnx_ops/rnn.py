@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gradprobe.diagnostics.onnx_ops._common import Attrs, Inputs, align, unsupported
-from gradprobe.diagnostics.onnx_ops.registry import OpContext, register
+from gradprobe.diagnostics.onnx_ops._common import Attrs, Inputs, align, node_outputs, unsupported
+from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpResult, register
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,7 +87,7 @@ class _Direction:
 
 
 @register("LSTM", "GRU", "RNN")
-def recurrent(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> list[torch.Tensor]:
+def recurrent(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
     kind = _KINDS[ctx.op_type]
     padded = list(inputs) + [None] * (8 - len(inputs))
     x, w, r, b, lens, h0, c0, peephole = align(*padded[:8])
@@ -135,7 +135,7 @@ def recurrent(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> list[torch.Tensor
         outputs.append(torch.stack(cs, dim=0))
     if layout:
         outputs = [y.permute(2, 0, 1, 3)] + [o.transpose(0, 1) for o in outputs[1:]]
-    return outputs[:max(ctx.num_outputs, 1)]
+    return node_outputs(ctx, outputs)
 
 
 def _valid_steps(lens: torch.Tensor | None, seq: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -209,10 +209,8 @@ def _gru_step(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, state: 
     z = f(_clip(x_z + h_z, clip))
     r = f(_clip(x_r + h_r, clip))
     rows = slice(2 * hidden, 3 * hidden)
-    if lbr:
-        candidate = x_h + r * _recur(h, state, rows)
-    else:
-        candidate = x_h + _recur(r * h, state, rows)
+    # linear_before_reset applies the reset gate after the recurrent matmul (cuDNN's form).
+    candidate = x_h + (r * _recur(h, state, rows) if lbr else _recur(r * h, state, rows))
     h_tilde = g(_clip(candidate, clip))
     return (1 - z) * h_tilde + z * h, None
 

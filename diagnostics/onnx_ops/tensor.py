@@ -23,7 +23,7 @@ from gradprobe.diagnostics.onnx_ops._common import (
     to_device_of,
     unsupported,
 )
-from gradprobe.diagnostics.onnx_ops.registry import OpContext, register
+from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpResult, register
 from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch
 
 
@@ -126,7 +126,7 @@ def concat(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
 
 
 @register("Split")
-def split(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> list[torch.Tensor]:
+def split(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
     x = inputs[0]
     axis = norm_axis(attrs.get("axis", 0), x.dim(), ctx)
     dim = x.shape[axis]
@@ -146,7 +146,8 @@ def split(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> list[torch.Tensor]:
         sizes = [dim // parts] * parts
     if sum(sizes) != dim:
         raise unsupported(ctx, f"split sizes {sizes} do not add up to {dim}")
-    return list(torch.split(x, sizes, dim=axis))
+    parts = list(torch.split(x, sizes, dim=axis))
+    return parts[0] if len(parts) == 1 else parts
 
 
 @register("Slice")
