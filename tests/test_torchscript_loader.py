@@ -401,3 +401,37 @@ def test_frozen_modules_are_refused_with_the_reason(tmp_path):
     torch.jit.save(torch.jit.freeze(torch.jit.script(MLP().eval())), str(path))
     with pytest.raises(ModelLoadError, match="frozen TorchScript module .*save the module before"):
         load_torchscript(path)
+
+
+class _AliasedInplace(nn.Module):
+    """In-place ops the loader must leave alone or rewrite without changing the result:
+    a ReLU through a view taken before it, ReLU6 and clamp written as in-place ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        flat = h.view(-1)
+        h.relu_()  # must still show through `flat`
+        g = self.head(x)
+        g = nn.functional.relu6(g, inplace=True)
+        k = self.head(x).clamp_(min=0)
+        return flat.view(x.shape[0], 6) + g + k
+
+
+def test_inplace_ops_through_views_keep_their_meaning(tmp_path):
+    torch.manual_seed(0)
+    net = _AliasedInplace()
+    x = torch.randn(3, 6)
+    path = tmp_path / "aliased.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    model = load_torchscript(path)
+    torch.testing.assert_close(model.run([x])[0], net(x))
+    activations = [p.nonlinearity for p in model.probe_points if p.role == "activation"]
+    assert activations.count("relu") == 3  # relu_, relu6 (hardtanh 0..6), clamp(min=0)
+    _, seen = _run_with_taps(model, [x])
+    head = [v for p, v in seen.values() if p.layer in ("head", "head#2")]
+    assert len(head) == 2 and all((v < 0).any() for v in head), "head output seen after clamp"

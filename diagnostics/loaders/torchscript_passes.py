@@ -44,6 +44,10 @@ _DROPOUT_FLAG = {
     "aten::alpha_dropout": "train",
     "aten::feature_alpha_dropout": "train",
     "aten::native_dropout": "train",
+    "aten::dropout_": "train",  # in-place forms left where rewriting them was unsafe
+    "aten::feature_dropout_": "train",
+    "aten::alpha_dropout_": "train",
+    "aten::feature_alpha_dropout_": "train",
     "aten::lstm": "train",
     "aten::gru": "train",
     "aten::rnn_tanh": "train",

@@ -270,7 +270,8 @@ def _classify(node: Node, resolver: _ParameterResolver) -> _Candidate | None:
         _attach_weight(candidate, node, resolver, "weight", "bias", transposed=False)
         candidate.fan_in = candidate.fan_out = None
         return candidate
-    canonical = _ACTIVATION_OPS.get(kind) or _hardtanh_as_relu(node)
+    # an in-place activation the passes had to keep (its input is aliased) is still one
+    canonical = _ACTIVATION_OPS.get(kind.removesuffix("_")) or _hardtanh_as_relu(node)
     if canonical is None:
         return None
     candidate = _Candidate(node, value, "activation", kind, 1, nonlinearity=canonical)
@@ -281,11 +282,20 @@ def _classify(node: Node, resolver: _ParameterResolver) -> _Candidate | None:
 
 
 def _hardtanh_as_relu(node: Node) -> str | None:
-    """`hardtanh(x, 0, 6)` is ReLU6 as TorchScript writes it; other clamps are not ReLUs."""
-    if node.kind() not in ("aten::hardtanh", "aten::clamp") or node.inputsSize() < 3:
+    """`hardtanh(x, 0, 6)` is ReLU6 as TorchScript writes it, `clamp(x, min=0)` a ReLU;
+    other clamps are not ReLUs."""
+    kind = node.kind().removesuffix("_")
+    if kind not in ("aten::hardtanh", "aten::clamp") or node.inputsSize() < 3:
         return None
-    low, high = (node.inputsAt(i).toIValue() for i in (1, 2))
-    return "relu" if low == 0 and high == 6 else None
+    bounds = [node.inputsAt(i) for i in (1, 2)]
+    if any(b.node().kind() != "prim::Constant" for b in bounds):
+        return None
+    low, high = (b.toIValue() for b in bounds)
+    if isinstance(low, torch.Tensor) or isinstance(high, torch.Tensor):
+        return None
+    if low == 0 and (high == 6 or (high is None and kind == "aten::clamp")):
+        return "relu"
+    return None
 
 
 def _strip_layout_ops(value: Value) -> tuple[Value, int]:
