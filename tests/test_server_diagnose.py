@@ -167,3 +167,12 @@ def test_unreachable_server_is_a_remote_error(models):
     with Client("127.0.0.1:1", timeout_s=5) as c, pytest.raises(RemoteError) as caught:
         c.diagnose(models.onnx)
     assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_container_healthcheck_command(server, capsys):
+    from gradprobe.server import healthcheck
+
+    assert healthcheck.main(["--address", server.address]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    assert healthcheck.main(["--address", "127.0.0.1:1", "--timeout", "1"]) == 1
+    assert capsys.readouterr().out.strip() == "UNREACHABLE"

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gradprobe.client.api import Client, RemoteError
 from gradprobe.diagnostics.api import diagnose
 from gradprobe.diagnostics.errors import ConfigError
+from gradprobe.server import healthcheck
 from gradprobe.server.main import add_serve_arguments, config_from_args
 from gradprobe.v1 import service_pb2 as spb
 from gradprobe.v1 import service_pb2_grpc
@@ -82,6 +83,7 @@ def test_health_and_reflection_stay_open(tls_server, certs):
     for service in ("", "gradprobe.v1.Gradprobe"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert healthcheck.check(tls_server.address, tls_ca=certs["ca.pem"]) == "SERVING"
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = list(reflection.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
