@@ -30,7 +30,8 @@ def as_out_in(shape: torch.Size | tuple[int, ...], layout: Layout) -> tuple[int,
     return shape[0], rest
 
 
-def from_out_in(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...], layout: Layout) -> torch.Tensor:
+def from_out_in(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...],
+                layout: Layout) -> torch.Tensor:
     if len(shape) == 2 and layout == "in_out":
         return matrix.t().contiguous()
     return matrix.reshape(shape)

@@ -60,7 +60,8 @@ def lsuv_targets(model: LoadedModel, protected: Collection[str] = ()) -> list[Pr
     return targets
 
 
-def _output_variance(model: LoadedModel, inputs: list[torch.Tensor], point: ProbePoint) -> torch.Tensor:
+def _output_variance(model: LoadedModel, inputs: list[torch.Tensor],
+                     point: ProbePoint) -> torch.Tensor:
     seen: list[torch.Tensor] = []
 
     def tap(p: ProbePoint, value: torch.Tensor) -> None:

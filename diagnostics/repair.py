@@ -5,7 +5,8 @@ Two methods:
 - "auto": each error/warning finding names a scheme (He/Xavier/LeCun with its numbers); the
   tensors that finding is about get exactly that scheme, seeded by the probe seed. Whole-model
   trends (vanishing/exploding activations and gradients) re-initialise every layer of the trend
-  with the scheme for its own nonlinearity.
+  with the scheme for its own nonlinearity — when the finding names a scheme at all: where the
+  rule judges the remedy architectural (a sigmoid stack) no init is tried.
 - "lsuv": data-driven layer-sequential unit-variance init over every linear/conv layer
   (see `lsuv.py`), on the same probe batch `diagnose` uses.
 
@@ -59,9 +60,9 @@ class ChangedTensor:
     scheme: str  # an init scheme, 'zeros', or 'lsuv' (orthogonal rescaled to unit output variance)
     std: float | None = None
     bound: float | None = None
-    gain: float | None = None
+    gain: float | None = None  # lsuv: the factor applied to the orthogonal start
     reasons: list[str] = field(default_factory=list)  # rule names (or 'lsuv') behind the change
-    round: int = 1  # the repair round that changed it (auto: later rounds fix what earlier uncovered)
+    round: int = 1  # auto: the round that changed it (later rounds fix what earlier ones uncovered)
 
 
 @dataclass
@@ -213,6 +214,8 @@ class _Plan:
         return handled
 
     def _trend_finding(self, finding: Finding) -> bool:
+        if finding.fix is None or finding.fix.init is None:
+            return False  # the rule judged the remedy architectural (e.g. a sigmoid stack)
         handled = False
         for name in finding.parameters:
             point = self._owner.get(name)
@@ -288,6 +291,6 @@ def _apply_lsuv(model: LoadedModel, options: DiagnoseOptions, plan: _Plan,
     # The resulting weight scale, read once for the report.
     stds = [model.parameters[c.weight].detach().float().std(correction=0) for c in layers]
     if stds:
-        for item, std in zip(layers, torch.stack(stds).cpu().tolist()):
+        for item, std in zip(layers, torch.stack(stds).cpu().tolist(), strict=True):
             plan.changed[item.weight].std = std
     return layers

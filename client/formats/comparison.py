@@ -122,6 +122,8 @@ def render_comparison(outcome: RepairOutcome) -> str:
         out += ["", "not fixable by re-initialisation:"]
         for f in outcome.not_fixable:
             out += [f"  {line}" for line in _finding_lines(f)[:2]]
+            if f.fix is not None and f.fix.advice:
+                out.append(f"          instead: {f.fix.advice}")
     out += ["", f"before: {_counts(before)}", f"after:  {_counts(after)}"]
     if after.findings:
         out += ["", "remaining findings:"]
