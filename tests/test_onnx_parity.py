@@ -92,6 +92,20 @@ def test_matches_onnxruntime_and_backpropagates(exported: Exported, name: str,
     assert any(p.role == "linear" for p in model.probe_points)
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("name", MODELS)
+def test_runs_on_another_device_without_reading_values(exported: Exported, name: str,
+                                                      dynamo: bool) -> None:
+    """The meta device has no data: any host read of a float value (a device sync on CUDA)
+    or any mix of devices fails there, as it would on an accelerator."""
+    path, args = exported(name, dynamo=dynamo)
+    model = load_onnx(path).to(torch.device("meta"))
+    assert all(p.device.type == "meta" for p in model.parameters.values())
+    outputs = model.run([a.to("meta") for a in args], tap=lambda point, value: None)
+    outputs[0].sum().backward()
+    assert all(p.grad is not None for p in model.parameters.values())
+
+
 @pytest.mark.parametrize("name", ["resnet", "mobilenet"])
 def test_train_mode_batchnorm_matches_torch_in_train_mode(exported: Exported, name: str) -> None:
     path, args = exported(name, train_bn=True)

@@ -663,8 +663,13 @@ class OnnxModel(LoadedModel):
     def to(self, device: torch.device) -> OnnxModel:
         device = torch.device(device)
         with torch.no_grad():
-            for param in self.parameters.values():
-                param.data = param.data.to(device)
+            for name, param in self.parameters.items():
+                moved = param.data.to(device)
+                # like nn.Module.to: keep the Parameter object where the tensor types allow
+                if torch._has_compatible_shallow_copy_type(param, moved):
+                    param.data = moved
+                else:
+                    self.parameters[name] = torch.nn.Parameter(moved, param.requires_grad)
         for name, tensor in self._constants.items():
             if tensor.is_floating_point():  # integer constants are shapes/indices: CPU
                 self._constants[name] = tensor.to(device)
