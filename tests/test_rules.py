@@ -128,9 +128,15 @@ def test_dead_relu_after_negative_bias(lint, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_saturated_tanh_and_its_xavier_twin(lint, fmt):
-    found = fired(lint("saturated_tanh", fmt), "saturated-activation")
-    assert found and all(f.evidence["saturation"] > 0.5 for f in found)
+    report = lint("saturated_tanh", fmt)
+    found = fired(report, "saturated-activation")
+    assert [f.layer for f in found] == ["net.1", "net.3", "net.5"]
+    assert all(f.evidence["saturation"] > 0.5 for f in found)
     assert found[0].fix.init == "xavier_uniform" and found[0].fix.gain == pytest.approx(5 / 3)
+    # The linear head after the last tanh is 8x Xavier's std: no saturation to show it, but the
+    # output variance does.
+    head = [f for f in fired(report, "init-scale") if f.layer == "net.6"]
+    assert head and head[0].fix.init == "xavier_uniform" and head[0].fix.gain == 1.0
     assert serious(lint("healthy_tanh", fmt)) == []
 
 
@@ -138,7 +144,10 @@ def test_saturated_tanh_and_its_xavier_twin(lint, fmt):
 def test_sigmoid_stack_vanishes_gradients(lint, fmt):
     found = fired(lint("sigmoid_stack", fmt), "vanishing-gradients")
     assert len(found) == 1 and found[0].layer == "net.0"
+    assert found[0].severity.value == "warning"
     assert found[0].evidence["early_to_late"] < 1e-3
+    # A Xavier re-init keeps the sigmoids and trains no better: the fix is architectural.
+    assert found[0].fix.init is None and "ReLU" in found[0].fix.advice
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -158,7 +167,8 @@ def test_seed_example_40_layer_identity_chain(lint, fmt):
     assert not fired(up, "vanishing-activations")
     down = lint("chain_0.5", fmt)
     assert fired(down, "vanishing-activations", "error")
-    assert fired(down, "vanishing-gradients", "error")
+    # Never an error: a re-init cannot promise to fix every vanishing gradient (training check).
+    assert fired(down, "vanishing-gradients", "warning")
     per_layer = fired(down, "vanishing-activations")[0].evidence["per_layer_factor"]
     assert per_layer == pytest.approx(0.25, rel=0.05)
     assert serious(lint("chain_1.0", fmt)) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from gradprobe.diagnostics.probe import ProbeResult
-from gradprobe.diagnostics.report import Finding, Severity
+from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.activation_trend import whole_model_fix
 from gradprobe.diagnostics.rules.base import Rule
 from gradprobe.diagnostics.rules.depth_trend import depth_layers, fit
@@ -24,14 +24,25 @@ class GradientTrendRule(Rule):
             return
         # trend.total is last/first in forward order; gradients flow backwards.
         early_to_late = 1 / trend.total
+        # A rule without an `error_ratio` threshold is never an error.
+        error_ratio = self.t.get("error_ratio")
         if self.direction == "vanish":
-            hit, severe = early_to_late <= self.t["ratio"], early_to_late <= self.t["error_ratio"]
+            hit = early_to_late <= self.t["ratio"]
+            severe = error_ratio is not None and early_to_late <= error_ratio
         else:
-            hit, severe = early_to_late >= self.t["ratio"], early_to_late >= self.t["error_ratio"]
+            hit = early_to_late >= self.t["ratio"]
+            severe = error_ratio is not None and early_to_late >= error_ratio
         if not hit:
             return
         first, last = trend.layers[0], trend.layers[-1]
         word = "smaller" if self.direction == "vanish" else "larger"
+        fix = whole_model_fix(probe, trend, self.advice)
+        squashing = sum(lp.point.nonlinearity in ("sigmoid", "tanh") for lp in trend.layers)
+        if self.direction == "vanish" and squashing * 2 > len(trend.layers):
+            # A re-init keeps every sigmoid/tanh derivative <= 1/4 (or 1): measured not to help.
+            fix = Fix(advice="replace the sigmoid/tanh activations with ReLU-family ones and "
+                             "re-initialise with He; or add normalisation and residual paths",
+                      code="# after replacing nn.Sigmoid/nn.Tanh with nn.ReLU:\n" + fix.code)
         yield self.finding(
             first, f"the gradient reaching {first.point.layer} is {early_to_late:.3g}x that at "
                    f"{last.point.layer} (per-entry RMS, fitted over {len(trend.layers)} layers: "
@@ -40,7 +51,7 @@ class GradientTrendRule(Rule):
             evidence={"early_to_late": early_to_late, "per_layer_factor": 1 / trend.per_layer,
                       "first_rms": trend.values[0], "last_rms": trend.values[-1],
                       "layers": len(trend.layers)},
-            fix=whole_model_fix(probe, trend, self.advice),
+            fix=fix,
             severity=Severity.ERROR if severe else None,
             nodes=[lp.point.node for lp in trend.layers][:50],
             parameters=[lp.point.weight for lp in trend.layers if lp.point.weight][:50])

@@ -26,9 +26,10 @@ class InitScale(Rule):
     Fix: re-initialise with the scheme for the following nonlinearity (He/Xavier/LeCun); the
     finding carries the std, bound and the PyTorch line.
     Thresholds: weight variance at least `weight_factor` (10) times above or below the scheme's;
-    without a norm behind it, the layer's output variance must also jump by at least
-    `flow_factor` (5) in the same direction relative to the previous layer (or to the unit-variance
-    input); behind BatchNorm, its |g|/|w| must differ from the median of its BatchNorm-backed peers
+    without a norm behind it, the layer's output variance must also be at least `flow_factor` (5)
+    times off the second moment of its input (a He layer after a ReLU gives ~2), in the same
+    direction, and the network's output variance too (the probe batch has unit variance; a
+    LayerNorm or residual path that restores the scale keeps the rule silent); behind BatchNorm, its |g|/|w| must differ from the median of its BatchNorm-backed peers
     by at least `update_factor` (30): a stage at 10x He std trains ~100x slower, while
     torchvision's fan-out init of depthwise convs (~8x faster updates) trains fine. Layers whose
     BatchNorm was folded at export and embedding tables (no fan-in) are not judged.
@@ -39,42 +40,48 @@ class InitScale(Rule):
     defaults = {"weight_factor": 10.0, "flow_factor": 5.0, "update_factor": 30.0}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
-        linear = [lp for lp in probe.of_role("linear")
+        judged = [lp for lp in probe.of_role("linear")
                   if lp.point.weight and lp.activation and not lp.point.is_embedding]
-        peers = [probe.params[lp.point.weight].stats.grad_to_weight for lp in linear
+        if not judged:
+            return
+        peers = [probe.params[lp.point.weight].stats.grad_to_weight for lp in judged
                  if lp.point.followed_by_norm and not lp.point.folded_batchnorm]
         peer_median = statistics.median(peers) if len(peers) >= 3 else None
-        previous_var = 1.0  # the probe batch is unit-variance
-        for lp in linear:
+        output_var = judged[-1].activation.var  # type: ignore[union-attr]
+        wf, ff, uf = self.t["weight_factor"], self.t["flow_factor"], self.t["update_factor"]
+        for lp in judged:
             point = lp.point
-            stats = probe.params[point.weight].stats
+            stats = probe.params[point.weight].stats  # type: ignore[index]
             target = target_variance(point)
-            var_out = lp.activation.var if lp.activation else math.nan
-            prev, previous_var = previous_var, var_out
             if target is None or stats.constant or stats.nonfinite or point.folded_batchnorm:
                 continue
             k = stats.std**2 / target
-            wf, ff = self.t["weight_factor"], self.t["flow_factor"]
             if 1 / wf < k < wf:
                 continue
             if point.followed_by_norm:
                 if peer_median is None or not peer_median > 0:
                     continue
                 rel = stats.grad_to_weight / peer_median
-                uf = self.t["update_factor"]
                 if (k >= wf and rel <= 1 / uf) or (k <= 1 / wf and rel >= uf):
                     yield self._finding(lp, k, evidence={"relative_update": rel}, how=(
                         f"behind BatchNorm its relative update |g|/|w| is {rel:.2g}x the median of "
                         f"its peers: it trains ~{max(rel, 1 / rel):.0f}x "
                         f"{'slower' if rel < 1 else 'faster'} than its neighbours"))
                 continue
-            if not (prev > 0 and math.isfinite(var_out)):
+            power = _input_power(probe, lp)
+            var_out = lp.activation.var  # type: ignore[union-attr]
+            if not (power > 0 and math.isfinite(var_out)):
                 continue
-            jump = var_out / prev
-            if (k >= wf and jump >= ff) or (k <= 1 / wf and jump <= 1 / ff):
-                yield self._finding(lp, k, evidence={"variance_jump": jump}, how=(
-                    f"its output variance is {jump:.3g}x that of its input signal "
-                    f"({var_out:.3g} vs {prev:.3g})"))
+            jump = var_out / power
+            # The unit-variance probe batch makes 1 the scale a healthy network keeps at its
+            # output; a distortion that LayerNorm or a residual path undoes never gets there.
+            up = k >= wf and jump >= ff and output_var >= ff
+            down = k <= 1 / wf and jump <= 1 / ff and output_var <= 1 / ff
+            if up or down:
+                yield self._finding(lp, k, evidence={"variance_jump": jump, "output_var": output_var},
+                                    how=(f"its output variance is {jump:.3g}x the second moment of "
+                                         f"its input ({var_out:.3g} vs {power:.3g}), and the "
+                                         f"network's output variance is {output_var:.3g}"))
 
     def _finding(self, lp: LayerProbe, k: float, *, evidence: dict[str, float], how: str) -> Finding:
         fix = recommended_init(lp.point)
@@ -84,3 +91,14 @@ class InitScale(Rule):
                 f"fan_in={lp.point.fan_in} ({direction}); {how}. Re-initialise with {fix.init} "
                 f"(std {fix.std:.3g}).",
             evidence={"variance_ratio": k, **evidence}, fix=fix, parameters=[lp.point.weight or ""])
+
+
+def _input_power(probe: ProbeResult, layer: LayerProbe) -> float:
+    """E[x^2] of the value feeding `layer`: the last probed value before it, or the unit-variance
+    probe batch. The second moment, not the variance, is what a weight multiplies (ReLU outputs
+    have a large mean)."""
+    before = [lp for lp in probe.layers if lp.point.index < layer.point.index and lp.activation]
+    if not before:
+        return 1.0
+    act = before[-1].activation
+    return act.var + act.mean**2  # type: ignore[union-attr]
