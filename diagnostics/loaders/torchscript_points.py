@@ -180,7 +180,7 @@ class _ModulePaths:
             return None
         path: list[str] = []
         current = self._root
-        for name, type_name in steps:
+        for step, (name, type_name) in enumerate(steps):
             children = dict(current.named_children())
             if name in children:
                 path.append(name)
@@ -193,7 +193,7 @@ class _ModulePaths:
                     current = grandchild
                     break
             else:  # the tree does not match the record: keep the recorded names
-                return ".".join([*path, *(n for n, _ in steps[len(path):])]), False
+                return ".".join([*path, *(n for n, _ in steps[step:])]), False
         return ".".join(path), not any(True for _ in current.children())
 
 
