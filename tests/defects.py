@@ -93,6 +93,14 @@ def large_init():
     return m, _x()
 
 
+def small_init():
+    """net.2 at 1/20 of He std in a ReLU MLP: every later layer is fed a signal 400x too weak."""
+    m = relu_mlp()
+    with torch.no_grad():
+        m.net[2].weight.mul_(0.05)
+    return m, _x()
+
+
 def dead_relu():
     m = relu_mlp()
     with torch.no_grad():
@@ -157,6 +165,7 @@ DEFECTS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
     "nan_weight": nan_weight,
     "nan_from_sqrt": nan_from_sqrt,
     "large_init": large_init,
+    "small_init": small_init,
     "dead_relu": dead_relu,
     "saturated_tanh": saturated_tanh,
     "healthy_tanh": healthy_tanh,

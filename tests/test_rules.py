@@ -116,6 +116,15 @@ def test_init_scale_fires_on_the_oversized_layer_only(lint, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_init_scale_fires_on_an_undersized_layer(lint, fmt):
+    report = lint("small_init", fmt)
+    found = fired(report, "init-scale")
+    assert [f.layer for f in found] == ["net.2"]
+    assert found[0].evidence["variance_ratio"] == pytest.approx(0.0025, rel=0.5)
+    assert found[0].evidence["carried"] < 0.2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_dead_relu_after_negative_bias(lint, fmt):
     report = lint("dead_relu", fmt)
     found = fired(report, "dead-relu", "error")

@@ -202,6 +202,21 @@ class Recurrent(nn.Module):
         return self.head(out[:, -1])
 
 
+def small_std_init(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """BERT/GPT-2 (normal) and timm ViT (truncated normal) start every linear and embedding at
+    std 0.02 with zero biases — far below Xavier for wide layers — and train well because
+    LayerNorm and residual paths keep the signal in range."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.MultiheadAttention):
+            nn.init.trunc_normal_(m.in_proj_weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(m.in_proj_bias)
+    return model
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mlp": MLP,
     "resnet": ResNet,
@@ -213,12 +228,16 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     # Deliberate zeros: must be reported at most as info.
     "resnet_zero_residual": lambda: ResNet(zero_init_residual=True),
     "vit_zero_head": lambda: ViT(zero_head=True),
+    # Transformer-style small-std init: healthy, must raise no scale alarm.
+    "vit_timm": lambda: small_std_init(ViT(dim=64, heads=4)),
+    "text_encoder_bert": lambda: small_std_init(TextEncoder(dim=64)),
 }
 
 
 def example_inputs(name: str, batch: int = 4) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
-    name = {"resnet_zero_residual": "resnet", "vit_zero_head": "vit"}.get(name, name)
+    name = {"resnet_zero_residual": "resnet", "vit_zero_head": "vit", "vit_timm": "vit",
+            "text_encoder_bert": "text_encoder"}.get(name, name)
     if name in ("mlp",):
         return (torch.randn(batch, 16, generator=g),)
     if name in ("resnet", "mobilenet"):

@@ -28,8 +28,10 @@ class InitScale(Rule):
     Thresholds: weight variance at least `weight_factor` (10) times above or below the scheme's;
     without a norm behind it, the layer's output variance must also be at least `flow_factor` (5)
     times off the second moment of its input (a He layer after a ReLU gives ~2), in the same
-    direction, and the network's output variance too (the probe batch has unit variance; a
-    LayerNorm or residual path that restores the scale keeps the rule silent); behind BatchNorm, its |g|/|w| must differ from the median of its BatchNorm-backed peers
+    direction, and the distortion must reach what the following layers are fed: for a blow-up,
+    every later layer's input (or, for the last layer, the output); for a shrink, no later layer's
+    input may recover (a LayerNorm or residual path that restores the scale keeps the rule
+    silent, and a small head is a deliberate start); behind BatchNorm, its |g|/|w| must differ from the median of its BatchNorm-backed peers
     by at least `update_factor` (30): a stage at 10x He std trains ~100x slower, while
     torchvision's fan-out init of depthwise convs (~8x faster updates) trains fine. Layers whose
     BatchNorm was folded at export and embedding tables (no fan-in) are not judged.
@@ -47,6 +49,7 @@ class InitScale(Rule):
         peers = [probe.params[lp.point.weight].stats.grad_to_weight for lp in judged
                  if lp.point.followed_by_norm and not lp.point.folded_batchnorm]
         peer_median = statistics.median(peers) if len(peers) >= 3 else None
+        powers = _input_powers(probe)
         output_var = judged[-1].activation.var  # type: ignore[union-attr]
         wf, ff, uf = self.t["weight_factor"], self.t["flow_factor"], self.t["update_factor"]
         for lp in judged:
@@ -68,20 +71,32 @@ class InitScale(Rule):
                         f"its peers: it trains ~{max(rel, 1 / rel):.0f}x "
                         f"{'slower' if rel < 1 else 'faster'} than its neighbours"))
                 continue
-            power = _input_power(probe, lp)
+            power = powers[point.index]
             var_out = lp.activation.var  # type: ignore[union-attr]
             if not (power > 0 and math.isfinite(var_out)):
                 continue
             jump = var_out / power
-            # The unit-variance probe batch makes 1 the scale a healthy network keeps at its
-            # output; a distortion that LayerNorm or a residual path undoes never gets there.
-            up = k >= wf and jump >= ff and output_var >= ff
-            down = k <= 1 / wf and jump <= 1 / ff and output_var <= 1 / ff
-            if up or down:
-                yield self._finding(lp, k, evidence={"variance_jump": jump, "output_var": output_var},
-                                    how=(f"its output variance is {jump:.3g}x the second moment of "
-                                         f"its input ({var_out:.3g} vs {power:.3g}), and the "
-                                         f"network's output variance is {output_var:.3g}"))
+            # What the layers after it are fed, relative to what this layer was fed: a
+            # distortion that LayerNorm or a residual path undoes never reaches them.
+            later = [powers[x.point.index] / power for x in judged if x.point.index > point.index]
+            if k >= wf and jump >= ff:
+                carried = min(later) if later else output_var / power
+                if carried >= ff:
+                    yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
+                                        how=self._how(jump, var_out, power, carried, bool(later)))
+            elif k <= 1 / wf and jump <= 1 / ff and later:
+                # Small logits from a small head are a deliberate start (BERT, ViT): not judged.
+                carried = max(later)
+                if carried <= 1 / ff:
+                    yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
+                                        how=self._how(jump, var_out, power, carried, True))
+
+    @staticmethod
+    def _how(jump: float, var_out: float, power: float, carried: float, has_later: bool) -> str:
+        where = ("every later layer's input" if carried >= 1 else "no later layer's input") \
+            if has_later else "the network's output"
+        return (f"its output variance is {jump:.3g}x the second moment of its input ({var_out:.3g} "
+                f"vs {power:.3g}) and {where} stays {carried:.3g}x off")
 
     def _finding(self, lp: LayerProbe, k: float, *, evidence: dict[str, float], how: str) -> Finding:
         fix = recommended_init(lp.point)
@@ -93,12 +108,13 @@ class InitScale(Rule):
             evidence={"variance_ratio": k, **evidence}, fix=fix, parameters=[lp.point.weight or ""])
 
 
-def _input_power(probe: ProbeResult, layer: LayerProbe) -> float:
-    """E[x^2] of the value feeding `layer`: the last probed value before it, or the unit-variance
-    probe batch. The second moment, not the variance, is what a weight multiplies (ReLU outputs
-    have a large mean)."""
-    before = [lp for lp in probe.layers if lp.point.index < layer.point.index and lp.activation]
-    if not before:
-        return 1.0
-    act = before[-1].activation
-    return act.var + act.mean**2  # type: ignore[union-attr]
+def _input_powers(probe: ProbeResult) -> dict[int, float]:
+    """E[x^2] of the value feeding each probe point: the last probed value before it, or the
+    unit-variance probe batch. The second moment, not the variance, is what a weight multiplies
+    (ReLU outputs have a large mean)."""
+    powers, last = {}, 1.0
+    for lp in probe.layers:
+        powers[lp.point.index] = last
+        if lp.activation is not None:
+            last = lp.activation.var + lp.activation.mean**2
+    return powers
