@@ -286,6 +286,14 @@ def test_backend_case_gradients(case_dir: Path) -> None:
                 assert torch.isfinite(leaf.grad).all(), f"non-finite gradient on input {index}"
 
 
+def test_trilu_passes_gradients_to_float_data() -> None:
+    # Trilu's backend cases hold integers only.
+    x = torch.randn(3, 4, requires_grad=True)
+    ctx = OpContext(node="t", op_type="Trilu", opset=14, num_outputs=1)
+    lookup("Trilu", "", "t")(ctx, [x, torch.tensor(1)], {"upper": 0}).sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 4).tril(1))
+
+
 # ---------------------------------------------------------------- registry contract
 
 
@@ -780,8 +788,8 @@ def _ort_run(path: Path, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
     return session.run(None, {k: v.numpy() for k, v in feeds.items()})
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet", "mobilenet", "vit", "text_encoder", "lstm",
-                                  "gru"])
+# ResNet's operators are covered by the BatchNorm export below, the MLP's by every model here.
+@pytest.mark.parametrize("name", ["mobilenet", "vit", "text_encoder", "lstm", "gru"])
 def test_legacy_exports_match_onnxruntime_and_train(name: str, tmp_path: Path) -> None:
     from zoo import build, example_inputs, export_onnx
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
+from gradprobe.diagnostics.errors import InputSpecError
 from gradprobe.diagnostics.onnx_ops._common import (
     Attrs,
     Inputs,
@@ -14,7 +16,7 @@ from gradprobe.diagnostics.onnx_ops._common import (
     widened,
 )
 from gradprobe.diagnostics.onnx_ops.registry import OpContext, register
-from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch
+from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch, type_name
 
 _UNARY = {
     "Abs": torch.abs,
@@ -105,7 +107,8 @@ def bitwise_not(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     return widened(torch.bitwise_not)(inputs[0])
 
 
-def _variadic(fn):  # type: ignore[no-untyped-def]
+def _variadic(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> Callable[..., torch.Tensor]:
     def reduce_all(*tensors: torch.Tensor) -> torch.Tensor:
         return functools.reduce(fn, tensors)
 
@@ -169,7 +172,11 @@ def is_inf(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
 def cast(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     if "to" not in attrs:
         raise unsupported(ctx, "attribute 'to' is missing")
-    return _cast(inputs[0], onnx_dtype_to_torch(attrs["to"]))
+    try:
+        dtype = onnx_dtype_to_torch(attrs["to"])
+    except InputSpecError:
+        raise unsupported(ctx, f"cast to {type_name(attrs['to'])}") from None
+    return _cast(inputs[0], dtype)
 
 
 @register("CastLike")
