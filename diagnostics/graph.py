@@ -89,7 +89,9 @@ class LoadedModel(ABC):
 
     format: Literal["onnx", "torchscript"]
     path: str | None
-    parameters: dict[str, torch.nn.Parameter]
+    # Trainable tensors (requires_grad) under user-facing names. TorchScript's are the module's
+    # own tensors, not nn.Parameter wrappers, so that backward fills their .grad.
+    parameters: dict[str, torch.Tensor]
     inputs: list[InputSpec]
     probe_points: list[ProbePoint]
     # Parameter name -> layers that used one shared tensor in the file (exporter de-duplication).

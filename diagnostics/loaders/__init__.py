@@ -40,7 +40,7 @@ def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript"] | None 
     if fmt == "torchscript":
         from gradprobe.diagnostics.loaders.torchscript_loader import load_torchscript
 
-        return load_torchscript(source)
+        return load_torchscript(source, name=name or None)
     from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
 
-    return load_onnx(source)
+    return load_onnx(source, name=name or None)

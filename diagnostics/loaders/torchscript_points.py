@@ -46,6 +46,7 @@ _ACTIVATION_OPS = {
     "aten::tanh": "tanh", "aten::softmax": "softmax",
 }
 # op -> channel axis of the normalised output
+_BATCH_NORM_OPS = {"aten::batch_norm", "aten::_batch_norm_impl_index", "aten::native_batch_norm"}
 _NORM_OPS = {
     "aten::batch_norm": 1, "aten::_batch_norm_impl_index": 1, "aten::native_batch_norm": 1,
     "aten::instance_norm": 1, "aten::group_norm": 1, "aten::layer_norm": -1,
@@ -431,7 +432,9 @@ def _follow_downstream(candidate: _Candidate, by_node: dict[int, _Candidate]) ->
                 elif reached is not None and reached.role == "linear":
                     continue
                 elif kind in _PASS_THROUGH and (use.offset == 0 or kind in _ELEMENTWISE):
-                    candidate.followed_by_norm |= kind in _NORM_OPS
+                    # BatchNorm only, as graph.ProbePoint documents: a LayerNorm reached through
+                    # a residual add does not make this layer's scale irrelevant.
+                    candidate.followed_by_norm |= kind in _BATCH_NORM_OPS
                     stack.append((user.outputsAt(0), None))
     order = {id(c): i for i, c in enumerate(by_node.values())}
     found.sort(key=lambda c: order[id(c)])
