@@ -3,7 +3,7 @@ changed, what re-initialisation cannot fix, and the findings that remain."""
 
 from __future__ import annotations
 
-from gradprobe.client.formats.text import _finding_lines, _num
+from gradprobe.client.formats.text import finding_lines, format_number
 from gradprobe.diagnostics.repair import ChangedTensor, RepairOutcome
 from gradprobe.diagnostics.report import LayerReport, Report
 
@@ -44,10 +44,10 @@ def _table(outcome: RepairOutcome) -> list[str]:
         mark = "*" if layer.name in changed_layers and layer.role == "linear" else " "
 
         def act(r: LayerReport | None) -> str:
-            return _num(r.activation.var if r and r.activation else None)
+            return format_number(r.activation.var if r and r.activation else None)
 
         def grad(r: LayerReport | None) -> str:
-            return _num(r.gradient.rms if r and r.gradient else None)
+            return format_number(r.gradient.rms if r and r.gradient else None)
 
         lines.append(f"{mark} {layer.name:<{width}}  {op[:12]:<12} {act(b):>14} {act(a):>9}   "
                      f"{grad(b):>15} {grad(a):>9}")
@@ -58,7 +58,7 @@ def _scheme_text(c: ChangedTensor) -> str:
     if c.scheme == "zeros":
         return "zeros"
     if c.scheme == "lsuv":
-        return f"orthogonal x {c.gain:.4g} (std {_num(c.std)})" if c.gain else "orthogonal"
+        return f"orthogonal x {c.gain:.4g} (std {format_number(c.std)})" if c.gain else "orthogonal"
     shown = {"gain": c.gain if c.gain not in (None, 1.0) else None,
              "std": c.std if not c.scheme.endswith("_uniform") else None,
              "bound": c.bound if c.scheme.endswith("_uniform") else None}
@@ -121,14 +121,14 @@ def render_comparison(outcome: RepairOutcome) -> str:
     if outcome.not_fixable:
         out += ["", "not fixable by re-initialisation:"]
         for f in outcome.not_fixable:
-            out += [f"  {line}" for line in _finding_lines(f)[:2]]
+            out += [f"  {line}" for line in finding_lines(f)[:2]]
             if f.fix is not None and f.fix.advice:
                 out.append(f"          instead: {f.fix.advice}")
     out += ["", f"before: {_counts(before)}", f"after:  {_counts(after)}"]
     if after.findings:
         out += ["", "remaining findings:"]
         for f in after.findings:
-            out += _finding_lines(f)
+            out += finding_lines(f)
     else:
         out.append("no findings remain: the network looks trainable as initialised")
     return "\n".join(out)

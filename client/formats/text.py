@@ -7,7 +7,7 @@ from gradprobe.diagnostics.report import Finding, LayerReport, Report
 _MARK = {"error": "E", "warning": "W", "info": "i"}
 
 
-def _num(value: float | None) -> str:
+def format_number(value: float | None) -> str:
     if value is None:
         return "-"
     if value != value:  # NaN
@@ -41,11 +41,11 @@ def _layer_row(layer: LayerReport, width: int, mark: str) -> str:
     op = layer.op if layer.role != "activation" else (layer.nonlinearity or layer.op)
     dead = _share(act.dead_units) if act and (layer.nonlinearity == "relu" and layer.role == "activation") else "-"
     sat = _share(act.saturation) if act and layer.nonlinearity in ("sigmoid", "tanh") and layer.role == "activation" else "-"
-    return (f"{mark} {layer.name:<{width}}  {op[:12]:<12} {_num(act.var if act else None):>9} "
-            f"{_num(act.mean if act else None):>9} {dead:>5} {sat:>5} {_num(grad.rms if grad else None):>9}")
+    return (f"{mark} {layer.name:<{width}}  {op[:12]:<12} {format_number(act.var if act else None):>9} "
+            f"{format_number(act.mean if act else None):>9} {dead:>5} {sat:>5} {format_number(grad.rms if grad else None):>9}")
 
 
-def _finding_lines(f: Finding) -> list[str]:
+def finding_lines(f: Finding) -> list[str]:
     lines = [f"{f.severity.value:<7} {f.rule:<22} {f.layer}", f"        {f.message}"]
     if f.fix is not None:
         if f.fix.code:
@@ -74,7 +74,7 @@ def render_one(report: Report) -> str:
         out.append(f"note: {', '.join(params)} (layers {', '.join(layers)}) were one tensor in the file")
     out += ["", *_layer_rows(report), ""]
     for f in report.findings:
-        out += _finding_lines(f)
+        out += finding_lines(f)
     s = report.summary
     out.append(f"{s.error} error(s), {s.warning} warning(s), {s.info} info"
                if report.findings else "no findings: the network looks trainable as initialised")
