@@ -224,8 +224,8 @@ def run_rule(args: argparse.Namespace) -> int:
 
 
 def run_fix(args: argparse.Namespace) -> int:
-    from gradprobe.diagnostics.repair import repair
     from gradprobe.client.formats.comparison import render_comparison
+    from gradprobe.diagnostics.repair import repair
 
     outcome = repair(args.model, args.output, options_from_args(args), method=args.init)
     print(render_comparison(outcome))

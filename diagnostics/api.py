@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from gradprobe.diagnostics.errors import ConfigError, GradprobeError, ProbeError
+from gradprobe.diagnostics.graph import LoadedModel
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.probe import ProbeResult, probe
-from gradprobe.diagnostics.graph import LoadedModel
 from gradprobe.diagnostics.report import InputInfo, LayerReport, ModelInfo, Report, Summary, Timing
 from gradprobe.diagnostics.rule_runner import run_rules, selected_rules
 

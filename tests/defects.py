@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
 from zoo import MLP, LinearChain
 
 BATCH = 8

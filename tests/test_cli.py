@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from defects import dead_relu, healthy_mlp, zero_hidden
-from gradprobe.client.cli import main
+from torch import nn
 from zoo import export_onnx, export_torchscript
+
+from gradprobe.client.cli import main
 
 GRADPROBE = [sys.executable, "-m", "gradprobe"]
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from defects import DEFECTS
+from zoo import build, example_inputs, export_onnx, export_torchscript
+
 from gradprobe.client.cli import main
 from gradprobe.diagnostics.api import diagnose
 from gradprobe.diagnostics.init_values import orthogonal
 from gradprobe.diagnostics.loaders import load_model, sniff_format
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Report
-from zoo import build, example_inputs, export_onnx, export_torchscript
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}

@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 import zoo
+from onnx import TensorProto, helper
+
 from gradprobe.diagnostics.errors import (
     InputSpecError,
     ModelLoadError,
@@ -19,7 +21,6 @@ from gradprobe.diagnostics.errors import (
 )
 from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
 from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, node_scope
-from onnx import TensorProto, helper
 
 
 def _zero_mlp() -> torch.nn.Module:

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import zoo
+
 from gradprobe.diagnostics.loaders.onnx_loader import OnnxModel, load_onnx
 from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
 

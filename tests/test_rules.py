@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from defects import DEFECTS
+from zoo import export_onnx, export_torchscript
+
 from gradprobe.diagnostics.api import diagnose
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Report
-from zoo import export_onnx, export_torchscript
 
 FORMATS = ("onnx", "torchscript")
 

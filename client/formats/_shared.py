@@ -8,8 +8,8 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from gradprobe.diagnostics.report import Finding, Fix, Report, Severity
 from gradprobe.diagnostics.rules.base import RuleDoc

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 
 from gradprobe.client.formats._shared import (
-    fingerprinted,
     finding_text,
+    fingerprinted,
     fix_sentence,
     model_path,
 )

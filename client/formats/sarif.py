@@ -13,9 +13,9 @@ from urllib.parse import quote
 
 import gradprobe
 from gradprobe.client.formats._shared import (
+    finding_text,
     fingerprinted,
     json_safe,
-    finding_text,
     model_path,
     rule_docs,
 )

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gradprobe.diagnostics.onnx_ops  # noqa: F401  (registers every operator)
 import onnx
 import onnx.inliner
 import onnx.shape_inference
 import torch
+
+import gradprobe.diagnostics.onnx_ops  # noqa: F401  (registers every operator)
 from gradprobe.diagnostics.errors import (
     GradprobeError,
     InputSpecError,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import onnx
 import torch
+
 from gradprobe.diagnostics.graph import ProbePoint
 from gradprobe.diagnostics.loaders.onnx_naming import (
     class_hierarchy,
