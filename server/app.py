@@ -96,6 +96,7 @@ class RunningServer:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish for `grace_s`, cancel
         the rest, then stop the workers."""
         await self.health.enter_graceful_shutdown()
+        self.pool.drain()
         await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
         await self.pool.close()
 
@@ -135,6 +136,10 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
     pool = WorkerPool(config.workers, config.max_queue)
     await pool.start()
     try:
+        devices = [d.name for d in pool.about.devices] if pool.about else []
+        if config.device == "cuda" and not any(d.startswith("cuda") for d in devices):
+            raise ConfigError(f"--device cuda, but the workers see no CUDA device "
+                              f"(they see: {', '.join(devices) or 'nothing'})")
         servicer = GradprobeServicer(
             store, pool, pool.about, ServiceLimits(
                 max_model_bytes=config.max_model_bytes, workers=config.workers,

@@ -73,9 +73,13 @@ class _Progress:
 
 
 def _scrub(message: str, job: Job) -> str:
-    # The engine names the file it read; the client must see its own name, not the store's.
-    shown = job.path_label or job.sha256
-    return message.replace(job.model_path, shown).replace(Path(job.model_path).name, shown)
+    """The engine names the file it read, by path or by file name; the client must see its own
+    file in the same way (so a remote error reads like the local one), never the store's."""
+    label = job.path_label
+    shown_path = label or job.sha256
+    shown_name = Path(label).name if label else job.sha256
+    return (message.replace(job.model_path, shown_path)
+            .replace(Path(job.model_path).name, shown_name))
 
 
 def run_job(job: Job, conn: Connection) -> tuple:
@@ -83,8 +87,9 @@ def run_job(job: Job, conn: Connection) -> tuple:
     from gradprobe.diagnostics.errors import GradprobeError
 
     try:
-        report = diagnose(Path(job.model_path), job.options, progress=_Progress(conn),
-                          path_label=job.path_label)
+        # No path_label here: the engine then words its messages as for a local file, which
+        # _scrub maps onto the client's name.
+        report = diagnose(Path(job.model_path), job.options, progress=_Progress(conn))
     except GradprobeError as exc:
         return ("error", type(exc).__name__, _scrub(str(exc), job))
     except Exception as exc:  # a fault of ours; the parent logs it and answers INTERNAL

@@ -120,7 +120,8 @@ class WorkerPool:
         self._idle: asyncio.Queue[Worker]
         self._workers: set[Worker] = set()
         self._waiting = 0
-        self._closing = False
+        self._closing = False  # no new jobs, no new workers
+        self._draining = False  # jobs already admitted finish; dead workers are not replaced
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -147,8 +148,12 @@ class WorkerPool:
         worker.running = None
         if worker in self._workers:
             self._workers.discard(worker)
-            if not self._closing:
+            if not (self._closing or self._draining):
                 self._spawn()
+
+    def drain(self) -> None:
+        """Shutdown has begun: let admitted jobs finish, but start no replacement workers."""
+        self._draining = True
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker: politely (end of jobs) then, after `timeout_s`, by SIGKILL."""
@@ -162,12 +167,16 @@ class WorkerPool:
                     worker.send(None)
                 except OSError:
                     worker.kill()
+        # Poll rather than join in a thread: close() also runs at interpreter exit, when no
+        # new threads may start.
         deadline = self.loop.time() + timeout_s
+        while any(w.reader.is_alive() for w in workers) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
         for worker in workers:
-            await asyncio.to_thread(worker.reader.join, max(0.0, deadline - self.loop.time()))
             if worker.reader.is_alive():
                 worker.kill()
-                await asyncio.to_thread(worker.reader.join, 5.0)
+        while any(w.reader.is_alive() for w in workers) and self.loop.time() < deadline + 5:
+            await asyncio.sleep(0.05)
 
     @property
     def pids(self) -> list[int]:
@@ -215,7 +224,7 @@ class WorkerPool:
         self._replace(worker)
 
     def _respawn_if_short(self) -> None:
-        if not self._closing and len(self._workers) < self.size:
+        if not (self._closing or self._draining) and len(self._workers) < self.size:
             self._spawn()
 
     # --- running a job ------------------------------------------------------------------------

@@ -5,9 +5,11 @@ models the tests send it, exported by the tests themselves."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -16,14 +18,15 @@ from pathlib import Path
 
 import grpc
 import torch
+from zoo import MLP, build, example_inputs, export_onnx, export_torchscript
 
 from gradprobe.server.app import RunningServer, ServeConfig, start_server
 from gradprobe.v1 import service_pb2_grpc
-from zoo import MLP, build, example_inputs, export_onnx, export_torchscript
 
 # A probe of several seconds on two slow cores, so that a test can act while it runs:
 # a 1024-wide MLP on a batch of 4096 (21 MB of weights).
 SLOW_WIDTH, SLOW_DEPTH, SLOW_BATCH = 1024, 6, 4096
+SHARED_LIMIT_MB = 32  # the slow model has 21 MB of weights
 
 
 class ServerThread:
@@ -90,6 +93,33 @@ class ServerThread:
                 return [w.pid for w in ready]
             time.sleep(0.1)
         raise AssertionError(f"fewer than {count} workers ready after {timeout_s}s")
+
+
+_shared: dict[str, object] = {}
+
+
+def _scratch_dir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def shared_server() -> ServerThread:
+    """One server for every test module that needs no special configuration: starting workers
+    costs seconds (torch import, warm-up), so modules share it. One worker, one place in the
+    queue (the overload tests rely on that), models up to SHARED_LIMIT_MB."""
+    if "server" not in _shared:
+        server = start_test_server(_scratch_dir("gradprobe-shared-server-"), workers=1,
+                                   max_queue=1, max_model_mb=SHARED_LIMIT_MB)
+        atexit.register(server.stop)
+        _shared["server"] = server
+    return _shared["server"]  # type: ignore[return-value]
+
+
+def shared_models() -> Models:
+    if "models" not in _shared:
+        _shared["models"] = Models(_scratch_dir("gradprobe-test-models-"))
+    return _shared["models"]  # type: ignore[return-value]
 
 
 def start_test_server(tmp: Path, **overrides) -> ServerThread:

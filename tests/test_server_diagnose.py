@@ -8,6 +8,7 @@ import json
 
 import grpc
 import pytest
+from server_harness import SHARED_LIMIT_MB, shared_models, shared_server
 
 from gradprobe.client.api import Client, RemoteError
 from gradprobe.client.remote import diagnose_remote
@@ -16,23 +17,21 @@ from gradprobe.diagnostics.errors import ConfigError, InputSpecError, ModelLoadE
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.rules import all_rules
 from gradprobe.v1 import service_pb2 as spb
-from server_harness import Models, start_test_server
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return Models(tmp_path_factory.mktemp("models"))
+def models():
+    return shared_models()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    running = start_test_server(tmp_path_factory.mktemp("server"), workers=1)
-    yield running
-    running.stop()
+def server():
+    return shared_server()
 
 
 @pytest.fixture()
 def client(server):
+    server.wait_for_workers(1)
     with Client(server.address, timeout_s=60) as c:
         yield c
 
@@ -157,7 +156,7 @@ def test_server_info(client):
     info = client.server_info()
     assert info.version == "test" and info.workers == 1
     assert info.devices[0].name == "cpu"
-    assert info.max_model_bytes == 512 * 1024 * 1024 and info.chunk_bytes == 1 << 20
+    assert info.max_model_bytes == SHARED_LIMIT_MB << 20 and info.chunk_bytes == 1 << 20
     assert not info.auth_required
     assert client.health() == "SERVING"
     assert client.health("gradprobe.v1.Gradprobe") == "SERVING"

@@ -14,20 +14,20 @@ import threading
 import time
 
 import pytest
+from server_harness import shared_models
 
 from gradprobe.client.api import Client
 from gradprobe.client.cli import main as cli_main
 from gradprobe.diagnostics.errors import ModelLoadError
 from gradprobe.diagnostics.options import DiagnoseOptions
-from server_harness import Models
 
 MARKER = b"GRADPROBE-MODEL-BYTES-MUST-NOT-BE-LOGGED"
 ACCESS = "gradprobe.server.access: "
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return Models(tmp_path_factory.mktemp("models"))
+def models():
+    return shared_models()
 
 
 @pytest.fixture(scope="module")

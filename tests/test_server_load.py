@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from server_harness import start_test_server
+from server_harness import shared_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,12 +29,11 @@ def test_short_load_run_loses_and_mixes_up_nothing(tmp_path, load_test):
     expected = load_test.expected_reports(models)
     assert len(expected) == len(models)  # distinct models, distinct hashes
     # one worker, one place in the queue: four clients overload it on purpose
-    server = start_test_server(tmp_path / "server", workers=1, max_queue=1)
-    try:
-        result = load_test.run_load(server.address, models, expected, clients=4,
-                                    duration_s=3.0, server_pid=os.getpid())
-    finally:
-        server.stop()
+    server = shared_server()
+    assert server.config.workers == 1 and server.config.max_queue == 1
+    server.wait_for_workers(1)
+    result = load_test.run_load(server.address, models, expected, clients=4, duration_s=3.0,
+                                server_pid=os.getpid())
     assert result.failed == [] and result.mismatched == []
     assert result.ok >= 3 and result.passed()
     assert result.rejected > 0  # overload is refused, not queued without bound

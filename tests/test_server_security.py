@@ -9,6 +9,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from server_harness import (
+    make_certificates,
+    openssl_available,
+    shared_models,
+    start_test_server,
+)
 
 from gradprobe.client.api import Client, RemoteError
 from gradprobe.diagnostics.api import diagnose
@@ -17,7 +23,6 @@ from gradprobe.server import healthcheck
 from gradprobe.server.main import add_serve_arguments, config_from_args
 from gradprobe.v1 import service_pb2 as spb
 from gradprobe.v1 import service_pb2_grpc
-from server_harness import Models, make_certificates, openssl_available, start_test_server
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -25,8 +30,8 @@ pytestmark = pytest.mark.skipif(not openssl_available(), reason="needs the opens
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return Models(tmp_path_factory.mktemp("models"))
+def models():
+    return shared_models()
 
 
 @pytest.fixture(scope="module")

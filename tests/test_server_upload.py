@@ -10,20 +10,17 @@ import time
 
 import grpc
 import pytest
+from server_harness import SHARED_LIMIT_MB, shared_server
 
 from gradprobe.v1 import report_pb2 as pb
 from gradprobe.v1 import service_pb2 as spb
-from server_harness import start_test_server
 
 MIB = 1 << 20
-LIMIT_MB = 2
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    running = start_test_server(tmp_path_factory.mktemp("upload-server"), max_model_mb=LIMIT_MB)
-    yield running
-    running.stop()
+def server():
+    return shared_server()
 
 
 @pytest.fixture()
@@ -142,7 +139,7 @@ def test_over_the_size_limit_is_rejected_before_the_chunks_are_read(server, stub
     start = time.monotonic()
     err = _status(lambda: stub.UploadModel(messages(), timeout=30))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"limit of {LIMIT_MB * MIB} bytes" in err.details()
+    assert f"limit of {SHARED_LIMIT_MB * MIB} bytes" in err.details()
     assert time.monotonic() - start < 10
     # gRPC's client may have queued a few chunks into its send window; the server read none.
     assert len(pulled) < 16, f"{len(pulled)} MiB were sent before the rejection"

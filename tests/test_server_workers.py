@@ -11,23 +11,29 @@ import time
 
 import grpc
 import pytest
+from server_harness import (
+    SLOW_BATCH,
+    pid_alive,
+    shared_models,
+    shared_server,
+    start_test_server,
+    wait_dead,
+)
 
 from gradprobe.client.api import Client
 from gradprobe.v1 import service_pb2 as spb
-from server_harness import SLOW_BATCH, Models, pid_alive, start_test_server, wait_dead
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return Models(tmp_path_factory.mktemp("models"))
+def models():
+    return shared_models()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    running = start_test_server(tmp_path_factory.mktemp("worker-server"), workers=1,
-                                max_queue=1, timeout_s=120.0)
-    yield running
-    running.stop()
+def server():
+    server = shared_server()  # one worker, one place in the queue
+    assert server.config.workers == 1 and server.config.max_queue == 1
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +149,4 @@ def test_workers_ignore_a_group_sigint(server, stub, models):
     with Client(server.address, timeout_s=60) as c:
         c.diagnose(models.onnx, progress=lambda *_: done.set())
     assert done.is_set()
+
