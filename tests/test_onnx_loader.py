@@ -320,3 +320,18 @@ def test_to_keeps_integer_constants_on_cpu(files) -> None:
     assert model.to(torch.device("cpu")) is model
     assert model.device == torch.device("cpu")
     assert model.run(list(files["args"]))[0].shape == (4, 8)
+
+
+def test_save_keeps_batchnorm_running_statistics(tmp_path) -> None:
+    """A training-mode export carries BN running statistics as non-trainable initializers;
+    saving must write them back unchanged next to the replaced weight."""
+    args = zoo.example_inputs("resnet")
+    path = zoo.export_onnx(zoo.build("resnet"), args, tmp_path / "resnet_bn.onnx", train_bn=True)
+    model = load_onnx(path)
+    new = torch.zeros_like(model.parameters["layer1.0.conv1.weight"])
+    out = tmp_path / "fixed.onnx"
+    model.save(out, {"layer1.0.conv1.weight": new})
+    saved = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    original = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+    assert saved["bn1.running_mean"] == original["bn1.running_mean"]
+    torch.testing.assert_close(load_onnx(out).parameters["layer1.0.conv1.weight"].detach(), new)

@@ -696,7 +696,9 @@ class OnnxModel(LoadedModel):
             if name in self.parameters:
                 value = current(name)
             else:
-                value = self._constants.get(name, self._file_tensors[name])
+                # not .get(name, default): the default would be evaluated (and fail) eagerly
+                value = self._constants[name] if name in self._constants else \
+                    self._file_tensors[name]
             graph.initializer.append(_tensor_proto(name, value, self._init_types[name]))
 
         # Parameters untied from a shared tensor get initializers of their own once any of
