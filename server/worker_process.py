@@ -73,23 +73,26 @@ class _Progress:
 
 
 def _scrub(message: str, job: Job) -> str:
-    """The engine names the file it read, by path or by file name; the client must see its own
-    file in the same way (so a remote error reads like the local one), never the store's."""
+    """Belt and braces: whatever names the store's file in a message is replaced by what the
+    client calls it; the store's paths never leave the server."""
     label = job.path_label
-    shown_path = label or job.sha256
-    shown_name = Path(label).name if label else job.sha256
-    return (message.replace(job.model_path, shown_path)
-            .replace(Path(job.model_path).name, shown_name))
+    return (message.replace(job.model_path, label or job.sha256)
+            .replace(Path(job.model_path).name, Path(label).name if label else job.sha256))
 
 
 def run_job(job: Job, conn: Connection) -> tuple:
+    """The same engine call the client would make locally: diagnose(path, path_label=its name)
+    for a file, diagnose(bytes) for bytes, so reports and error messages match."""
     from gradprobe.diagnostics.api import diagnose
     from gradprobe.diagnostics.errors import GradprobeError
 
+    path = Path(job.model_path)
     try:
-        # No path_label here: the engine then words its messages as for a local file, which
-        # _scrub maps onto the client's name.
-        report = diagnose(Path(job.model_path), job.options, progress=_Progress(conn))
+        if job.path_label is None:
+            report = diagnose(path.read_bytes(), job.options, progress=_Progress(conn))
+        else:
+            report = diagnose(path, job.options, progress=_Progress(conn),
+                              path_label=job.path_label)
     except GradprobeError as exc:
         return ("error", type(exc).__name__, _scrub(str(exc), job))
     except Exception as exc:  # a fault of ours; the parent logs it and answers INTERNAL

@@ -110,10 +110,15 @@ def test_bad_model_gets_invalid_argument_and_server_keeps_serving(server, client
         client.diagnose(path, DiagnoseOptions(input_shapes=[[4, 16]]))
     message = str(caught.value)
     assert str(server.store_dir) not in message  # the store's paths stay private
-    # the same error class and message as the local run (the path shown is the same too)
+    # the same error class and message as the local run of the same call
     with pytest.raises(error) as local:
-        diagnose(path, DiagnoseOptions(input_shapes=[[4, 16]]))
+        diagnose(path, DiagnoseOptions(input_shapes=[[4, 16]]), path_label=str(path))
     assert message == str(local.value)
+    with pytest.raises(error) as remote_bytes:
+        client.diagnose(path.read_bytes(), DiagnoseOptions(input_shapes=[[4, 16]]))
+    with pytest.raises(error) as local_bytes:
+        diagnose(path.read_bytes(), DiagnoseOptions(input_shapes=[[4, 16]]))
+    assert str(remote_bytes.value) == str(local_bytes.value)
     # raw gRPC status for the same call
     channel = grpc.insecure_channel(server.address)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
