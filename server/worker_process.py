@@ -156,7 +156,6 @@ def worker_main(conn: Connection, threads: int, describe: bool) -> None:
     import gradprobe.diagnostics.loaders.onnx_loader  # noqa: F401
     import gradprobe.diagnostics.loaders.torchscript_loader  # noqa: F401
     from gradprobe.diagnostics.rules import all_rules
-
     from gradprobe.server.convert import rule_doc_to_proto
 
     _warm_up()

@@ -14,6 +14,7 @@ a reader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -89,10 +90,8 @@ class Worker:
         self._deliver(("died", code))
 
     def _deliver(self, message: tuple) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone
             self.pool.loop.call_soon_threadsafe(self.pool.on_message, self, message)
-        except RuntimeError:  # the loop is closed: the server is gone
-            pass
 
     def send(self, job: Job | None) -> None:
         self.conn.send(job)
@@ -100,10 +99,8 @@ class Worker:
     def kill(self) -> None:
         self.dead = True
         if self.process.exitcode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class WorkerPool:
