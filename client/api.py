@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.diagnostics.options import DiagnoseOptions
@@ -29,7 +30,6 @@ from gradprobe.diagnostics.report import Report
 from gradprobe.server import convert
 from gradprobe.v1 import service_pb2 as spb
 from gradprobe.v1 import service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 if TYPE_CHECKING:  # the rules package imports torch; a client needs it only for list_rules
     from gradprobe.diagnostics.rules.base import RuleDoc
