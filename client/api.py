@@ -94,23 +94,39 @@ def _read_pem(path: str | Path | None, what: str) -> bytes | None:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def _model_payload(source: ModelSource) -> tuple[bytes | Path, str, int]:
-    """What to upload, its sha256 and size. An ONNX file whose tensors live in external data
-    files is sent with them inlined: the server only ever holds single files."""
-    if isinstance(source, bytes):
-        return source, hashlib.sha256(source).hexdigest(), len(source)
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such model file")
-    inlined = _inline_external_data(path)
-    if inlined is not None:
-        return inlined, hashlib.sha256(inlined).hexdigest(), len(inlined)
+@dataclass(frozen=True)
+class _Payload:
+    data: bytes | Path  # what is uploaded
+    sha256: str  # of the uploaded bytes: the server's key
+    size: int
+    # An ONNX file with external data goes up inlined; the report still describes the file
+    # the user named, as a local run does: its own sha256 and size.
+    file_identity: tuple[str, int] | None = None
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
     with path.open("rb") as f:
         for block in iter(lambda: f.read(CHUNK_BYTES), b""):
             digest.update(block)
             size += len(block)
-    return path, digest.hexdigest(), size
+    return digest.hexdigest(), size
+
+
+def _model_payload(source: ModelSource) -> _Payload:
+    """What to upload for `source`. An ONNX file whose tensors live in external data files is
+    sent with them inlined: the server only ever holds single files."""
+    if isinstance(source, bytes):
+        return _Payload(source, hashlib.sha256(source).hexdigest(), len(source))
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such model file")
+    inlined = _inline_external_data(path)
+    if inlined is not None:
+        return _Payload(inlined, hashlib.sha256(inlined).hexdigest(), len(inlined),
+                        file_identity=_hash_file(path))
+    sha, size = _hash_file(path)
+    return _Payload(path, sha, size)
 
 
 def _inline_external_data(path: Path) -> bytes | None:
@@ -201,50 +217,56 @@ class Client:
 
     def upload(self, model: ModelSource, *, options: DiagnoseOptions | None = None,
                timeout_s: float | None = None) -> str:
-        """Make sure the server holds `model` (a path or the file's bytes); return its sha256.
-        Nothing is sent when the server already has it."""
-        return self._upload(model, options, self._deadline(timeout_s))
+        """Make sure the server holds `model` (a path or the file's bytes); return the sha256
+        it is stored under. Nothing is sent when the server already has it."""
+        payload = _model_payload(model)
+        self._upload(payload, model, options, self._deadline(timeout_s))
+        return payload.sha256
 
-    def _upload(self, model: ModelSource, options: DiagnoseOptions | None,
-                deadline: float | None, *, force: bool = False) -> str:
-        payload, sha, size = _model_payload(model)
-        if not force and self._call(self._stub.HasModel, spb.HasModelRequest(sha256=sha),
-                                    deadline).present:
-            return sha
+    def _upload(self, payload: _Payload, model: ModelSource, options: DiagnoseOptions | None,
+                deadline: float | None, *, force: bool = False) -> None:
+        if not force and self._call(self._stub.HasModel,
+                                    spb.HasModelRequest(sha256=payload.sha256), deadline).present:
+            return
         name = Path(model).name if not isinstance(model, bytes) else ""
         metadata = spb.UploadMetadata(filename=name, format=_format_of(options),
-                                      size_bytes=size, sha256=sha)
+                                      size_bytes=payload.size, sha256=payload.sha256)
 
         def messages() -> Iterator[spb.UploadModelRequest]:
             yield spb.UploadModelRequest(metadata=metadata)
-            for chunk in _chunks(payload):
+            for chunk in _chunks(payload.data):
                 yield spb.UploadModelRequest(chunk=chunk)
 
         self._call(self._stub.UploadModel, messages(), deadline)
-        return sha
 
     def diagnose(self, model: ModelSource, options: DiagnoseOptions | None = None,
                  progress: Progress | None = None, *, path_label: str | None = None,
                  timeout_s: float | None = None) -> Report:
-        """Upload `model` if needed and probe it on the server. `path_label` is what the
-        report shows as model.path (default: the path as given; None for bytes)."""
+        """Upload `model` if needed and probe it on the server: the report (and any error) of
+        the local `diagnose(model, options, path_label=...)`. `path_label` is what the report
+        shows as model.path; default: the path as given, None for bytes."""
         options = options or DiagnoseOptions()
         wire_options = convert.options_to_proto(options)  # ConfigError before any traffic
         deadline = self._deadline(timeout_s)
         if path_label is None and not isinstance(model, bytes):
             path_label = str(model)
-        sha = self._upload(model, options, deadline)
-        request = spb.DiagnoseRequest(sha256=sha, options=wire_options, path_label=path_label)
+        payload = _model_payload(model)
+        self._upload(payload, model, options, deadline)
+        request = spb.DiagnoseRequest(sha256=payload.sha256, options=wire_options,
+                                      path_label=path_label)
         if path_label is None:
             request.ClearField("path_label")
         try:
-            return self._diagnose(request, progress, deadline)
+            report = self._diagnose(request, progress, deadline)
         except RemoteError as exc:
             if exc.code != grpc.StatusCode.NOT_FOUND:
                 raise
-        # The store lost the model between the check and the probe: send it once more.
-        self._upload(model, options, deadline, force=True)
-        return self._diagnose(request, progress, deadline)
+            # The store lost the model between the check and the probe: send it once more.
+            self._upload(payload, model, options, deadline, force=True)
+            report = self._diagnose(request, progress, deadline)
+        if payload.file_identity is not None:
+            report.model.sha256, report.model.size_bytes = payload.file_identity
+        return report
 
     def _diagnose(self, request: spb.DiagnoseRequest, progress: Progress | None,
                   deadline: float | None) -> Report:

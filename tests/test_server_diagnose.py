@@ -180,3 +180,17 @@ def test_container_healthcheck_command(server, capsys):
     assert capsys.readouterr().out.strip() == "SERVING"
     assert healthcheck.main(["--address", "127.0.0.1:1", "--timeout", "1"]) == 1
     assert capsys.readouterr().out.strip() == "UNREACHABLE"
+
+
+def test_onnx_with_external_data_goes_up_inlined(client, models, tmp_path):
+    import onnx
+
+    path = tmp_path / "external.onnx"
+    onnx.save_model(onnx.load(str(models.defect)), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="external.onnx.data",
+                    size_threshold=0)
+    assert (tmp_path / "external.onnx.data").stat().st_size > path.stat().st_size
+    local = diagnose(path, path_label=str(path))
+    remote = client.diagnose(path)
+    assert _without_timing(remote) == _without_timing(local)  # sha256 and size: of the file
+    assert remote.findings
