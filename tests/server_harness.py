@@ -23,10 +23,25 @@ from zoo import MLP, build, example_inputs, export_onnx, export_torchscript
 from gradprobe.server.app import RunningServer, ServeConfig, start_server
 from gradprobe.v1 import service_pb2_grpc
 
-# A probe of several seconds on two slow cores, so that a test can act while it runs:
-# a 1024-wide MLP on a batch of 4096 (21 MB of weights).
-SLOW_WIDTH, SLOW_DEPTH, SLOW_BATCH = 1024, 6, 4096
-SHARED_LIMIT_MB = 32  # the slow model has 21 MB of weights
+# A probe that takes seconds even on many fast cores (about 2.5 TFLOP: half a minute on two
+# slow cores), so that a test can act while it runs: one 2048-wide linear layer applied 24
+# times (16 MB of weights) on a batch of 4096.
+SLOW_WIDTH, SLOW_DEPTH, SLOW_BATCH = 2048, 24, 4096
+SHARED_LIMIT_MB = 32  # the slow model has 16 MB of weights
+
+
+class TiedChain(torch.nn.Module):
+    """One linear layer + ReLU applied `depth` times: much compute, few weights."""
+
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(width, width)
+        self.depth = depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.depth):
+            x = torch.relu(self.layer(x))
+        return x
 
 
 class ServerThread:
@@ -171,7 +186,7 @@ class Models:
     @cached_property
     def slow(self) -> Path:
         torch.manual_seed(2)
-        slow = MLP((SLOW_WIDTH,) * SLOW_DEPTH)
+        slow = TiedChain(SLOW_WIDTH, SLOW_DEPTH)
         return export_onnx(slow, (torch.randn(2, SLOW_WIDTH),), self.root / "slow.onnx")
 
     @cached_property

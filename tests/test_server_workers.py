@@ -90,7 +90,7 @@ def test_cancelled_request_frees_its_worker(server, stub, models, slow_sha):
 
 
 def test_deadline_frees_the_worker(server, stub, slow_sha):
-    call = stub.Diagnose(_slow_request(slow_sha), timeout=3)
+    call = stub.Diagnose(_slow_request(slow_sha), timeout=1.5)
     first = next(call)
     assert first.HasField("progress")
     [pid] = server.pool.busy_pids()
@@ -121,7 +121,7 @@ def test_full_queue_is_resource_exhausted_not_a_hang(server, stub, slow_sha):
 
 
 def test_probe_past_the_server_time_limit(tmp_path, models):
-    server = start_test_server(tmp_path, workers=1, timeout_s=2.0)
+    server = start_test_server(tmp_path, workers=1, timeout_s=1.0)
     channel = grpc.insecure_channel(server.address)
     try:
         with Client(server.address, timeout_s=120) as c:
