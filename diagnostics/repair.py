@@ -205,6 +205,13 @@ class _Plan:
         reset_bias = finding.fix is not None and finding.fix.bias == "zeros"
         for name in finding.parameters:
             point = self._owner.get(name)
+            if point is not None and point.role == "norm" and name == point.bias and reset_bias \
+                    and finding.rule == "dead-relu":
+                # The finding names this BatchNorm shift as what silences the ReLU: not a
+                # deliberate norm parameter, so the protection of norm layers gives way.
+                handled |= self._set(name, point, Fix(), finding.rule, zeros=True,
+                                     named_cause=True)
+                continue
             if point is None or point.role != "linear":
                 continue
             if name == point.weight:
@@ -225,8 +232,11 @@ class _Plan:
         return handled
 
     def _set(self, name: str, point: ProbePoint, fix: Fix | None, rule: str,
-             zeros: bool = False) -> bool:
-        if name in self.protected or name not in self.model.parameters:
+             zeros: bool = False, named_cause: bool = False) -> bool:
+        guard = self.protected.get(name)
+        if named_cause and guard == "norm-layer scale/shift":
+            guard = None
+        if guard is not None or name not in self.model.parameters:
             note = f"{name}: {self.protected.get(name, 'not a parameter of the model')}"
             if note not in self.left_alone:
                 self.left_alone.append(note)

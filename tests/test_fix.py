@@ -310,3 +310,22 @@ def test_orthogonal_start_respects_the_weight_layout(layout, shape):
     rows, cols = units.shape
     small = units @ units.t() if rows <= cols else units.t() @ units
     assert torch.allclose(small, torch.eye(min(rows, cols)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_batchnorm_shift_that_kills_a_relu_is_reset(tmp_path):
+    """Norm layers are protected, except a shift the dead-relu finding names as the cause."""
+    model = build("resnet")
+    with torch.no_grad():
+        model.layer1[1].bn1.bias.fill_(-10.0)
+    args = example_inputs("resnet", batch=8)
+    src = export_torchscript(model, args, tmp_path / "dead_shift.pt")
+    shapes = [list(a.shape) for a in args]
+    out = tmp_path / "fixed.pt"
+    assert run_fix(src, out, "torchscript", shapes) == 0
+    before, after = params(src), params(out)
+    assert torch.count_nonzero(after["layer1.1.bn1.bias"]) == 0
+    # Other norm parameters stay exactly as they were.
+    assert same_bytes(before["layer1.1.bn1.weight"], after["layer1.1.bn1.weight"])
+    assert same_bytes(before["layer1.0.bn1.bias"], after["layer1.0.bn1.bias"])
+    assert not fired(diagnose(out, probe_options("torchscript", shapes)), "dead-relu")
