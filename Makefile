@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # project's own `torch>=` requirement is already satisfied when `pip install -e` runs.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench proto examples clean
+.PHONY: setup demo test test-fast bench scorecard proto examples clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/probe_overhead.py
+
+scorecard: setup
+	$(BIN)/python bench/zoo_scorecard.py
 
 proto: setup
 	$(BIN)/python scripts/gen_proto.py

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
     lint.add_argument("--token", help="bearer token for --server (or GRADPROBE_TOKEN)")
     lint.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify --server's TLS")
+    lint.add_argument("--tls-cert", type=Path, metavar="PEM",
+                      help="client certificate for a server that requires mTLS (with --tls-key)")
+    lint.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     lint.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                       help="deadline of a --server request")
     lint.set_defaults(run=run_lint)
@@ -143,8 +146,11 @@ def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace
         from gradprobe.client.remote import diagnose_remote
 
         token = args.token or os.environ.get("GRADPROBE_TOKEN")
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise UsageError("--tls-cert and --tls-key go together")
         return diagnose_remote(path, options, server=args.server, token=token,
-                               tls_ca=args.tls_ca, timeout_s=args.timeout)
+                               tls_ca=args.tls_ca, timeout_s=args.timeout,
+                               client_cert=args.tls_cert, client_key=args.tls_key)
     from gradprobe.diagnostics.api import diagnose
 
     return diagnose(path, options)

@@ -158,10 +158,23 @@ def _attempt(path: Path, options: DiagnoseOptions, hook: Any,
     except MemoryError:
         return LintOutcome(path, error="out of memory while probing this model "
                                        "(try a smaller --batch-size)", internal=True)
-    except Exception as exc:  # a bug in gradprobe: keep linting the other files
+    except Exception as exc:  # a bug in gradprobe, or a server's answer: lint the other files
+        remote = _remote_failure(exc)
+        if remote is not None:
+            line, internal = remote
+            return LintOutcome(path, error=line, internal=internal)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return LintOutcome(path, error=f"internal error: {type(exc).__name__}: {first}",
                            internal=True, detail=traceback.format_exc())
+
+
+def _remote_failure(exc: Exception) -> tuple[str, bool] | None:
+    # Only a remote run can raise RemoteError; local runs never import grpc for this check.
+    if type(exc).__name__ != "RemoteError":
+        return None
+    from gradprobe.client.remote import describe_remote_failure
+
+    return describe_remote_failure(exc)
 
 
 def _outcome_word(outcome: LintOutcome) -> str:

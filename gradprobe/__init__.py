@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gradprobe.diagnostics.api import diagnose
 from gradprobe.diagnostics.errors import GradprobeError
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Finding, Report, Severity
 
 if TYPE_CHECKING:
     from gradprobe.client.api import Client
+    from gradprobe.diagnostics.api import diagnose
 
 __version__ = "0.1.0"
 
@@ -28,7 +28,12 @@ __all__ = ["Client", "DiagnoseOptions", "Finding", "GradprobeError", "Report", "
 
 
 def __getattr__(name: str) -> Any:
-    # The gRPC client pulls in grpc; load it only for users who ask for it.
+    # The engine pulls in torch and the client pulls in grpc: load each only for users who ask
+    # for it, so the server's main process, a client and a health check stay light.
+    if name == "diagnose":
+        from gradprobe.diagnostics.api import diagnose
+
+        return diagnose
     if name == "Client":
         from gradprobe.client.api import Client
 

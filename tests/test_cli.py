@@ -191,3 +191,15 @@ def test_entry_point_without_traceback(files):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "no findings" in proc.stdout
+
+
+def test_unreachable_server_is_one_line_and_exit_2(capsys, files):
+    code, _, err = run(capsys, "lint", files["healthy"], "--server", "127.0.0.1:1", "--timeout", "5")
+    assert code == 2
+    one_line_error(err, "UNAVAILABLE", "127.0.0.1:1")
+
+
+def test_tls_cert_needs_its_key(capsys, files, tmp_path):
+    code, _, err = run(capsys, "lint", files["healthy"], "--server", "127.0.0.1:1",
+                       "--tls-cert", tmp_path / "c.pem")
+    assert code == 2 and "--tls-key" in err
