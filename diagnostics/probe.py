@@ -96,13 +96,23 @@ class ProbeResult:
 
 
 def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
-    # Moments are taken in two passes (mean, then mean of squared deviations) and counts with
-    # count_nonzero: on CPU torch.var_mean/var(dim=0) (Welford) and .sum() of a bool mask (a
-    # full int64 copy first) cost several times more and made up most of the probe's overhead.
+    # Every statistic is a few full passes over the value, and these passes are the probe's
+    # overhead: moments come from means of squared deviations and counts from count_nonzero,
+    # since on CPU torch.var_mean/var(dim=...) (Welford) and .sum() of a bool mask (an int64
+    # copy first) cost several times more.
     x = value.detach().float()
     n = x.numel()
-    mean = x.mean()
-    var = (x - mean).square_().mean()
+    if x.shape[0] > 1:
+        # Law of total variance: the variance of all entries is the mean variance across the
+        # batch (sample_var) plus the variance of the per-position batch means, so one pass
+        # over the deviations from the batch mean gives both.
+        position_mean = x.mean(dim=0)
+        sample_var = (x - position_mean).square_().mean()
+        mean = position_mean.mean()
+        var = sample_var + (position_mean - mean).square_().mean()
+    else:
+        mean = x.mean()
+        var = sample_var = (x - mean).square_().mean()
     lo, hi = torch.aminmax(x)
     zero = (n - torch.count_nonzero(x)) / n
     nonfinite = _nonfinite_count(x)
@@ -119,8 +129,6 @@ def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
         saturated = ((1 - x * x) < SATURATION_DERIVATIVE).float().mean()
     else:
         saturated = torch.zeros((), device=x.device)
-    # mean over positions of the variance across the batch
-    sample_var = (x - x.mean(dim=0)).square_().mean() if x.shape[0] > 1 else var
     return torch.stack([mean, var, lo, hi, zero, dead, saturated, nonfinite.float(), sample_var])
 
 
