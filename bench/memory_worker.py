@@ -65,7 +65,10 @@ def main() -> None:
     parser.add_argument("--path", type=Path, help="the exported model (plain and probe phases)")
     parser.add_argument("--format", choices=("onnx", "torchscript"))
     parser.add_argument("--zero-init-residual", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     inputs = probe_batch(args.batch, device, args.seed)

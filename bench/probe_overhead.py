@@ -117,15 +117,17 @@ def measure_times(variants: list[Variant], module, inputs, device: torch.device,
     return out
 
 
-def measure_peak(phase: str, variant: Variant | None, device: torch.device, batch: int, seed: int,
-                 zero_init_residual: bool) -> float:
+def measure_peak(phase: str, variant: Variant | None, device: torch.device,
+                 args: argparse.Namespace) -> float:
     """Peak bytes above the loaded model for one phase, from a fresh process."""
     cmd = [sys.executable, str(Path(__file__).with_name("memory_worker.py")), phase,
-           "--device", device.type, "--batch", str(batch), "--seed", str(seed)]
+           "--device", device.type, "--batch", str(args.batch), "--seed", str(args.seed)]
     if variant is not None:
         cmd += ["--path", str(variant.path), "--format", variant.format]
-    if zero_init_residual:
+    if args.zero_init_residual:
         cmd.append("--zero-init-residual")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     env = {**os.environ, **MALLOC_ENV}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -177,11 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--zero-init-residual", action="store_true",
                         help="zero each block's last BN scale: the probe then makes two passes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice); 1 gives steady "
+                             "figures on a machine shared with other work")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     module = resnet18(args.seed, args.zero_init_residual)
     model_name = "resnet18" + ("-zero-res" if args.zero_init_residual else "")
     inputs = probe_batch(args.batch, device, args.seed)
@@ -199,10 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             plain_peak = probe_peak = None
             if not args.no_memory:
                 print(f"  peak memory: {v.key}", file=sys.stderr, flush=True)
-                plain_peak = measure_peak("plain", v, device, args.batch, args.seed,
-                                          args.zero_init_residual) / MB
-                probe_peak = measure_peak("probe", v, device, args.batch, args.seed,
-                                          args.zero_init_residual) / MB
+                plain_peak = measure_peak("plain", v, device, args) / MB
+                probe_peak = measure_peak("probe", v, device, args) / MB
             time_ratio, cpu_ratio = _paired_ratio(t, clock=0), _paired_ratio(t, clock=1)
             memory_ratio = probe_peak / plain_peak if plain_peak else None
             target = TARGETS[device.type]
