@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hmac
 import logging
@@ -123,43 +124,36 @@ class ErrorMapInterceptor(aio.ServerInterceptor):
         return _wrap(handler, around)
 
     async def _unary(self, method, behavior, request, context):
-        notes: dict[str, Any] = {}
-        _call_notes.set(notes)
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
+        async with _mapped_call(method, context):
             return await behavior(request, context)
-        except aio.AbortError:
-            code = grpc.StatusCode.UNKNOWN  # the handler aborted itself (ours never do)
-            raise
-        except Exception as exc:
-            code, message, trailer = _status(exc, method, notes)
-            await context.abort(code, message, trailing_metadata=trailer)
-        except BaseException:
-            code = _cancel_code(context)
-            raise
-        finally:
-            log.info(_format_line(method, code, time.perf_counter() - start, notes))
 
     async def _stream(self, method, behavior, request, context):
-        notes: dict[str, Any] = {}
-        _call_notes.set(notes)
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
+        async with _mapped_call(method, context):
             async for response in behavior(request, context):
                 yield response
-        except aio.AbortError:
-            code = grpc.StatusCode.UNKNOWN
-            raise
-        except Exception as exc:
-            code, message, trailer = _status(exc, method, notes)
-            await context.abort(code, message, trailing_metadata=trailer)
-        except BaseException:
-            code = _cancel_code(context)
-            raise
-        finally:
-            log.info(_format_line(method, code, time.perf_counter() - start, notes))
+
+
+@contextlib.asynccontextmanager
+async def _mapped_call(method: str, context: aio.ServicerContext):
+    """One call's scope, for unary and streaming handlers alike: an exception becomes its
+    status (aborting the call), and one log line is written whatever happens."""
+    notes: dict[str, Any] = {}
+    _call_notes.set(notes)
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except aio.AbortError:
+        code = grpc.StatusCode.UNKNOWN  # the handler aborted itself (ours never do)
+        raise
+    except Exception as exc:
+        code, message, trailer = _status(exc, method, notes)
+        await context.abort(code, message, trailing_metadata=trailer)
+    except BaseException:
+        code = _cancel_code(context)
+        raise
+    finally:
+        log.info(_format_line(method, code, time.perf_counter() - start, notes))
 
 
 def _status(exc: Exception, method: str, notes: dict[str, Any]
