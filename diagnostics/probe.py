@@ -116,13 +116,16 @@ def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
     lo, hi = torch.aminmax(x)
     zero = (n - torch.count_nonzero(x)) / n
     nonfinite = _nonfinite_count(x)
-    if x.dim() >= 2:
+    kind = point.nonlinearity if point.role == "activation" else None
+    if kind != "relu":
+        # A full pass, and only a ReLU's silent units are dead: elsewhere it would be noise.
+        dead = torch.zeros((), device=x.device)
+    elif x.dim() >= 2:
         axis = point.channel_axis % x.dim()
         dims = [d for d in range(x.dim()) if d != axis]
         dead = (x.amax(dim=dims) <= 0).float().mean()
     else:
         dead = (x.amax() <= 0).float()
-    kind = point.nonlinearity if point.role == "activation" else None
     if kind == "sigmoid":
         saturated = ((x * (1 - x)) < 0.25 * SATURATION_DERIVATIVE).float().mean()
     elif kind == "tanh":

@@ -79,7 +79,7 @@ class ActivationStats(_Model):
     min: float
     max: float
     zero_fraction: float  # share of all entries that are exactly 0
-    dead_units: float  # share of units (channels/features) that are <= 0 for every sample
+    dead_units: float  # ReLU outputs: share of units (channels/features) 0 for every sample; else 0
     saturation: float  # share of entries on the flat tails (sigmoid/tanh only, else 0)
     nonfinite: int
     units: int
