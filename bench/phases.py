@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from gradprobe.diagnostics.graph import InputSpec, LoadedModel
 from gradprobe.diagnostics.inputs import synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.probe import probe
-from torch import nn
 
 PHASES = ("module", "plain", "probe")
 IMAGE_SHAPE = (3, 224, 224)
