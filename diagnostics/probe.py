@@ -170,11 +170,10 @@ def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | N
     else:
         spread = (units - units[:1]).abs().amax() / units.abs().amax().clamp_min(1e-30)
     wmean = w.mean()
-    finite = w.numel() - _nonfinite_count(w)
     return torch.stack([
         wmean, (w - wmean).square_().mean().sqrt(),
         w.abs().amax() if w.numel() else torch.zeros((), device=w.device),
-        (n - finite).float(), gnorm, gnorm / math.sqrt(n), ratio,
+        _nonfinite_count(w).float(), gnorm, gnorm / math.sqrt(n), ratio,
         (g.numel() - torch.count_nonzero(g)) / n, _nonfinite_count(g).float(), spread,
         (w == w.reshape(-1)[:1]).all().float() if w.numel() else torch.ones((), device=w.device),
     ])
