@@ -56,23 +56,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the probe batch (default 0)")
     p.add_argument("--format-of-model", dest="model_format", choices=("onnx", "torchscript"),
                    default=None, help="read the file as this format instead of detecting it")
-
-
-def options_from_args(args: argparse.Namespace) -> DiagnoseOptions:
-    values: dict = {}
-    if args.input_shape:
-        values["input_shapes"] = args.input_shape
-    if args.input_dtype:
-        values["input_dtypes"] = args.input_dtype
-    for flag, key in (("input_file", "input_file"), ("batch_size", "batch_size"),
-                      ("device", "device"), ("seed", "seed"), ("model_format", "format")):
-        if getattr(args, flag, None) is not None:
-            values[key] = getattr(args, flag)
-    if getattr(args, "select", None):
-        values["select"] = args.select
-    if getattr(args, "ignore", None):
-        values["ignore"] = args.ignore
-    return DiagnoseOptions(**values)
+    p.add_argument("--config", type=Path, metavar="FILE", help="configuration file (default: "
+                   "nearest gradprobe.toml, or pyproject.toml with [tool.gradprobe])")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lowest severity that makes the exit code 1 (default error)")
     lint.add_argument("--select", type=_rule_list, metavar="RULES", help="only these rules (comma-separated)")
     lint.add_argument("--ignore", type=_rule_list, metavar="RULES", help="skip these rules (comma-separated)")
-    lint.add_argument("--config", type=Path, metavar="FILE", help="configuration file (default: "
-                      "nearest gradprobe.toml, or pyproject.toml with [tool.gradprobe])")
     baseline = lint.add_mutually_exclusive_group()
     baseline.add_argument("--baseline", type=Path, metavar="FILE",
                           help="report only findings not recorded in this baseline")
@@ -233,7 +216,11 @@ def run_fix(args: argparse.Namespace) -> int:
     from gradprobe.client.formats.comparison import render_comparison
     from gradprobe.diagnostics.repair import repair
 
-    outcome = repair(args.model, args.output, options_from_args(args), method=args.init)
+    from gradprobe.client.config import load_config, overrides_from_args
+
+    # The same configuration as `lint` (file, then flags), so a model fixes as it lints.
+    config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
+    outcome = repair(args.model, args.output, config.options_for(args.model), method=args.init)
     print(render_comparison(outcome))
     if args.html:
         from gradprobe.client.formats.html import render_html

@@ -329,3 +329,16 @@ def test_a_batchnorm_shift_that_kills_a_relu_is_reset(tmp_path):
     assert same_bytes(before["layer1.1.bn1.weight"], after["layer1.1.bn1.weight"])
     assert same_bytes(before["layer1.0.bn1.bias"], after["layer1.0.bn1.bias"])
     assert not fired(diagnose(out, probe_options("torchscript", shapes)), "dead-relu")
+
+
+def test_fix_reads_the_same_configuration_as_lint(exported, tmp_path):
+    """A TorchScript file's input shape can come from the configuration file, for `fix` as for
+    `lint`: no --input-shape on the command line."""
+    src, shapes = exported("zero_hidden", "torchscript")
+    config = tmp_path / "gradprobe.toml"
+    config.write_text('[input-shapes]\n"*.pt" = [%s]\n' % shapes[0])
+    out = tmp_path / "fixed.pt"
+    assert main(["fix", str(src), "-o", str(out), "--device", "cpu", "--config", str(config)]) == 0
+    assert not fired(diagnose(out, probe_options("torchscript", shapes)), "zero-weights")
+    # Without the file the shape is missing: the one-line usage error, not a silent default.
+    assert main(["fix", str(src), "-o", str(tmp_path / "again.pt"), "--device", "cpu"]) == 2
