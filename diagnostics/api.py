@@ -64,7 +64,7 @@ def diagnose(
 
     notify("load", 0.0)
     model = load_model(src, options.format, name=path_label or "")
-    sha, size = _sha256(src) if not isinstance(src, Path) or src.is_file() else ("", 0)
+    sha, size = _sha256(src)
     model.to(device)
     torch.manual_seed(options.seed)
     if options.input_file:

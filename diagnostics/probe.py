@@ -60,9 +60,6 @@ class ProbeResult:
     # Parameters set to their textbook init for the flow pass (deliberate-looking zeros).
     unblocked: list[str] = field(default_factory=list)
 
-    def layer(self, node: str) -> LayerProbe | None:
-        return next((lp for lp in self.layers if lp.point.node == node), None)
-
     def of_role(self, role: str) -> Iterator[LayerProbe]:
         return (lp for lp in self.layers if lp.point.role == role)
 

@@ -112,7 +112,7 @@ def test_fix_reinitialises_exactly_the_flagged_tensors(exported, tmp_path, defec
     out = tmp_path / f"fixed{SUFFIX[fmt]}"
     assert run_fix(src, out, fmt, shapes) == 0
 
-    assert sniff_format(out.read_bytes()[:8], out.name) == fmt
+    assert sniff_format(out.read_bytes()[:8]) == fmt
     assert load_model(out).format == fmt
     original, fixed = params(src), params(out)
     expected, gone = WEIGHT_DEFECTS[defect]

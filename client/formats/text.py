@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradprobe.diagnostics.report import Finding, LayerReport, Report
+from gradprobe.diagnostics.report import Finding, LayerReport, Report, Severity
 
 _MARK = {"error": "E", "warning": "W", "info": "i"}
 
@@ -24,10 +24,11 @@ def _share(value: float | None) -> str:
 
 
 def _layer_rows(report: Report) -> list[str]:
-    flagged: dict[str, str] = {}
+    worst: dict[str, Severity] = {}
     for f in report.findings:
-        if f.layer not in flagged or f.severity.rank > {"i": 0, "W": 1, "E": 2}[flagged[f.layer]]:
-            flagged[f.layer] = _MARK[f.severity.value]
+        if f.layer not in worst or f.severity.rank > worst[f.layer].rank:
+            worst[f.layer] = f.severity
+    flagged = {layer: _MARK[severity.value] for layer, severity in worst.items()}
     width = max([len(layer.name) for layer in report.layers] + [5])
     head = f"  {'layer':<{width}}  {'op':<12} {'act var':>9} {'mean':>9} {'dead':>5} {'sat':>5} {'grad rms':>9}"
     rows = [head, "  " + "-" * (len(head) - 2)]

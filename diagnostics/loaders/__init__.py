@@ -11,13 +11,9 @@ from gradprobe.diagnostics.graph import LoadedModel
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-def sniff_format(head: bytes, name: str = "") -> Literal["onnx", "torchscript"]:
+def sniff_format(head: bytes) -> Literal["onnx", "torchscript"]:
     """TorchScript archives are zip files; everything else is tried as ONNX protobuf."""
-    if head.startswith(ZIP_MAGIC):
-        return "torchscript"
-    if name.lower().endswith((".pt", ".pth", ".ts", ".torchscript")) and not head:
-        return "torchscript"
-    return "onnx"
+    return "torchscript" if head.startswith(ZIP_MAGIC) else "onnx"
 
 
 def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript"] | None = None,
@@ -36,7 +32,7 @@ def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript"] | None 
         head = source[:8]
         if not head:
             raise ModelLoadError(f"{name or 'the uploaded model'} is empty")
-    fmt = fmt or sniff_format(head, name)
+    fmt = fmt or sniff_format(head)
     if fmt == "torchscript":
         from gradprobe.diagnostics.loaders.torchscript_loader import load_torchscript
 

@@ -12,7 +12,7 @@ import re
 import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from gradprobe.diagnostics.report import EvidenceValue, Finding, Fix, Severity
 
@@ -116,12 +116,3 @@ class Rule:
             evidence=dict(evidence or {}),
             fix=fix,
         )
-
-
-def describe(value: Any) -> str:
-    """Format a measured number for a message: 3 significant digits, scientific when tiny/huge."""
-    if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e4:
-            return f"{value:.3g}"
-        return f"{value:.2e}"
-    return str(value)

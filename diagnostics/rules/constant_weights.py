@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from gradprobe.diagnostics.init_schemes import recommended_init
@@ -32,9 +33,7 @@ class ConstantWeights(Rule):
                 continue
             param = probe.params[point.weight]
             s = param.stats
-            numel = 1
-            for d in s.shape:
-                numel *= d
+            numel = math.prod(s.shape)
             if numel < 2 or not s.constant or s.abs_max == 0 or s.nonfinite:
                 continue
             verdict = judge(param)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from gradprobe.diagnostics.init_schemes import recommended_init
@@ -32,9 +33,7 @@ class NonfiniteWeights(Rule):
             point = points.get(name)
             fix = recommended_init(point) if point else Fix(
                 advice="re-initialise this tensor and find the code or checkpoint that wrote NaN/Inf")
-            numel = 1
-            for d in param.stats.shape:
-                numel *= d
+            numel = math.prod(param.stats.shape)
             yield self.finding(
                 param.layer, f"{name} contains {count} NaN/Inf value(s) of {numel}: every value and "
                              f"gradient downstream becomes NaN on the first step.",
