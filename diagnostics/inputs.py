@@ -16,13 +16,12 @@ import torch
 
 from gradprobe.diagnostics.errors import InputSpecError
 from gradprobe.diagnostics.graph import InputSpec
+from gradprobe.diagnostics.options import DTYPES as ACCEPTED_DTYPES
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import InputInfo
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
-}
+# The names the options accept are torch's own dtype names: one list, in options.py.
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in ACCEPTED_DTYPES}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Without a declared range, integer inputs stay tiny: 0 and 1 are valid indices for any
 # non-empty table and valid values for masks.
