@@ -16,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 # torch first, in its own layer: it is most of the image and changes least often.
 RUN /opt/venv/bin/python -m pip install --upgrade pip \
- && /opt/venv/bin/python -m pip install "torch==2.13.0"
+ && /opt/venv/bin/python -m pip install "torch==2.14.1" "torchvision==0.29.1"
 COPY pyproject.toml README.md /src/
 COPY gradprobe /src/gradprobe
 COPY diagnostics /src/diagnostics

@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# torch first and pinned: pip then takes the local CPU wheel where one is provided, and the
-# project's own `torch>=` requirement is already satisfied when `pip install -e` runs.
-TORCH  ?= torch==2.13.0
+# torch and torchvision first, pinned as a pair that imports together: PyPI's torchvision is
+# built against one torch release and dies at import beside another ('torchvision::nms does not
+# exist'). The project's own `torch>=` requirement is then already met when `pip install -e` runs.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test test-fast bench scorecard proto examples clean
 
@@ -14,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
