@@ -17,6 +17,8 @@ from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.probe import ProbeResult, probe
 from gradprobe.diagnostics.report import InputInfo, LayerReport, ModelInfo, Report, Summary, Timing
 from gradprobe.diagnostics.rule_runner import run_rules, selected_rules
+from gradprobe.diagnostics.synthetic_images import NOTE as IMAGE_NOTE
+from gradprobe.diagnostics.synthetic_images import looks_like_images
 
 Progress = Callable[[str, float], None]
 VERSION = "0.1.0"
@@ -91,7 +93,7 @@ def diagnose(
     return Report(
         version=VERSION,
         model=ModelInfo(path=label, format=model.format, sha256=sha, size_bytes=size,
-                        inputs=input_infos, notes=_notes(model.notes, result),
+                        inputs=input_infos, notes=_notes(model.notes, result, input_infos),
                         shared_parameters=model.shared_parameters),
         device=str(device), seed=options.seed, findings=findings,
         layers=[LayerReport(name=lp.point.layer, op=lp.point.op, node=lp.point.node,
@@ -121,8 +123,12 @@ def _probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
         raise ProbeError(f"the model failed on the probe batch ({given}): {first}") from None
 
 
-def _notes(model_notes: list[str], result: ProbeResult) -> list[str]:
+def _notes(model_notes: list[str], result: ProbeResult, infos: list[InputInfo]) -> list[str]:
     notes = list(model_notes)
+    images = [i.name for i in infos if i.source != "file" and i.dtype.startswith(("float", "bfloat"))
+              and looks_like_images(i.shape)]
+    if images:
+        notes.append(f"{', '.join(images)}: {IMAGE_NOTE}")
     if result.unblocked:
         notes.append(
             f"gradient flow measured with {len(result.unblocked)} zero-initialised tensor(s) set to "
