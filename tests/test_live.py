@@ -1,0 +1,126 @@
+"""Live models: gradprobe.diagnose on an nn.Module, a ScriptModule, an ExportedProgram."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from defects import DEFECTS
+from torch import nn
+from zoo import ResNet, TextEncoder, build, example_inputs, export_torchscript
+
+import gradprobe
+from gradprobe.diagnostics.errors import GradprobeError, InputSpecError, ModelLoadError
+from gradprobe.diagnostics.options import DiagnoseOptions
+
+
+def _keys(report: gradprobe.Report) -> set[tuple[str, str, str]]:
+    return {(f.rule, f.layer, f.severity.value) for f in report.findings}
+
+
+def _state(model: nn.Module) -> dict:
+    """Everything the probe must leave alone, as raw bytes where it is a tensor."""
+    def raw(t: torch.Tensor | None):
+        return None if t is None else (t.dtype, tuple(t.shape), t.detach().cpu().reshape(-1)
+                                       .view(torch.uint8).clone())
+    return {
+        "params": {n: (raw(p), p.requires_grad, raw(p.grad), id(p.grad))
+                   for n, p in model.named_parameters()},
+        "buffers": {n: raw(b) for n, b in model.named_buffers()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, (tuple, list)):
+            return len(x) == len(y) and all(eq(i, j) for i, j in zip(x, y, strict=True))
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        return x == y
+    return eq(a, b)
+
+
+def test_model_left_exactly_as_it_was():
+    """Training mode with BatchNorm, a frozen stem, gradients from an earlier step: the
+    parameters, running statistics, flags, .grad (same objects) and RNG state all survive."""
+    torch.manual_seed(0)
+    model = ResNet().train()
+    model.conv1.weight.requires_grad_(False)
+    x = example_inputs("resnet")
+    model(*x).sum().backward()  # existing .grad and running statistics moved off their init
+    model.layer1.eval()  # a mixed train/eval tree
+    before = _state(model)
+    report = gradprobe.diagnose(model, x)
+    assert report.layers and report.model.format == "pytorch"
+    assert _same(before, _state(model))
+
+
+def test_planted_zero_weight_is_restored_and_named_by_module_path():
+    model, x = DEFECTS["zero_hidden"]()
+    before = _state(model)
+    report = gradprobe.diagnose(model, x)
+    assert _same(before, _state(model))  # the probe's temporary unblocking is undone
+    finding = next(f for f in report.findings if f.rule == "zero-weights")
+    assert finding.layer == "net.2"
+    assert finding.fix.code.startswith("nn.init.kaiming_normal_(model.net[2].weight")
+    assert report.model.inputs[0].source == "example"
+    assert any("example inputs given by the caller" in n for n in report.model.notes)
+
+
+@pytest.mark.parametrize("name", sorted(DEFECTS))
+def test_parity_with_the_torchscript_file(name, tmp_path):
+    """Same findings (rule, layer, severity) live and from the traced file, on the same batch."""
+    model, x = DEFECTS[name]()
+    batch = tmp_path / "batch.pt"
+    torch.save(list(x), batch)
+    live = gradprobe.diagnose(model, x)
+    path = export_torchscript(model, x, tmp_path / "model.pt")
+    from_file = gradprobe.diagnose(path, DiagnoseOptions(input_file=str(batch)))
+    assert _keys(live) == _keys(from_file)
+    assert [lr.name for lr in live.layers] == [lr.name for lr in from_file.layers]
+
+
+def test_dict_of_keyword_inputs_and_integer_ids():
+    torch.manual_seed(0)
+    model = TextEncoder()
+    ids = example_inputs("text_encoder")[0]
+    report = gradprobe.diagnose(model, {"ids": ids})
+    assert report.model.inputs[0].name == "ids" and report.model.inputs[0].dtype == "int64"
+    assert any(lr.name.startswith("embed") for lr in report.layers)
+
+
+def test_script_module_and_options_by_keyword():
+    model = build("mlp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    scripted.train()
+    report = gradprobe.diagnose(scripted, input_shapes=[[4, 16]], seed=3)
+    assert report.seed == 3 and report.model.inputs[0].shape == [4, 16]
+    assert scripted.training  # put back
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: gradprobe.diagnose(nn.Linear(4, 2)), InputSpecError, "example inputs"),
+    (lambda: gradprobe.diagnose(object()), ModelLoadError, "nn.Module"),
+    (lambda: gradprobe.diagnose(nn.Linear(4, 2), "x"), InputSpecError, "tensor"),
+    (lambda: gradprobe.diagnose(nn.Linear(4, 2), torch.randn(2, 5)), ModelLoadError, "could not"),
+    (lambda: gradprobe.diagnose(nn.Linear(4, 2), torch.randn(2, 4), batch_size=0), GradprobeError,
+     "batch_size"),
+])
+def test_what_it_cannot_take_is_a_gradprobe_error_in_library_words(call, error, words):
+    with pytest.raises(error, match=words) as caught:
+        call()
+    assert "--" not in str(caught.value)
+
+
+def test_client_refuses_a_live_module_before_any_traffic():
+    from gradprobe.client.api import Client
+
+    with Client("127.0.0.1:9") as client, pytest.raises(ModelLoadError, match="export"):
+        client.diagnose(nn.Linear(4, 2))
