@@ -124,3 +124,42 @@ def test_client_refuses_a_live_module_before_any_traffic():
 
     with Client("127.0.0.1:9") as client, pytest.raises(ModelLoadError, match="export"):
         client.diagnose(nn.Linear(4, 2))
+
+
+def test_fix_reinitialises_flagged_tensors_in_place_and_keeps_deliberate_zeros():
+    model, x = DEFECTS["zero_hidden"]()
+    weight = model.net[2].weight
+    result = gradprobe.fix(model, x)
+    assert model.net[2].weight is weight and weight.abs().max() > 0  # same tensor, new values
+    assert [c.name for c in result.changed] == ["net.2.weight"]
+    assert result.changed[0].scheme == "he_normal"
+    assert not [f for f in result.after.findings if f.severity.value == "error"]
+    assert model.training  # flags put back
+
+    model, x = DEFECTS["zero_head"]()  # deliberate: reported as info, left as it is
+    result = gradprobe.fix(model, x)
+    assert result.changed == [] and model.net[6].weight.abs().max() == 0
+    assert any(n.startswith("net.6.weight") for n in result.left_alone)
+
+
+def test_fix_from_a_report_with_lsuv_and_select():
+    model, x = DEFECTS["large_init"]()
+    report = gradprobe.diagnose(model, x)
+    assert any(f.rule == "init-scale" for f in report.findings)
+    untouched = gradprobe.fix(model, report, select=["zero-weights"])
+    assert untouched.changed == []
+    result = gradprobe.fix(model, report, init="lsuv")
+    assert {c.name for c in result.changed} >= {"net.0.weight", "net.2.weight", "net.4.weight"}
+    assert all(layer.converged for layer in result.lsuv)
+    assert not any(f.rule == "init-scale" for f in result.after.findings)
+
+
+def test_check_raises_init_error_with_the_report():
+    model, x = DEFECTS["dead_relu"]()
+    with pytest.raises(gradprobe.InitError, match="dead-relu") as caught:
+        gradprobe.check(model, x)
+    assert caught.value.report.summary.error >= 1
+    healthy, x = DEFECTS["healthy_mlp"]()
+    assert gradprobe.check(healthy, x).summary.error == 0
+    with pytest.raises(gradprobe.GradprobeError, match="fail_on"):
+        gradprobe.check(healthy, x, fail_on="sometimes")
