@@ -104,9 +104,14 @@ def check(model: Any, batch: Any = None, fail_on: Severity | str = "error",
         raise ConfigError(f"fail_on must be error, warning or info, not {fail_on!r}") from None
     report = diagnose(model, batch, **option_fields)
     if report.fails(level):
-        failing = [f for f in report.findings if f.severity.rank >= level.rank]
-        listed = "; ".join(f"{f.rule} at {f.layer}: {f.message}" for f in failing[:3])
-        more = f" (and {len(failing) - 3} more)" if len(failing) > 3 else ""
-        raise InitError(f"{len(failing)} finding(s) at {level.value} or worse: {listed}{more}",
-                        report)
+        raise init_error(report, level)
     return report
+
+
+def init_error(report: Report, level: Severity, context: str = "") -> InitError:
+    """The InitError for the findings of `report` at `level` or worse, the first three named."""
+    found = [f for f in report.findings if f.severity.rank >= level.rank]
+    listed = "; ".join(f"{f.rule} at {f.layer}: {f.message}" for f in found[:3])
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return InitError(f"{context}{len(found)} finding(s) at {level.value} or worse: {listed}{more}",
+                     report)
