@@ -54,7 +54,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="where to run the probe (default auto: a GPU when there is one)")
     p.add_argument("--seed", type=int, default=None, help="seed of the probe batch (default 0)")
-    p.add_argument("--format-of-model", dest="model_format", choices=("onnx", "torchscript"),
+    p.add_argument("--format-of-model", dest="model_format", choices=("onnx", "torchscript", "pt2"),
                    default=None, help="read the file as this format instead of detecting it")
     p.add_argument("--config", type=Path, metavar="FILE", help="configuration file (default: "
                    "nearest gradprobe.toml, or pyproject.toml with [tool.gradprobe])")

@@ -11,39 +11,67 @@ allowlist as TorchScript before anything runs: a program can carry custom operat
 from __future__ import annotations
 
 import io
+import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gradprobe.diagnostics.archives import is_pt2_archive  # noqa: F401  (one place for it)
 from gradprobe.diagnostics.errors import ModelLoadError, UnsupportedOperator
 from gradprobe.diagnostics.graph import InputSpec
 from gradprobe.diagnostics.options import DiagnoseOptions
 
-
-def is_pt2_archive(source: Path | bytes) -> bool:
-    """A torch.export.save archive: a zip with an `archive_format` record (TorchScript
-    archives have `code/` and `constants.pkl` instead)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
-            return any(n.endswith("/archive_format") or n == "archive_format"
-                       for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+# constants stored as pickles (torchbind script objects, opaque Python objects)
+_PICKLED_CONSTANTS = ("custom_obj_", "opaque_obj_")
 
 
 def read_pt2(source: Path | bytes, name: str = "") -> torch.export.ExportedProgram:
+    """Load an archive without running code from it: archives carrying pickled objects
+    (custom or opaque object constants) are refused from their zip directory, and every tensor
+    is unpickled with torch.load's weights-only reader (torch.export.load would otherwise fall
+    back to full unpickling when that reader refuses a file)."""
     label = name or (str(source) if isinstance(source, Path) else "model bytes")
     try:
-        program = torch.export.load(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(f"{label}: truncated or corrupt zip archive ({exc})") from None
+    objects = [n for n in names if "/constants/" in f"/{n}" and
+               n.rpartition("/")[2].startswith(_PICKLED_CONSTANTS)]
+    if objects:
+        raise ModelLoadError(f"{label}: the archive carries pickled Python objects "
+                             f"({objects[0].rpartition('/')[2]}); gradprobe loads tensors only")
+    try:
+        with _weights_only_loading():
+            program = torch.export.load(
+                io.BytesIO(source) if isinstance(source, bytes) else source)
     except Exception as exc:  # torch raises many kinds with multi-line texts
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"{label}: not a loadable torch.export archive: {first}") from None
     return program
 
 
-def load_pt2(source: Path | bytes, options: DiagnoseOptions, name: str = ""):
+@contextmanager
+def _weights_only_loading() -> Iterator[None]:
+    """torch.load reads this variable on every call and then refuses anything but tensors
+    and plain containers, whatever weights_only its caller passed."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_FORCE_WEIGHTS_ONLY]
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def load_pt2(source: Path | bytes, name: str = ""):
     """A `.pt2` archive as a LoadedModel. Its inputs are declared with the shapes and dtypes of
     the example inputs the archive records, so the probe batch is drawn like a file's."""
     from gradprobe.diagnostics.loaders.live_loader import load_live
@@ -54,12 +82,13 @@ def load_pt2(source: Path | bytes, options: DiagnoseOptions, name: str = ""):
         label = name or (str(source) if isinstance(source, Path) else "the archive")
         raise ModelLoadError(f"{label} records no example inputs; save it from "
                              "torch.export.export(model, args) with torch 2.6 or later")
-    model = load_live(module, recorded, options, fmt="pt2")
+    model = load_live(module, recorded, DiagnoseOptions(), fmt="pt2")
     model.owned = True
     model.path = str(source) if isinstance(source, Path) else None
-    ranges = {spec.name: spec.value_range for spec in model.inputs}
-    model.inputs = [InputSpec(spec.name, tuple(t.shape), t.dtype, ranges.get(spec.name))
-                    for spec, t in zip(model.inputs, model.given_inputs or [], strict=True)]
+    # the names the exporting code gave its inputs (the rebuilt module takes *args)
+    names = [*program.graph_signature.user_inputs, *(s.name for s in model.inputs)]
+    model.inputs = [InputSpec(name, tuple(t.shape), t.dtype, spec.value_range)
+                    for name, spec, t in zip(names, model.inputs, model.given_inputs or [])]
     model.given_inputs = None
     return model
 
