@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write a self-contained HTML report with plots")
     lint.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                       help="at most N models in parallel (default: as cores and memory allow)")
+    lint.add_argument("--mlflow", action="store_true",
+                      help="log the reports, counts and verdict to MLflow (MLFLOW_TRACKING_URI, "
+                           "MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID; needs gradprobe[mlflow])")
     lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
     lint.add_argument("--token", help="bearer token for --server (or GRADPROBE_TOKEN)")
     lint.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify --server's TLS")
@@ -177,6 +180,8 @@ def run_lint(args: argparse.Namespace) -> int:
         from gradprobe.client.formats.html import render_html
 
         _write(render_html(reports), args.html)
+    if args.mlflow and reports:
+        _log_to_mlflow(reports, config.fail_on)
     if any(o.internal for o in outcomes):
         return EXIT_INTERNAL
     if any(not o.ok for o in outcomes):
@@ -184,6 +189,15 @@ def run_lint(args: argparse.Namespace) -> int:
     if args.write_baseline:
         return EXIT_CLEAN
     return EXIT_FINDINGS if any(r.fails(config.fail_on) for r in reports) else EXIT_CLEAN
+
+
+def _log_to_mlflow(reports: list, fail_on: str) -> None:
+    try:
+        from gradprobe.integrations.mlflow import log_reports
+    except ImportError:
+        raise UsageError("--mlflow needs MLflow: pip install 'gradprobe[mlflow]'") from None
+    run_id = log_reports(reports, fail_on=fail_on)
+    print(f"gradprobe: logged {len(reports)} report(s) to MLflow run {run_id}", file=sys.stderr)
 
 
 def _write(text: str, output: Path | None) -> None:
