@@ -150,14 +150,19 @@ def run_lint(args: argparse.Namespace) -> int:
     from gradprobe.client.progress import Progress
 
     config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
+    options_for, triton_versions = _with_triton_inputs(args.models, config)
     paths = expand_paths(args.models)
     remote = None
     if args.server:  # the server does the work; files go to it one by one
         def remote(path: Path, options: DiagnoseOptions, hook: object) -> object:
             return _diagnose_one(path, options, args)
     with Progress(len(paths)) as progress:
-        outcomes = lint_files(paths, config.options_for, jobs=args.jobs, progress=progress,
+        outcomes = lint_files(paths, options_for, jobs=args.jobs, progress=progress,
                               diagnose=remote)
+    for outcome in outcomes:
+        version = triton_versions.get(outcome.path.resolve())
+        if version is not None and outcome.report is not None:
+            outcome.report.model.notes.append(version.note)
     for failed in (o for o in outcomes if not o.ok):  # one line each; the others still count
         if failed.detail and os.environ.get("GRADPROBE_DEBUG"):
             print(failed.detail, file=sys.stderr)
@@ -189,6 +194,25 @@ def run_lint(args: argparse.Namespace) -> int:
     if args.write_baseline:
         return EXIT_CLEAN
     return EXIT_FINDINGS if any(r.fails(config.fail_on) for r in reports) else EXIT_CLEAN
+
+
+def _with_triton_inputs(arguments: list[Path], config: object) -> tuple:
+    """Options per file, with the inputs of Triton model versions taken from their
+    config.pbtxt (unless the user gave shapes); and file -> its Triton version."""
+    from gradprobe.client import triton
+
+    base = config.options_for  # type: ignore[attr-defined]
+    batch = getattr(config, "batch_size", None) or DiagnoseOptions().batch_size
+    versions = {path.resolve(): v
+                for path, v in triton.scan([p for p in arguments if p.is_dir()], batch).items()}
+
+    def options_for(path: Path) -> DiagnoseOptions:
+        options = base(path)
+        version = versions.get(path.resolve())
+        if version is None or options.input_shapes is not None:
+            return options
+        return version.options(options)
+    return options_for, versions
 
 
 def _log_to_mlflow(reports: list, fail_on: str) -> None:
