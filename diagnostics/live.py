@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gradprobe.diagnostics.api import Progress, probe_and_report
+from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.diagnostics.inputs import DTYPE_NAMES, synthetic_inputs
 from gradprobe.diagnostics.loaders.live_loader import LiveModel, load_live
 from gradprobe.diagnostics.options import DiagnoseOptions
@@ -57,6 +58,7 @@ def diagnose_live(obj: Any, example_inputs: Any, options: DiagnoseOptions, *,
     start = time.perf_counter()
     notify("load", 0.0)
     owner = _owner_module(obj)
+    _check_device(owner, options)
     with preserved_state(owner):
         torch.manual_seed(options.seed)  # inside the fork: the caller's RNG is untouched
         model = load_live(obj, example_inputs, options)
@@ -67,6 +69,16 @@ def diagnose_live(obj: Any, example_inputs: Any, options: DiagnoseOptions, *,
     if model.given_inputs is not None:
         report.model.notes.append(EXAMPLE_NOTE)
     return report
+
+
+def _check_device(module: torch.nn.Module, options: DiagnoseOptions) -> None:
+    """A live model is probed where it lives; asking for another device is a mistake to name,
+    not a reason to copy its weights."""
+    lives = next((t.device for t in [*module.parameters(), *module.buffers()]),
+                 torch.device("cpu"))
+    if options.device != "auto" and options.device != lives.type:
+        raise ConfigError(f"the model lives on {lives} and is probed there; move it with "
+                          f"model.to('{options.device}') to probe it on {options.device}")
 
 
 def _owner_module(obj: Any) -> torch.nn.Module:

@@ -85,6 +85,33 @@ def test_parity_with_the_torchscript_file(name, tmp_path):
     assert [lr.name for lr in live.layers] == [lr.name for lr in from_file.layers]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet", "vit", "text_encoder", "lstm"])
+def test_parity_on_zoo_architectures(name, tmp_path):
+    """BatchNorm, attention, embeddings and a recurrent cell: the same findings and layers."""
+    model, x = build(name), example_inputs(name)
+    batch = tmp_path / "batch.pt"
+    torch.save(list(x), batch)
+    live = gradprobe.diagnose(model, x)
+    path = export_torchscript(model, x, tmp_path / "model.pt")
+    from_file = gradprobe.diagnose(path, DiagnoseOptions(input_file=str(batch)))
+    assert _keys(live) == _keys(from_file)
+    assert [lr.name for lr in live.layers] == [lr.name for lr in from_file.layers]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_is_probed_where_it_lives_and_left_as_it_was():
+    torch.manual_seed(0)
+    model = ResNet().cuda().train()
+    x = example_inputs("resnet")[0].cuda()
+    model(x).sum().backward()
+    before, cuda_rng = _state(model), torch.cuda.get_rng_state()
+    report = gradprobe.diagnose(model, x)
+    assert report.device.startswith("cuda")
+    assert _same(before, _state(model)) and torch.equal(cuda_rng, torch.cuda.get_rng_state())
+    assert all(p.device.type == "cuda" for p in model.parameters())
+
+
 def test_dict_of_keyword_inputs_and_integer_ids():
     torch.manual_seed(0)
     model = TextEncoder()
@@ -112,6 +139,8 @@ def test_script_module_and_options_by_keyword():
     (lambda: gradprobe.diagnose(nn.Linear(4, 2), torch.randn(2, 5)), ModelLoadError, "could not"),
     (lambda: gradprobe.diagnose(nn.Linear(4, 2), torch.randn(2, 4), batch_size=0), GradprobeError,
      "batch_size"),
+    (lambda: gradprobe.diagnose(nn.Linear(4, 2), torch.randn(2, 4), device="cuda"), GradprobeError,
+     "lives on cpu"),
 ])
 def test_what_it_cannot_take_is_a_gradprobe_error_in_library_words(call, error, words):
     with pytest.raises(error, match=words) as caught:
