@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from gradprobe.diagnostics.archives import is_pt2_archive  # noqa: F401  (one place for it)
 from gradprobe.diagnostics.errors import ModelLoadError, UnsupportedOperator
 from gradprobe.diagnostics.graph import InputSpec
 from gradprobe.diagnostics.options import DiagnoseOptions
