@@ -173,7 +173,8 @@ def _probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
 
 def _notes(model_notes: list[str], result: ProbeResult, infos: list[InputInfo]) -> list[str]:
     notes = list(model_notes)
-    images = [i.name for i in infos if i.source != "file" and i.dtype.startswith(("float", "bfloat"))
+    images = [i.name for i in infos if i.source in ("declared", "flag", "default")
+              and i.dtype.startswith(("float", "bfloat"))
               and looks_like_images(i.shape)]
     if images:
         notes.append(f"{', '.join(images)}: {IMAGE_NOTE}")
