@@ -21,11 +21,12 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 
-from gradprobe.diagnostics.errors import UnsupportedOperator
+from gradprobe.diagnostics.errors import ModelLoadError, UnsupportedOperator
 
 # Names that reach an error message may come from the model file: keep them short.
 _MAX_NAME = 200
@@ -211,7 +212,12 @@ def check_torchscript_archive(source: Path | bytes, where: str) -> None:
             name = info.filename
             if not (name.endswith(".py") or name.endswith(".pkl")) or name.endswith("debug_pkl"):
                 continue
-            content = archive.read(info)
+            try:
+                content = archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError,
+                    NotImplementedError) as exc:  # corrupt, encrypted, odd compression
+                raise ModelLoadError(f"{where}: truncated or corrupt zip archive "
+                                     f"({_short(str(exc))})") from None
             if name.endswith(".py") and _SETSTATE.search(content):
                 raise UnsupportedOperator(
                     "__setstate__", f"{where}: {_short(name)}",
