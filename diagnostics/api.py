@@ -51,8 +51,10 @@ def diagnose(
     *,
     progress: Progress | None = None,
     path_label: str | None = None,
+    self_contained: bool = False,
 ) -> Report:
-    """Probe one model file (path or bytes) and return its report.
+    """Probe one model file (path or bytes) and return its report. `self_contained` refuses
+    models that read other files (ONNX external data): what a server wants of an upload.
 
     Raises a `GradprobeError` subclass for anything wrong with the input."""
     options = options or DiagnoseOptions()
@@ -63,7 +65,7 @@ def diagnose(
     start = time.perf_counter()
 
     notify("load", 0.0)
-    model = load_model(src, options.format, name=path_label or "")
+    model = load_model(src, options.format, name=path_label or "", self_contained=self_contained)
     sha, size = _sha256(src)
     model.to(device)
     torch.manual_seed(options.seed)

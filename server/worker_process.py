@@ -81,18 +81,16 @@ def _scrub(message: str, job: Job) -> str:
 
 
 def run_job(job: Job, conn: Connection) -> tuple:
-    """The same engine call the client would make locally: diagnose(path, path_label=its name)
-    for a file, diagnose(bytes) for bytes, so reports and error messages match."""
+    """The engine call the client would make locally, on the model's bytes labelled with the
+    client's name for it, so reports and error messages match. Bytes, never the store's path:
+    the store is not a model's folder, and an upload may read no other file."""
     from gradprobe.diagnostics.api import diagnose
     from gradprobe.diagnostics.errors import GradprobeError
 
     path = Path(job.model_path)
     try:
-        if job.path_label is None:
-            report = diagnose(path.read_bytes(), job.options, progress=_Progress(conn))
-        else:
-            report = diagnose(path, job.options, progress=_Progress(conn),
-                              path_label=job.path_label)
+        report = diagnose(path.read_bytes(), job.options, progress=_Progress(conn),
+                          path_label=job.path_label, self_contained=True)
     except GradprobeError as exc:
         return ("error", type(exc).__name__, _scrub(str(exc), job))
     except Exception as exc:  # a fault of ours; the parent logs it and answers INTERNAL
