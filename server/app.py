@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.server.interceptors import AuthInterceptor, ErrorMapInterceptor
+from gradprobe.server.limits import StreamLimitInterceptor, channel_options
 from gradprobe.server.servicer import CHUNK_BYTES, GradprobeServicer, ServiceLimits
 from gradprobe.server.store import ModelStore
 from gradprobe.server.workers import WorkerPool
@@ -52,6 +53,14 @@ class ServeConfig:
     device: str = "auto"
     store_dir: Path | None = None
     grace_s: float = 30.0  # how long SIGTERM waits for in-flight calls
+    # Stream and connection limits (server/limits.py, docs/security.md).
+    max_open_streams: int = 128  # health Watch + reflection streams, no token needed
+    max_uploads: int = 64  # uploads receiving bytes at once (each holds a temp file)
+    max_calls: int = 2048  # concurrent calls of any kind, server-wide
+    upload_idle_s: float = 30.0  # an upload with no message for this long is cancelled
+    streams_per_connection: int = 32
+    max_connection_age_s: float = 1800.0
+    reflection: bool = False  # server reflection is opt-in (and needs the token when set)
 
     @property
     def max_model_bytes(self) -> int:
@@ -108,10 +117,12 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
     """Bind the port, start the workers, then serve. Raises ConfigError for bad settings
     (files, port) before any worker is started."""
     credentials = _credentials(config)
-    store = ModelStore(config.store_dir or default_store_dir(), config.max_model_bytes)
+    store = ModelStore(config.store_dir or default_store_dir(), config.max_model_bytes,
+                       max_receiving=config.max_uploads)
     interceptors: list[aio.ServerInterceptor] = []
     if config.token:
         interceptors.append(AuthInterceptor(config.token))
+    interceptors.append(StreamLimitInterceptor(max_open_streams=config.max_open_streams))
     interceptors.append(ErrorMapInterceptor())
     server = aio.server(
         interceptors=interceptors,
@@ -119,9 +130,16 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+            *channel_options(
+                streams_per_connection=config.streams_per_connection,
+                max_connection_age_s=config.max_connection_age_s,
+                # a probe admitted just before the connection's end may still finish
+                connection_age_grace_s=(config.timeout_s or 600.0) + 60.0),
         ],
-        # Guard against floods of cheap calls; Diagnose has its own queue limit.
-        maximum_concurrent_rpcs=256 + 4 * (config.workers + config.max_queue),
+        # Guard against floods of cheap calls. Streams anyone may open have their own, lower
+        # cap (StreamLimitInterceptor), idle uploads end after --upload-idle-s, Diagnose is
+        # bounded by the queue: so that no class starves the rest, health Check included.
+        maximum_concurrent_rpcs=max(config.max_calls, config.max_open_streams + 256),
     )
     target = f"[{config.host}]:{config.port}" if ":" in config.host \
         else f"{config.host}:{config.port}"
@@ -144,14 +162,15 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
             store, pool, pool.about, ServiceLimits(
                 max_model_bytes=config.max_model_bytes, workers=config.workers,
                 max_queue=config.max_queue, timeout_s=config.timeout_s or None,
-                max_message_bytes=MAX_RECEIVE_BYTES),
+                max_message_bytes=MAX_RECEIVE_BYTES, upload_idle_s=config.upload_idle_s),
             version=version, default_device=config.device, auth_required=bool(config.token))
         service_pb2_grpc.add_GradprobeServicer_to_server(servicer, server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), server)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -34,5 +34,13 @@ class ProbeTimedOut(Exception):
     """The probe ran past --timeout-s or the client's deadline; its worker was replaced."""
 
 
+class UploadsBusy(Exception):
+    """--max-uploads uploads are already receiving data."""
+
+
+class UploadStalled(Exception):
+    """No upload message arrived for --upload-idle-s: the upload was cancelled and cleaned."""
+
+
 class ShuttingDown(Exception):
     """The server is draining after SIGTERM and accepts no new probes."""

@@ -43,6 +43,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where uploaded models are kept (default {default_store_dir()})")
     parser.add_argument("--grace-s", type=float, default=30.0,
                         help="on SIGTERM, how long in-flight probes may finish")
+    limits = parser.add_argument_group("stream and connection limits (docs/security.md)")
+    limits.add_argument("--max-open-streams", type=int, default=128,
+                        help="health Watch and reflection streams open at once (no token "
+                             "needed for health); more get RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-uploads", type=int, default=64,
+                        help="uploads receiving bytes at once (each holds a temp file); more "
+                             "get RESOURCE_EXHAUSTED")
+    limits.add_argument("--max-calls", type=int, default=2048,
+                        help="concurrent calls of every kind, server-wide")
+    limits.add_argument("--upload-idle-s", type=float, default=30.0,
+                        help="an upload that sends nothing for this long is cancelled")
+    limits.add_argument("--streams-per-connection", type=int, default=32,
+                        help="concurrent streams one client connection may open")
+    limits.add_argument("--max-connection-age-s", type=float, default=1800.0,
+                        help="connections are closed (gracefully) after this long")
+    limits.add_argument("--reflection", action="store_true",
+                        help="enable gRPC server reflection (needs the token when one is set)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -54,6 +71,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.max_model_mb <= 0:
         raise ConfigError(f"--max-model-mb must be positive, got {args.max_model_mb}")
+    for flag in ("max_open_streams", "max_uploads", "max_calls", "streams_per_connection"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, "
+                              f"got {getattr(args, flag)}")
+    for flag in ("upload_idle_s", "max_connection_age_s"):
+        if not getattr(args, flag) > 0:  # NaN fails too
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, "
+                              f"got {getattr(args, flag)}")
     token = None
     if args.token_file is not None:
         try:
@@ -68,6 +93,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_queue=args.max_queue, timeout_s=args.timeout_s or None, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         device=args.device, store_dir=args.store_dir, grace_s=args.grace_s,
+        max_open_streams=args.max_open_streams, max_uploads=args.max_uploads,
+        max_calls=args.max_calls,
+        upload_idle_s=args.upload_idle_s, streams_per_connection=args.streams_per_connection,
+        max_connection_age_s=args.max_connection_age_s, reflection=args.reflection,
     )
 
 

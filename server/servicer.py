@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gradprobe.server import convert
-from gradprobe.server.errors import UploadError
+from gradprobe.server.errors import UploadError, UploadStalled
 from gradprobe.server.interceptors import annotate
 from gradprobe.server.store import ModelStore, check_sha256
 from gradprobe.server.worker_process import About, Job
@@ -26,6 +26,7 @@ class ServiceLimits:
     max_queue: int
     timeout_s: float | None  # per probe; None: no limit
     max_message_bytes: int
+    upload_idle_s: float = 30.0  # no upload message for this long: cancelled and cleaned
 
 
 class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
@@ -53,8 +54,9 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
     async def UploadModel(self, request_iterator: AsyncIterator[spb.UploadModelRequest],
                           context) -> spb.UploadModelResponse:
         messages = request_iterator.__aiter__()
+        idle_s = self.limits.upload_idle_s
         try:
-            first = await messages.__anext__()
+            first = await _next_message(messages, idle_s)
         except StopAsyncIteration:
             raise UploadError("empty upload: the first message must carry the metadata") from None
         if first.WhichOneof("part") != "metadata":
@@ -69,7 +71,7 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
             return spb.UploadModelResponse(sha256=header.sha256,
                                            size_bytes=existing.stat().st_size,
                                            already_present=True)
-        await self.store.receive(header, _chunks(messages))
+        await self.store.receive(header, _chunks(messages, idle_s))
         return spb.UploadModelResponse(sha256=header.sha256, size_bytes=header.size_bytes)
 
     async def Diagnose(self, request: spb.DiagnoseRequest, context
@@ -116,8 +118,22 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
         )
 
 
-async def _chunks(messages: AsyncIterator[spb.UploadModelRequest]) -> AsyncIterator[bytes]:
-    async for message in messages:
+async def _next_message(messages: AsyncIterator[spb.UploadModelRequest],
+                        idle_s: float) -> spb.UploadModelRequest:
+    try:
+        return await asyncio.wait_for(messages.__anext__(), idle_s)
+    except asyncio.TimeoutError:
+        raise UploadStalled(f"no upload message for {idle_s:g}s (--upload-idle-s): the upload "
+                            "was cancelled") from None
+
+
+async def _chunks(messages: AsyncIterator[spb.UploadModelRequest],
+                  idle_s: float) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            message = await _next_message(messages, idle_s)
+        except StopAsyncIteration:
+            return
         if message.WhichOneof("part") != "chunk":
             raise UploadError("upload metadata may only come in the first message")
         yield message.chunk

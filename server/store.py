@@ -16,10 +16,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradprobe.server.errors import ModelNotFound, ModelTooLarge, RequestError, UploadError
+from gradprobe.server.errors import (
+    ModelNotFound,
+    ModelTooLarge,
+    RequestError,
+    UploadError,
+    UploadsBusy,
+)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 EXTENSIONS = {None: ".model", "onnx": ".onnx", "torchscript": ".pt"}
+# Empty chunks carry nothing; a stream of them would never end on its own.
+MAX_EMPTY_CHUNKS = 64
 
 
 def check_sha256(value: str) -> str:
@@ -40,9 +48,11 @@ class UploadHeader:
 
 
 class ModelStore:
-    def __init__(self, root: Path, max_model_bytes: int) -> None:
+    def __init__(self, root: Path, max_model_bytes: int, *, max_receiving: int = 64) -> None:
         self.root = Path(root).resolve()
         self.max_model_bytes = max_model_bytes
+        self.max_receiving = max_receiving  # uploads holding a temp file at once
+        self.receiving = 0
         self.incoming = self.root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
         for stale in self.incoming.glob("*.part"):  # left by a server that was killed
@@ -76,20 +86,37 @@ class ModelStore:
 
     async def receive(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> Path:
         """Stream `chunks` into the store, checking the byte count as it goes and the hash at the
-        end. Whatever goes wrong (including cancellation), no partial file stays behind."""
-        fd, tmp_name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=self.incoming)
-        tmp = Path(tmp_name)
+        end. Whatever goes wrong (including cancellation), no partial file stays behind. The
+        temp file is made at the first byte: an upload that only sent metadata holds none."""
+        tmp: Path | None = None
+        out = None
         digest = hashlib.sha256()
         received = 0
+        empty = 0
         try:
-            with os.fdopen(fd, "wb") as out:
-                async for chunk in chunks:
-                    received += len(chunk)
-                    if received > header.size_bytes:
-                        raise UploadError(
-                            f"upload sent more than the declared {header.size_bytes} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
+            async for chunk in chunks:
+                if not chunk:
+                    empty += 1
+                    if empty > MAX_EMPTY_CHUNKS:
+                        raise UploadError(f"upload sent more than {MAX_EMPTY_CHUNKS} empty "
+                                          "chunks")
+                    continue
+                received += len(chunk)
+                if received > header.size_bytes:
+                    raise UploadError(
+                        f"upload sent more than the declared {header.size_bytes} bytes")
+                if out is None:
+                    if self.receiving >= self.max_receiving:
+                        raise UploadsBusy(f"{self.max_receiving} uploads are receiving data "
+                                          "(--max-uploads); retry later")
+                    fd, tmp_name = tempfile.mkstemp(prefix="upload-", suffix=".part",
+                                                    dir=self.incoming)
+                    tmp, out = Path(tmp_name), os.fdopen(fd, "wb")
+                    self.receiving += 1
+                digest.update(chunk)
+                out.write(chunk)
+            if out is not None:
+                out.close()
             if received < header.size_bytes:
                 raise UploadError(
                     f"upload stream ended after {received} of {header.size_bytes} bytes")
@@ -98,8 +125,13 @@ class ModelStore:
                 raise UploadError(
                     f"sha256 of the uploaded bytes is {actual}, not the declared {header.sha256}")
             final = self.root / f"{header.sha256}{EXTENSIONS[header.format]}"
+            assert tmp is not None  # size_bytes > 0 and all of it arrived
             os.replace(tmp, final)  # atomic: a concurrent upload of the same bytes is harmless
             return final
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if out is not None:
+                out.close()
+                self.receiving -= 1
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()

@@ -3,7 +3,9 @@ then shown to fail against `gradprobe serve`, which keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 import warnings
 from pathlib import Path
 
@@ -12,9 +14,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import helper, numpy_helper
-from server_harness import shared_server
+from server_harness import shared_models, shared_server, start_test_server
 
+from gradprobe.client.api import Client
 from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
 from gradprobe.v1 import service_pb2 as spb
 from gradprobe.v1 import service_pb2_grpc
@@ -147,3 +152,118 @@ def test_a_torchscript_upload_cannot_write_files(server, stub, tmp_path: Path):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "aten::from_file" in error.details()
     assert not target.exists()
+
+
+# --- streams and connections -------------------------------------------------------------------
+
+TOKEN = "hardening-test-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    running = start_test_server(tmp_path_factory.mktemp("limited"), token=TOKEN,
+                                upload_idle_s=120.0)  # the other limits at their defaults
+    yield running
+    running.stop()
+
+
+async def _hold_streams(address: str, count: int, channels: int, open_call) -> tuple[list, list]:
+    """Open `count` streams spread over `channels` connections; return (channels, calls)."""
+    opened = [aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+              for _ in range(channels)]
+    return opened, [open_call(opened[i % channels], i) for i in range(count)]
+
+
+def _idle_upload(release: asyncio.Event):
+    def open_call(channel, i):
+        async def messages():
+            sha = hashlib.sha256(f"idle {i}".encode()).hexdigest()
+            yield spb.UploadModelRequest(metadata=spb.UploadMetadata(sha256=sha,
+                                                                     size_bytes=1 << 20))
+            await release.wait()
+        return service_pb2_grpc.GradprobeStub(channel).UploadModel(messages(), metadata=AUTH)
+    return open_call
+
+
+def _idle_watch(channel, i):
+    return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+
+@pytest.mark.slow
+def test_idle_streams_cannot_lock_out_health_or_work(limited_server, tmp_path: Path):
+    models = shared_models()
+
+    async def attack() -> tuple[int, int, int, int]:
+        release = asyncio.Event()
+        watch_channels, watches = await _hold_streams(limited_server.address, 400, 16,
+                                                      _idle_watch)
+        upload_channels, uploads = await _hold_streams(limited_server.address, 400, 16,
+                                                       _idle_upload(release))
+        await asyncio.sleep(5)  # every stream has reached the server or been refused
+        # idle uploads hold no file: the store's incoming folder stays empty
+        assert not list((limited_server.store_dir / "incoming").iterdir())
+        async with aio.insecure_channel(limited_server.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        def normal_diagnose():
+            with Client(limited_server.address, token=TOKEN, timeout_s=120) as client:
+                return client.diagnose(models.defect)
+
+        report = await asyncio.to_thread(normal_diagnose)
+        assert report.findings  # the planted defect is found
+        refused = [c for c in watches if c.done()
+                   and await c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        open_watches = sum(not c.done() for c in watches)
+        open_uploads = sum(not c.done() for c in uploads)
+        release.set()
+        for call in [*watches, *uploads]:
+            call.cancel()
+        for channel in [*watch_channels, *upload_channels]:
+            await channel.close()
+        return len(refused), open_watches, open_uploads, len(watches) + len(uploads)
+
+    refused, open_watches, open_uploads, total = asyncio.run(attack())
+    assert total == 800
+    assert 0 < open_watches <= 128 and refused == 400 - open_watches  # --max-open-streams
+    assert open_uploads == 400  # all still open, idle: they cost no file and no slot of work
+
+
+@pytest.mark.slow
+def test_an_idle_upload_is_cancelled_and_cleaned(tmp_path: Path):
+    running = start_test_server(tmp_path, upload_idle_s=2.0)
+    try:
+        stub = service_pb2_grpc.GradprobeStub(grpc.insecure_channel(running.address))
+        data = b"x" * 5000
+
+        def messages():
+            yield spb.UploadModelRequest(metadata=spb.UploadMetadata(
+                sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
+            yield spb.UploadModelRequest(chunk=data[:1000])
+            time.sleep(6)  # then nothing: the server gives up after 2 s
+
+        start = time.monotonic()
+        error = status_of(lambda: stub.UploadModel(messages(), timeout=30))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "--upload-idle-s" in error.details()
+        assert time.monotonic() - start < 5.5
+        assert not list((running.store_dir / "incoming").iterdir())  # the temp file is gone
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(running.address))
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop()
+
+
+def test_a_stream_of_empty_chunks_is_bounded(server, stub):
+    def messages():
+        yield spb.UploadModelRequest(metadata=spb.UploadMetadata(sha256="ab" * 32,
+                                                                 size_bytes=10))
+        for _ in range(100_000):
+            yield spb.UploadModelRequest(chunk=b"")
+
+    error = status_of(lambda: stub.UploadModel(messages(), timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty chunks" in error.details()
