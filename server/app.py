@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from gradprobe.server.interceptors import AuthInterceptor, ErrorMapInterceptor
 from gradprobe.server.limits import StreamLimitInterceptor, channel_options
 from gradprobe.server.servicer import CHUNK_BYTES, GradprobeServicer, ServiceLimits
 from gradprobe.server.store import ModelStore
+from gradprobe.server.worker_limits import default_worker_memory_mb
 from gradprobe.server.workers import WorkerPool
 from gradprobe.v1 import service_pb2, service_pb2_grpc
 
@@ -61,6 +64,10 @@ class ServeConfig:
     streams_per_connection: int = 32
     max_connection_age_s: float = 1800.0
     reflection: bool = False  # server reflection is opt-in (and needs the token when set)
+    worker_memory_mb: int | None = None  # per worker; None: from the machine's memory
+    store_max_gb: float | None = None  # store quota, LRU eviction; None: no quota
+    sandbox: bool = True  # confine workers (server/sandbox.py) where the kernel allows
+    worker_user: str | None = None  # workers setuid to this user (server started as root)
 
     @property
     def max_model_bytes(self) -> int:
@@ -108,6 +115,8 @@ class RunningServer:
         self.pool.drain()
         await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
         await self.pool.close()
+        if self.pool.scratch_root:
+            shutil.rmtree(self.pool.scratch_root, ignore_errors=True)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -118,7 +127,9 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
     (files, port) before any worker is started."""
     credentials = _credentials(config)
     store = ModelStore(config.store_dir or default_store_dir(), config.max_model_bytes,
-                       max_receiving=config.max_uploads)
+                       max_receiving=config.max_uploads,
+                       max_bytes=None if config.store_max_gb is None
+                       else int(config.store_max_gb * (1 << 30)))
     interceptors: list[aio.ServerInterceptor] = []
     if config.token:
         interceptors.append(AuthInterceptor(config.token))
@@ -151,7 +162,14 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {target}: {exc}") from None
 
-    pool = WorkerPool(config.workers, config.max_queue)
+    memory_mb = config.worker_memory_mb or default_worker_memory_mb(config.workers)
+    # workers write only below here (never the store): one folder each, emptied after a job
+    scratch_root = tempfile.mkdtemp(prefix="gradprobe-scratch-")
+    if config.worker_user:
+        os.chmod(scratch_root, 0o711)  # the workers' user must reach its own folder
+    pool = WorkerPool(config.workers, config.max_queue, memory_mb=memory_mb,
+                      scratch_root=scratch_root, store_dir=str(store.root),
+                      sandbox=config.sandbox, user=config.worker_user)
     await pool.start()
     try:
         devices = [d.name for d in pool.about.devices] if pool.about else []
@@ -162,7 +180,8 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
             store, pool, pool.about, ServiceLimits(
                 max_model_bytes=config.max_model_bytes, workers=config.workers,
                 max_queue=config.max_queue, timeout_s=config.timeout_s or None,
-                max_message_bytes=MAX_RECEIVE_BYTES, upload_idle_s=config.upload_idle_s),
+                max_message_bytes=MAX_RECEIVE_BYTES, upload_idle_s=config.upload_idle_s,
+                worker_memory_bytes=memory_mb << 20),
             version=version, default_device=config.device, auth_required=bool(config.token))
         service_pb2_grpc.add_GradprobeServicer_to_server(servicer, server)
         health = health_aio.HealthServicer()
@@ -176,6 +195,7 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         await pool.close()
+        shutil.rmtree(scratch_root, ignore_errors=True)
         raise
     return RunningServer(server, pool, health, port, config)
 
@@ -190,6 +210,9 @@ async def serve(config: ServeConfig, *, version: str,
              "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
              "token" if config.token else "off", config.device,
              ",".join(d.name for d in about.devices) if about else "?")
+    log.info("workers confined by: %s (memory cap %s MB each)",
+             ", ".join(about.confinement) if about and about.confinement else "nothing",
+             running.pool.memory_mb)
     stop_event = stop_event or asyncio.Event()
     await stop_event.wait()
     log.info("shutting down: draining in-flight calls for up to %.0fs", config.grace_s)

@@ -4,7 +4,12 @@ then shown to fail against `gradprobe serve`, which keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import re
+import subprocess
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -17,9 +22,10 @@ import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import helper, numpy_helper
-from server_harness import shared_models, shared_server, start_test_server
+from server_harness import SLOW_BATCH, shared_models, shared_server, start_test_server, wait_dead
 
 from gradprobe.client.api import Client
+from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
 from gradprobe.v1 import service_pb2 as spb
 from gradprobe.v1 import service_pb2_grpc
@@ -52,8 +58,8 @@ def diagnose(stub, sha: str, *, label: str | None = "model.onnx", shapes=None, t
     options = spb.DiagnoseOptions(device="cpu")
     if shapes:
         options.input_shapes.CopyFrom(spb.Shapes(shapes=[spb.Shape(dims=s) for s in shapes]))
-    if thresholds:
-        options.thresholds.values.update(thresholds)
+    for rule, values in (thresholds or {}).items():
+        options.thresholds[rule].CopyFrom(values)
     request = spb.DiagnoseRequest(sha256=sha, options=options)
     if label is not None:
         request.path_label = label
@@ -267,3 +273,168 @@ def test_a_stream_of_empty_chunks_is_bounded(server, stub):
     error = status_of(lambda: stub.UploadModel(messages(), timeout=60))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty chunks" in error.details()
+
+
+# --- workers: memory, errors, store quota, orphans ---------------------------------------------
+
+MEMORY_MB = 1500  # a worker takes ~0.9 GB with torch imported and warmed up
+QUOTA_BYTES = 200 * 1024
+
+
+class _AllocatesGigabytes(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        big = torch.ones([x.shape[0] * 400_000_000])  # 3.2 GB for a batch of 2
+        return self.fc(x) + big.sum() * 0
+
+
+class _RaisesText(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if bool(x.sum() > -1e30):
+            raise ValueError("EXFIL-MARKER " + str(x.shape[0]))
+        return self.fc(x)
+
+
+def _scripted_bytes(module: torch.nn.Module, tmp_path: Path) -> bytes:
+    path = tmp_path / "m.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(module), str(path))
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def capped_server(tmp_path_factory):
+    running = start_test_server(tmp_path_factory.mktemp("capped"), worker_memory_mb=MEMORY_MB,
+                                store_max_gb=QUOTA_BYTES / (1 << 30))
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def capped_stub(capped_server):
+    capped_server.wait_for_workers(1)
+    channel = grpc.insecure_channel(capped_server.address)
+    yield service_pb2_grpc.GradprobeStub(channel)
+    channel.close()
+
+
+@pytest.mark.slow
+def test_a_probe_over_the_memory_cap_is_resource_exhausted_and_the_worker_replaced(
+        capped_server, capped_stub, tmp_path: Path):
+    before = set(capped_server.pool.pids)
+    sha = upload(capped_stub, _scripted_bytes(_AllocatesGigabytes(), tmp_path))
+    error = status_of(lambda: diagnose(capped_stub, sha, label="big.pt", shapes=[[2, 4]]))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--worker-memory-mb" in error.details()
+    after = set(capped_server.wait_for_workers(1))
+    assert not before & after  # that worker was replaced
+    ok = upload(capped_stub, _mlp_onnx({"fc.weight": np.eye(8, dtype=np.float32),
+                                        "fc.bias": np.zeros(8, np.float32)}).SerializeToString())
+    assert diagnose(capped_stub, ok).report.model.sha256 == ok
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_any_work(capped_server, capped_stub):
+    sha = upload(capped_stub, _mlp_onnx({"fc.weight": np.eye(8, dtype=np.float32),
+                                         "fc.bias": np.zeros(8, np.float32)}).SerializeToString())
+    pids = set(capped_server.pool.pids)
+    start = time.monotonic()
+    error = status_of(lambda: diagnose(capped_stub, sha, shapes=[[200_000, 8, 1000]]))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--worker-memory-mb" in error.details() and time.monotonic() - start < 5
+    assert set(capped_server.pool.pids) == pids  # no worker was touched
+
+
+def test_request_errors_get_their_status_and_bounded_text(capped_server, capped_stub,
+                                                          tmp_path: Path):
+    mlp = _mlp_onnx({"fc.weight": np.eye(8, dtype=np.float32),
+                     "fc.bias": np.zeros(8, np.float32)})
+    sha = upload(capped_stub, mlp.SerializeToString())
+    for shapes in ([[-4, 8]], [[0, 8]]):
+        error = status_of(lambda: diagnose(capped_stub, sha, shapes=shapes))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    for value in (float("nan"), float("inf")):
+        error = status_of(lambda: diagnose(capped_stub, sha,
+                                           thresholds={"dead-relu": spb.Thresholds(
+                                               values={"dead_share": value})}))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "finite" in error.details()
+
+    raising = upload(capped_stub, _scripted_bytes(_RaisesText(), tmp_path))
+    error = status_of(lambda: diagnose(capped_stub, raising, label="r.pt", shapes=[[2, 4]]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "EXFIL-MARKER" not in error.details() and "ValueError" in error.details()
+
+    mlp.graph.node[1].op_type = "R" * 100_000  # a 100 KB operator name
+    long_name = upload(capped_stub, mlp.SerializeToString())
+    error = status_of(lambda: diagnose(capped_stub, long_name))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unsupported operator" in error.details() and len(error.details()) < 2000
+
+
+def test_the_store_quota_evicts_the_least_recently_used_model(capped_server, capped_stub):
+    rng = np.random.default_rng(11)
+    blobs = [rng.bytes(80 * 1024) for _ in range(3)]
+    first, second = upload(capped_stub, blobs[0]), upload(capped_stub, blobs[1])
+    time.sleep(0.05)
+    assert capped_stub.HasModel(spb.HasModelRequest(sha256=first), timeout=10).present
+    third = upload(capped_stub, blobs[2])  # 240 KB > 200 KB: the least recently used goes
+    present = {sha: capped_stub.HasModel(spb.HasModelRequest(sha256=sha), timeout=10).present
+               for sha in (first, second, third)}
+    assert present == {first: True, second: False, third: True}
+    stored = sum(p.stat().st_size for p in capped_server.store_dir.iterdir() if p.is_file())
+    assert stored <= QUOTA_BYTES
+    error = status_of(lambda: upload(capped_stub, rng.bytes(QUOTA_BYTES + 1)))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--store-max-gb" in error.details()
+
+
+def _worker_pids(server_pid: int) -> list[int]:
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    return [int(pid) for pid in children
+            if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_killed_server_takes_its_busy_worker_with_it(tmp_path: Path):
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gradprobe.client.cli", "serve", "--port", "0",
+             "--workers", "1", "--store-dir", str(tmp_path / "store")],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (found := re.search(r"listening on (127\.0\.0\.1:\d+)",
+                                      log_path.read_text(errors="replace"))):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        models = shared_models()
+        probing = threading.Event()
+
+        def slow_probe() -> None:
+            with contextlib.suppress(Exception), \
+                    Client(found.group(1), timeout_s=120) as client:
+                client.diagnose(models.slow, DiagnoseOptions(batch_size=SLOW_BATCH),
+                                progress=lambda stage, _: stage == "probe" and probing.set())
+
+        thread = threading.Thread(target=slow_probe, daemon=True)
+        thread.start()
+        assert probing.wait(120), "the slow probe never began"
+        workers = _worker_pids(process.pid)
+        assert workers
+        process.kill()  # kill -9: no chance to clean up
+        process.wait()
+        for pid in workers:
+            wait_dead(pid, timeout_s=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
