@@ -7,6 +7,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,41 @@ def test_a_server_worker_runs_confined():
         for pid in server.pool.pids:
             status = Path(f"/proc/{pid}/status").read_text()
             assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+
+
+LIFELINE_ONLY = r"""
+import multiprocessing, os, sys, time
+
+def child(lifeline, parent_pid):
+    from gradprobe.server.worker_limits import die_with_parent
+    sys.platform = "not-linux"  # no PR_SET_PDEATHSIG: the pipe alone must do it
+    die_with_parent(parent_pid, lifeline)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    lifeline, keep = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=child, args=(lifeline, os.getpid()))
+    process.start()
+    lifeline.close()
+    print(process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_lifeline_pipe_alone_ends_a_worker_whose_server_was_killed(tmp_path: Path):
+    from server_harness import wait_dead
+
+    script = tmp_path / "parent.py"
+    script.write_text(LIFELINE_ONLY)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(3.0)  # the child is past die_with_parent
+        assert "zombie" not in Path(f"/proc/{child}/status").read_text()  # it runs
+        parent.kill()  # kill -9
+        parent.wait()
+        wait_dead(child, timeout_s=10)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
