@@ -74,6 +74,7 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
                                            size_bytes=existing.stat().st_size,
                                            already_present=True)
         await self.store.receive(header, _chunks(messages, idle_s))
+        annotate(store_bytes=self.store.used_bytes)  # the store's size, in the access log
         return spb.UploadModelResponse(sha256=header.sha256, size_bytes=header.size_bytes)
 
     async def Diagnose(self, request: spb.DiagnoseRequest, context
