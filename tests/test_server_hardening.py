@@ -438,3 +438,21 @@ def test_a_killed_server_takes_its_busy_worker_with_it(tmp_path: Path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_client_that_pings_too_often_is_disconnected(server):
+    """Keep-alive enforcement: pings more often than every 10 s without data are strikes; two
+    strikes and the server closes the connection (GOAWAY too_many_pings)."""
+    channel = grpc.insecure_channel(server.address, options=[
+        ("grpc.keepalive_time_ms", 500), ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0)])
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                        timeout=60)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        for reply in watch:
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    assert "too many pings" in caught.value.details().lower()
+    assert time.monotonic() - start < 30
+    channel.close()
