@@ -4,6 +4,7 @@ enforces once `confine` has run. Each layer is asserted where this kernel has it
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -141,3 +142,31 @@ def test_the_lifeline_pipe_alone_ends_a_worker_whose_server_was_killed(tmp_path:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+DROP = r"""
+import os, sys
+from gradprobe.server.sandbox import drop_privileges
+drop_privileges("nobody")
+try:
+    open(os.path.join(sys.argv[1], "as_root_owned.txt"), "w")
+    print(os.getuid(), "wrote")
+except PermissionError:
+    print(os.getuid(), "refused")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_workers_can_switch_to_an_unprivileged_user(tmp_path: Path):
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        pytest.skip("no user 'nobody'")
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    done = subprocess.run([sys.executable, "-c", DROP, str(private)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(nobody), "refused"]
