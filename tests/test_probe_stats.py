@@ -34,3 +34,143 @@ def test_a_missing_gradient_counts_as_zero():
     r = row(torch.full((3, 4), 0.5), None)
     assert r["grad_norm"] == 0 and r["zero_grad_fraction"] == 1 and r["constant"] == 1
     assert r["grad_to_weight"] == 0
+
+
+# --- the batched statistics against the per-value formulas they replace ---------------------
+
+from gradprobe.diagnostics.graph import ProbePoint  # noqa: E402
+from gradprobe.diagnostics.probe import (  # noqa: E402
+    _ACT_FIELDS,
+    _PARAM_FIELDS,
+    _activation_row,
+    _Collector,
+    _gradient_row,
+)
+
+
+def reference_activation(x: torch.Tensor, point: ProbePoint) -> dict[str, float]:
+    """One statistic at a time, in float64, straight from the definitions."""
+    x = x.double()
+    kind = point.nonlinearity if point.role == "activation" else None
+    var = x.var(correction=0)
+    out = {"mean": x.mean(), "var": var, "min": x.min(), "max": x.max(),
+           "zero_fraction": (x == 0).double().mean(), "nonfinite": (~x.isfinite()).sum(),
+           "sample_var": x.var(dim=0, correction=0).mean() if x.shape[0] > 1 else var,
+           "saturation": 0.0, "dead_units": 0.0}
+    if kind == "relu":
+        dims = [d for d in range(x.dim()) if d != point.channel_axis % x.dim()]
+        out["dead_units"] = (x.amax(dim=dims) <= 0).double().mean()
+    if kind == "tanh":
+        out["saturation"] = ((1 - x * x) < 0.01).double().mean()
+    return {k: float(v) for k, v in out.items()}
+
+
+def point(kind: str | None = None, axis: int = 1) -> ProbePoint:
+    role = "activation" if kind else "linear"
+    return ProbePoint(index=0, layer="l", node="n", op="Relu", role=role, nonlinearity=kind,
+                      channel_axis=axis)
+
+
+def cases() -> list[tuple[torch.Tensor, ProbePoint]]:
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(4, 8, 5, 5, generator=gen) * 3 + 1.5
+    relu = conv.clamp_min(0)
+    relu[:, 2] = 0  # a dead channel
+    tokens = torch.randn(2, 7, 16, generator=gen)
+    same_rows = torch.randn(1, 30, generator=gen).expand(5, 30).contiguous()
+    return [
+        (conv, point()), (relu, point("relu")), (torch.tanh(conv), point("tanh")),
+        (tokens, point(axis=-1)), (tokens.clamp_min(0), point("relu", axis=-1)),
+        (torch.randn(1, 64, generator=gen), point()), (torch.randn(9, generator=gen), point()),
+        (same_rows, point()), (torch.full((3, 4), 2.5), point()),
+        (torch.randn(3, 1000, generator=gen) + 1e3, point()),
+    ]
+
+
+def test_activation_rows_match_the_definitions_to_float32_rounding():
+    for x, p in cases():
+        got = dict(zip(_ACT_FIELDS, _activation_row(x, p).tolist(), strict=True))
+        want = reference_activation(x, p)
+        for field in _ACT_FIELDS:
+            assert math.isclose(got[field], want[field], rel_tol=2e-6, abs_tol=1e-9 * (
+                1 + abs(want["mean"]) ** 2)), (field, tuple(x.shape), got[field], want[field])
+
+
+def test_nonfinite_activations_are_counted_and_poison_the_moments():
+    x = torch.randn(4, 6)
+    x[0, 0], x[1, 3], x[2, 2] = math.nan, math.inf, -math.inf
+    row = dict(zip(_ACT_FIELDS, _activation_row(x, point()).tolist(), strict=True))
+    assert row["nonfinite"] == 3
+    assert math.isnan(row["mean"]) and math.isnan(row["var"])
+
+
+def test_a_batch_of_values_reads_the_same_as_each_value_alone():
+    collector = _Collector()
+    values = cases()
+    for i, (x, p) in enumerate(values):
+        collector.tap(ProbePoint(**{**p.__dict__, "index": i}), x)
+    order, table = collector.activation_table()
+    assert order == list(range(len(values)))
+    for row, (x, p) in zip(table, values, strict=True):
+        assert torch.equal(row, _activation_row(x, p))
+
+
+def test_a_value_changed_in_place_after_its_tap_marks_the_batch_stale():
+    collector = _Collector()
+    x = torch.randn(4, 5)
+    collector.tap(point(), x)
+    x.relu_()
+    collector.activation_table()
+    assert collector.stale
+    immediate = _Collector(immediate=True)
+    y = torch.randn(4, 5)
+    immediate.tap(point(), y)
+    before = _activation_row(y, point())
+    y.relu_()
+    _, table = immediate.activation_table()
+    assert not immediate.stale and torch.equal(table[0], before)
+
+
+def test_gradient_calls_for_one_point_add_up_to_the_full_gradient():
+    collector = _Collector()
+    x = torch.randn(3, 4, requires_grad=True)
+    y = x * 1.0
+    collector.tap(point(), y)
+    (y.sum() * 2 + (y * y).sum()).backward()
+    points, table = collector.gradient_table()
+    full = 2 + 2 * x.detach()
+    assert points == [0]
+    assert torch.allclose(table[0], _gradient_row(full), rtol=1e-6)
+    assert math.isclose(table[0, 0].item(), float(full.norm()), rel_tol=1e-6)
+
+
+def reference_param(w: torch.Tensor, g: torch.Tensor | None, owner: ProbePoint | None) -> list:
+    w = w.double()
+    g = torch.zeros_like(w) if g is None else g.double()
+    n = max(w.numel(), 1)
+    wn, gn = w.norm(), g.norm()
+    spread = math.nan
+    if owner is not None and w.dim() >= 2 and w.shape[0] >= 2:
+        u = g.reshape(w.shape[0], -1)
+        spread = float((u - u[:1]).abs().max() / u.abs().max().clamp_min(1e-30))
+    return [float(w.mean()), float(w.std(correction=0)), float(w.abs().max()), 0.0, float(gn),
+            float(gn / math.sqrt(n)), float(gn / wn), float((g == 0).double().mean()), 0.0,
+            spread, float((w == w.reshape(-1)[0]).all())]
+
+
+def test_parameter_rows_match_the_definitions_to_float32_rounding():
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(16, 8, 3, 3, generator=gen) * 0.1, torch.randn(10, 32, generator=gen),
+               torch.randn(32, generator=gen) + 5.0, torch.full((4, 4), 0.25)]
+    grads = [torch.randn(w.shape, generator=gen) * 1e-3 for w in weights]
+    grads[1][:, 0] = 0.0
+    grads[3] = torch.ones(4, 4)  # every unit gets the same update: spread 0
+    owners = [point(), point(), None, point()]
+    for w, g, o in zip(weights, grads, owners, strict=True):
+        got = dict(zip(_PARAM_FIELDS, _param_row(w, g, o).tolist(), strict=True))
+        for field, want in zip(_PARAM_FIELDS, reference_param(w, g, o), strict=True):
+            if math.isnan(want):
+                assert math.isnan(got[field]), field
+            else:
+                assert math.isclose(got[field], want, rel_tol=2e-6, abs_tol=1e-12), \
+                    (field, got[field], want)
