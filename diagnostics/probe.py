@@ -99,13 +99,15 @@ class ProbeResult:
 # keeps a reference to its value (and computes the one per-value reduction that has no
 # multi-tensor form, the batch mean per position), and once the pending values hold
 # _FLUSH_BYTES, or the pass ends, one set of multi-tensor (`torch._foreach_*`) reductions
-# measures them all. Sums accumulate in float64. Parameters are measured the same way, after
-# the backward pass. Each field of _ACT_FIELDS / _GRAD_FIELDS / _PARAM_FIELDS is one column built
-# from those per-value sums in `_activation_table`, `_gradient_table`, `_param_table`.
+# measures them all. Parameters are measured the same way after the backward pass. Only sums
+# (float64) are computed on the device; they reach the host in the pass's single copy, where
+# `_activation_fields`, `_gradient_rows` and `_param_rows` turn them into the fields named by
+# _ACT_FIELDS / _GRAD_FIELDS / _PARAM_FIELDS (a new field: a sum here, a formula there).
 
 _F64 = torch.float64
-# Pending values are measured together once they hold this much; a flush makes one copy of
-# the pending values (for min and the non-finite count), so this also bounds the extra memory.
+# Pending values are measured together once they hold this much; a flush makes one temporary
+# copy of the pending values (for the minimum and the non-finite count), so this also bounds
+# the extra memory.
 _FLUSH_BYTES = 32 << 20
 
 
@@ -113,7 +115,7 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _chunks(tensors: list[torch.Tensor], budget: int = _FLUSH_BYTES) -> Iterator[slice]:
+def _chunks(tensors: Sequence[torch.Tensor], budget: int = _FLUSH_BYTES) -> Iterator[slice]:
     """Consecutive slices of `tensors` holding at most `budget` bytes each (at least one)."""
     start, held = 0, 0
     for i, t in enumerate(tensors):
@@ -125,27 +127,62 @@ def _chunks(tensors: list[torch.Tensor], budget: int = _FLUSH_BYTES) -> Iterator
         yield slice(start, len(tensors))
 
 
-def _min_and_nonfinite(xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per tensor: the minimum (negated max of -x) and the count of NaN/+-inf entries (-x + x
-    is 0 for every finite entry and NaN for the rest), from one temporary copy."""
+def _clamp_min(value: float, low: float) -> float:
+    return low if value < low else value  # NaN stays NaN
+
+
+class _DeviceSums:
+    """Device tensors that reach the host together, in the pass's single copy."""
+
+    def __init__(self) -> None:
+        self._pieces: list[torch.Tensor] = []
+        self._size = 0
+
+    def add(self, values: Sequence[torch.Tensor]) -> slice:
+        """Queue 0-d tensors (one stack); returns where they will sit in `fetch()`."""
+        return self.add_flat(torch.stack(list(values)))
+
+    def add_flat(self, flat: torch.Tensor) -> slice:
+        where = slice(self._size, self._size + flat.numel())
+        self._pieces.append(flat)
+        self._size += flat.numel()
+        return where
+
+    def fetch(self) -> list[float]:
+        if not self._pieces:
+            return []
+        flat = self._pieces[0] if len(self._pieces) == 1 else torch.cat(self._pieces)
+        return flat.to(_F64).cpu().tolist()
+
+
+def _negated_max(xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per tensor: max(-x) (minus the minimum) and the count of NaN/+-inf entries (-x + x is 0
+    for every finite entry and NaN for the rest), from one temporary copy."""
     neg = torch._foreach_neg(xs)
     neg_max = torch._foreach_max(neg)
     torch._foreach_add_(neg, xs)
-    return neg_max, list(torch._foreach_norm(neg, 0, dtype=_F64))
+    return neg_max, torch._foreach_norm(neg, 0, dtype=_F64)
 
+
+def _nonfinite_counts(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return torch._foreach_norm(torch._foreach_sub(xs, xs), 0, dtype=_F64)
+
+
+# --- activations ---
 
 @dataclass
 class _PendingActivation:
     index: int
     value: torch.Tensor
     version: int  # value._version at the tap: an in-place op later would change what we read
-    batch_mean: torch.Tensor  # mean over the batch axis per position (a copy: reduced in place)
+    batch_mean: torch.Tensor  # mean over the batch axis per position (our copy: centred in place)
     single: bool  # no batch axis to average over: sample_var is the variance itself
     unit_max: torch.Tensor | None  # ReLU: the largest entry of each unit
     saturated: torch.Tensor | None  # sigmoid/tanh: saturated fraction
 
 
-def _pending_activation(value: torch.Tensor, point: ProbePoint) -> _PendingActivation:
+def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _PendingActivation:
+    """What a tap computes at once: the reductions that have no multi-tensor form."""
     x = value
     acc = _F64 if x.dtype == _F64 else torch.float32
     single = x.dim() == 0 or x.shape[0] <= 1
@@ -157,209 +194,267 @@ def _pending_activation(value: torch.Tensor, point: ProbePoint) -> _PendingActiv
             axis = point.channel_axis % x.dim()
             unit_max = x.amax(dim=[d for d in range(x.dim()) if d != axis])
         else:
-            unit_max = x.amax().reshape(1)
+            unit_max = x.amax(dim=0, keepdim=True)
     saturated = None
     if kind in ("sigmoid", "tanh"):
         xf = x.float()
-        # a sigmoid/tanh entry is saturated where its local derivative is below 1% of its peak
         low = (xf * (1 - xf)) < 0.25 * SATURATION_DERIVATIVE if kind == "sigmoid" \
             else (1 - xf * xf) < SATURATION_DERIVATIVE
         saturated = low.float().mean()
-    return _PendingActivation(-1, x, x._version, batch_mean, single, unit_max, saturated)
+    return _PendingActivation(index, x, x._version, batch_mean, single, unit_max, saturated)
 
 
-_ACT_RAW = ("sum_sq_dev", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_sum",
-            "mean_neg_sum", "mean_sq_dev", "saturation")
+# Per-value sums measured on the device; `_activation_fields` turns them into _ACT_FIELDS.
+_ACT_SUMS = ("sum_sq_dev", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_sum",
+             "mean_neg_sum", "mean_sq_dev")
 
 
-def _activation_raw(pend: list[_PendingActivation]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-value sums (rows _ACT_RAW, one column per value) and the dead-unit fraction.
-    Moments are sums of squared deviations (two passes, as exact as float32 allows even when
-    the mean dwarfs the spread); the batch means are centred in place."""
-    xs = [p.value for p in pend]
-    means = [p.batch_mean for p in pend]
-    device = xs[0].device
-    neg_max, nonfinite = _min_and_nonfinite(xs)
-    deviations = torch._foreach_sub(xs, means)
-    scalars = [*torch._foreach_powsum(deviations, 2, dtype=_F64)]
-    del deviations
-    scalars += [*torch._foreach_norm(xs, 0, dtype=_F64), *torch._foreach_max(xs), *neg_max,
-                *nonfinite, *torch._foreach_norm(means, 1, dtype=_F64)]
-    negative = torch._foreach_clamp_max(means, 0.0)  # sum(x) = sum|x| - 2 sum|min(x, 0)|
-    scalars += torch._foreach_norm(negative, 1, dtype=_F64)
-    del negative
-    k = len(pend)
-    sums = torch.stack(scalars[-2 * k:]).reshape(2, k)
-    sizes = torch.tensor([p.batch_mean.numel() for p in pend], dtype=_F64, device=device)
-    centre = ((sums[0] - 2 * sums[1]) / sizes).to(means[0].dtype)
-    torch._foreach_sub_(means, list(centre.unbind(0)))
-    scalars += torch._foreach_powsum(means, 2, dtype=_F64)
-    zero = torch.zeros((), dtype=_F64, device=device)
-    scalars += [zero if p.saturated is None else p.saturated for p in pend]
-    raw = torch.stack(scalars).reshape(len(_ACT_RAW), k)
-    # Dead units: the fraction of units whose largest entry is <= 0, one segment per value (a
-    # value that is not a ReLU gets a single live unit).
-    live = torch.ones(1, dtype=_F64, device=device)
-    unit_max = [live if p.unit_max is None else p.unit_max for p in pend]
-    lengths = torch.tensor([u.numel() for u in unit_max], device=device)
-    dead = torch.segment_reduce(torch.cat(unit_max).le(0).to(_F64), "mean", lengths=lengths)
-    return raw, dead
+@dataclass
+class _ActivationBatch:
+    """Pending values measured together: where their sums will sit in the host copy."""
+
+    indices: list[int]
+    numel: list[int]
+    positions: list[int]
+    single: list[bool]
+    sums: slice
+    saturated: dict[int, slice]  # position in the batch -> host slot
+    unit_max: dict[int, tuple[int, int]]  # position in the batch -> (host offset, units)
+
+    @staticmethod
+    def measure(sums: _DeviceSums, pend: list[_PendingActivation]) -> _ActivationBatch:
+        """Moments from sums of squared deviations (two passes, as exact as float32 allows
+        even when the mean dwarfs the spread); the batch means are centred in place."""
+        xs = [p.value for p in pend]
+        means = [p.batch_mean for p in pend]
+        positions = [m.numel() for m in means]
+        neg_max, nonfinite = _negated_max(xs)
+        scalars = list(torch._foreach_powsum(torch._foreach_sub(xs, means), 2, dtype=_F64))
+        scalars += [*torch._foreach_norm(xs, 0, dtype=_F64), *torch._foreach_max(xs), *neg_max,
+                    *nonfinite]
+        # sum(m) = sum|m| - 2 sum|min(m, 0)|: the multi-tensor reductions have no signed sum
+        abs_sum = torch._foreach_norm(means, 1, dtype=_F64)
+        neg_sum = torch._foreach_norm(torch._foreach_clamp_max(means, 0.0), 1, dtype=_F64)
+        centre = torch._foreach_div(torch._foreach_add(abs_sum, neg_sum, alpha=-2),
+                                    [float(p) for p in positions])
+        torch._foreach_sub_(means, centre)
+        scalars += [*abs_sum, *neg_sum, *torch._foreach_powsum(means, 2, dtype=_F64)]
+        scalars += [p.saturated for p in pend if p.saturated is not None]
+        where = sums.add(scalars)
+        saturated, unit_max = {}, {}
+        offset = where.start + len(_ACT_SUMS) * len(pend)
+        for i, p in enumerate(pend):
+            if p.saturated is not None:
+                saturated[i] = slice(offset, offset + 1)
+                offset += 1
+        maxima = [p.unit_max for p in pend if p.unit_max is not None]
+        if maxima:
+            offset = sums.add_flat(torch.cat(maxima) if len(maxima) > 1 else maxima[0]).start
+            for i, p in enumerate(pend):
+                if p.unit_max is not None:
+                    unit_max[i] = (offset, p.unit_max.numel())
+                    offset += p.unit_max.numel()
+        return _ActivationBatch([p.index for p in pend], [p.value.numel() for p in pend],
+                                positions, [p.single for p in pend], where, saturated, unit_max)
+
+    def rows(self, host: list[float]) -> dict[int, dict[str, float]]:
+        k = len(self.indices)
+        values = host[self.sums]
+        out = {}
+        for i, index in enumerate(self.indices):
+            s = {name: values[j * k + i] for j, name in enumerate(_ACT_SUMS)}
+            saturation = host[self.saturated[i]][0] if i in self.saturated else 0.0
+            dead = 0.0
+            if i in self.unit_max:
+                offset, units = self.unit_max[i]
+                dead = sum(1 for v in host[offset:offset + units] if v <= 0) / units
+            out[index] = _activation_fields(s, self.numel[i], self.positions[i], self.single[i],
+                                            dead, saturation)
+        return out
 
 
-def _activation_table(raw: torch.Tensor, dead: torch.Tensor, numel: list[int],
-                      positions: list[int], single: list[bool]) -> torch.Tensor:
-    """Rows of _ACT_FIELDS, one per value, from the per-value sums of `_activation_raw`."""
-    r = dict(zip(_ACT_RAW, raw.unbind(0), strict=True))
-    sizes = torch.tensor([numel, positions, [float(s) for s in single]], dtype=_F64,
-                         device=raw.device)
-    n, p, is_single = sizes.unbind(0)
+def _activation_fields(s: dict[str, float], numel: int, positions: int, single: bool,
+                       dead: float, saturation: float) -> dict[str, float]:
     # Law of total variance: the variance of all entries is the mean variance across the batch
     # (sample_var) plus the variance of the per-position batch means.
-    sample_var = r["sum_sq_dev"] / n
-    var = sample_var + r["mean_sq_dev"] / p
-    columns = {
-        "mean": (r["mean_abs_sum"] - 2 * r["mean_neg_sum"]) / p, "var": var,
-        "min": -r["neg_max"], "max": r["max"], "zero_fraction": (n - r["nonzero"]) / n,
-        "dead_units": dead, "saturation": r["saturation"], "nonfinite": r["nonfinite"],
-        "sample_var": torch.where(is_single > 0, var, sample_var),
+    sample_var = s["sum_sq_dev"] / numel
+    var = sample_var + s["mean_sq_dev"] / positions
+    fields = {
+        "mean": (s["mean_abs_sum"] - 2 * s["mean_neg_sum"]) / positions, "var": var,
+        "min": -s["neg_max"], "max": s["max"], "zero_fraction": (numel - s["nonzero"]) / numel,
+        "dead_units": dead, "saturation": saturation, "nonfinite": s["nonfinite"],
+        "sample_var": var if single else sample_var,
     }
-    return torch.stack([columns[f] for f in _ACT_FIELDS], dim=1)
+    return {f: fields[f] for f in _ACT_FIELDS}
 
 
 def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
-    """_ACT_FIELDS of one value (the batched path, for a single value)."""
+    """_ACT_FIELDS of one value, through the batched path (tests, tools)."""
+    sums = _DeviceSums()
     with torch.no_grad():
-        pend = _pending_activation(value, point)
-        raw, dead = _activation_raw([pend])
-        return _activation_table(raw, dead, [value.numel()], [pend.batch_mean.numel()],
-                                 [pend.single])[0]
+        batch = _ActivationBatch.measure(sums, [_pending_activation(0, value, point)])
+    row = batch.rows(sums.fetch())[0]
+    return torch.tensor([row[f] for f in _ACT_FIELDS], dtype=_F64)
 
 
-def _gradient_raw(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Rows (sum of squares, non-finite count), one column per gradient."""
-    _, nonfinite = _min_and_nonfinite(grads)
-    return torch.stack([*torch._foreach_powsum(grads, 2, dtype=_F64), *nonfinite]) \
-        .reshape(2, len(grads))
+# --- gradients of the tapped values ---
+
+@dataclass
+class _GradientBatch:
+    indices: list[int]
+    sums: slice  # k sums of squares, then k non-finite counts
+
+    @staticmethod
+    def measure(sums: _DeviceSums, indices: list[int],
+                grads: list[torch.Tensor]) -> _GradientBatch:
+        scalars = [*torch._foreach_powsum(grads, 2, dtype=_F64), *_nonfinite_counts(grads)]
+        return _GradientBatch(indices, sums.add(scalars))
 
 
-def _gradient_table(raw: torch.Tensor, numel: list[int]) -> torch.Tensor:
-    """Rows of _GRAD_FIELDS from summed `_gradient_raw` columns."""
-    norm = raw[0].sqrt()
-    n = torch.tensor(numel, dtype=_F64, device=raw.device)
-    columns = {"norm": norm, "rms": norm / n.sqrt(), "nonfinite": raw[1]}
-    return torch.stack([columns[f] for f in _GRAD_FIELDS], dim=1)
+def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
+                   host: list[float]) -> dict[int, dict[str, float]]:
+    """A value read by several consumers gets one hook call per path on some graphs: the
+    squared norms and counts of all calls add up per point."""
+    total: dict[int, list[float]] = {}
+    for batch in batches:
+        values = host[batch.sums]
+        k = len(batch.indices)
+        for i, index in enumerate(batch.indices):
+            acc = total.setdefault(index, [0.0, 0.0])
+            acc[0] += values[i]
+            acc[1] += values[k + i]
+    out = {}
+    for index, (sum_sq, nonfinite) in total.items():
+        norm = math.sqrt(sum_sq)
+        fields = {"norm": norm, "rms": norm / math.sqrt(max(numel[index], 1)),
+                  "nonfinite": nonfinite}
+        out[index] = {f: fields[f] for f in _GRAD_FIELDS}
+    return out
 
 
 def _gradient_row(grad: torch.Tensor) -> torch.Tensor:
+    sums = _DeviceSums()
     with torch.no_grad():
-        return _gradient_table(_gradient_raw([grad]), [max(grad.numel(), 1)])[0]
+        batch = _GradientBatch.measure(sums, [0], [grad])
+    row = _gradient_rows([batch], {0: grad.numel()}, sums.fetch())[0]
+    return torch.tensor([row[f] for f in _GRAD_FIELDS], dtype=_F64)
 
 
-def _units_view(t: torch.Tensor, point: ProbePoint | None) -> torch.Tensor | None:
-    """The tensor as (output units, rest) for a layer weight, else None."""
-    if point is None or t.dim() < 2:
+# --- parameters ---
+
+def _unit_rows(shape: torch.Size, point: ProbePoint | None) -> int | None:
+    """How many output units a layer weight of this shape has, else None."""
+    if point is None or len(shape) < 2:
         return None
+    return math.prod(shape[1:]) if point.weight_layout == "in_out" else shape[0]
+
+
+def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient as units and its first unit, broadcastable against each other."""
     if point.weight_layout == "in_out":
-        return t.reshape(t.shape[0], -1).t()
-    return t.reshape(t.shape[0], -1)
+        units = g.reshape(g.shape[0], -1)
+        return units, units[:, :1]
+    return g, g[:1]
 
 
 # Per-parameter sums; a parameter that lacks one (empty, no gradient, not a layer weight)
 # reads the default.
-_PARAM_RAW = {"w_abs": 0.0, "w_sq": 0.0, "w_absmax": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
-              "w_neg_sum": 0.0, "w_nonfinite": 0.0, "g_sq": 0.0, "g_nonzero": 0.0,
-              "g_nonfinite": 0.0, "unit_diff": math.nan, "unit_max": math.nan}
+_PARAM_SUMS = {"w_abs": 0.0, "w_sq": 0.0, "w_absmax": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
+               "w_neg_sum": 0.0, "w_nonfinite": 0.0, "g_sq": 0.0, "g_nonzero": 0.0,
+               "g_nonfinite": 0.0, "unit_diff": math.nan, "unit_max": math.nan}
 
 
-def _param_table(params: list[torch.Tensor], grads: list[torch.Tensor | None],
-                 owners: list[ProbePoint | None]) -> torch.Tensor:
-    """Rows of _PARAM_FIELDS, one per parameter, from multi-tensor reductions."""
-    device = params[0].device
-    found: dict[str, list[tuple[int, torch.Tensor]]] = {k: [] for k in _PARAM_RAW}
+def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+                owners: list[ProbePoint | None]) -> dict[str, list[tuple[int, int]]]:
+    """Queue every parameter's sums; returns, per key of _PARAM_SUMS, (parameter, host slot)."""
+    found: dict[str, list[tuple[int, int]]] = {k: [] for k in _PARAM_SUMS}
 
-    def record(key: str, where: list[int], values: Sequence[torch.Tensor]) -> None:
-        found[key].extend(zip(where, values, strict=True))
+    def record(where: list[int], columns: dict[str, Sequence[torch.Tensor]]) -> None:
+        slots = sums.add([v for values in columns.values() for v in values])
+        offset = slots.start
+        for key, values in columns.items():
+            found[key].extend(zip(where, range(offset, offset + len(values)), strict=True))
+            offset += len(values)
 
     with torch.no_grad():
         full = [i for i, p in enumerate(params) if p.numel()]
         for part in _chunks([params[i] for i in full]):
             where = full[part]
             ws = [params[i] for i in where]
-            record("w_abs", where, torch._foreach_norm(ws, 1, dtype=_F64))
-            record("w_sq", where, torch._foreach_powsum(ws, 2, dtype=_F64))
-            record("w_absmax", where, torch._foreach_norm(ws, math.inf, dtype=_F64))
-            record("w_max", where, torch._foreach_max(ws))
-            neg_max, nonfinite = _min_and_nonfinite(ws)
-            record("w_neg_max", where, neg_max)
-            record("w_nonfinite", where, nonfinite)
+            neg_max, nonfinite = _negated_max(ws)
             neg = torch._foreach_neg(ws)
             torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
-            record("w_neg_sum", where, torch._foreach_norm(neg, 1, dtype=_F64))
+            record(where, {
+                "w_abs": torch._foreach_norm(ws, 1, dtype=_F64),
+                "w_sq": torch._foreach_powsum(ws, 2, dtype=_F64),
+                "w_absmax": torch._foreach_norm(ws, math.inf, dtype=_F64),
+                "w_max": torch._foreach_max(ws), "w_neg_max": neg_max, "w_nonfinite": nonfinite,
+                "w_neg_sum": torch._foreach_norm(neg, 1, dtype=_F64)})
             del neg
         with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
         for part in _chunks([grads[i] for i in with_grad]):  # type: ignore[misc]
             where = with_grad[part]
             gs = [grads[i] for i in where]
-            record("g_sq", where, torch._foreach_powsum(gs, 2, dtype=_F64))
-            record("g_nonzero", where, torch._foreach_norm(gs, 0, dtype=_F64))
-            record("g_nonfinite", where, _min_and_nonfinite(gs)[1])
+            record(where, {"g_sq": torch._foreach_powsum(gs, 2, dtype=_F64),
+                           "g_nonzero": torch._foreach_norm(gs, 0, dtype=_F64),
+                           "g_nonfinite": _nonfinite_counts(gs)})
         # Unit spread: how far apart two output units' gradients are, relative to the largest
         # entry (0: every unit gets the same update, symmetry never breaks).
-        units, where, missing = [], [], []
+        units, firsts, where = [], [], []
         for i, (p, g, owner) in enumerate(zip(params, grads, owners, strict=True)):
-            view = _units_view(p, owner)
-            if view is None or view.shape[0] < 2:
+            rows = _unit_rows(p.shape, owner)
+            if rows is None or rows < 2:
                 continue
             if g is None or not g.numel():
-                missing.append(i)
-            else:
-                units.append(_units_view(g, owner))
-                where.append(i)
+                found["unit_diff"].append((i, -1))  # no gradient: spread 0
+                found["unit_max"].append((i, -1))
+                continue
+            u, first = _first_unit(g, owner)  # type: ignore[arg-type]
+            units.append(u)
+            firsts.append(first)
+            where.append(i)
         for part in _chunks(units):
             us = units[part]
-            diffs = torch._foreach_sub(us, [u[:1] for u in us])
-            record("unit_diff", where[part], torch._foreach_norm(diffs, math.inf, dtype=_F64))
+            diffs = torch._foreach_sub(us, firsts[part])
+            record(where[part], {"unit_diff": torch._foreach_norm(diffs, math.inf, dtype=_F64),
+                                 "unit_max": torch._foreach_norm(us, math.inf, dtype=_F64)})
             del diffs
-            record("unit_max", where[part], torch._foreach_norm(us, math.inf, dtype=_F64))
-        zero = torch.zeros((), dtype=_F64, device=device)
-        for i in missing:
-            found["unit_diff"].append((i, zero))
-            found["unit_max"].append((i, zero))
+    return found
 
-        # One stack of every sum, then one gather into (raw key, parameter) with the defaults.
-        defaults = list(_PARAM_RAW.values())
-        flat = [v for key in _PARAM_RAW for _, v in found[key]]
-        table = torch.cat([torch.stack(flat).to(_F64) if flat else zero.new_zeros(0),
-                           torch.tensor(defaults, dtype=_F64, device=device)])
-        index, offset = [], 0
-        for k, key in enumerate(_PARAM_RAW):
-            at = [len(flat) + k] * len(params)
-            for j, (i, _) in enumerate(found[key]):
-                at[i] = offset + j
-            offset += len(found[key])
-            index.append(at)
-        gathered = table[torch.tensor(index, device=device)]
-        r = dict(zip(_PARAM_RAW, gathered.unbind(0), strict=True))
-        numel = torch.tensor([p.numel() for p in params], dtype=_F64, device=device)
-        n = numel.clamp_min(1)
-        mean = (r["w_abs"] - 2 * r["w_neg_sum"]) / numel  # an empty tensor has no mean (NaN)
-        wnorm, gnorm = r["w_sq"].sqrt(), r["g_sq"].sqrt()
-        ratio = torch.where(wnorm > 0, gnorm / wnorm.clamp_min(1e-30),
-                            torch.where(gnorm > 0, math.inf, 0.0))
-        columns = {
-            "mean": mean, "std": (r["w_sq"] / numel - mean * mean).clamp_min(0).sqrt(),
-            "abs_max": r["w_absmax"], "nonfinite": r["w_nonfinite"], "grad_norm": gnorm,
-            "grad_rms": gnorm / n.sqrt(), "grad_to_weight": ratio,
-            "zero_grad_fraction": (numel - r["g_nonzero"]) / n,
-            "nonfinite_grad": r["g_nonfinite"],
-            "unit_spread": r["unit_diff"] / r["unit_max"].clamp_min(1e-30),
-            "constant": (r["w_max"] == -r["w_neg_max"]).to(_F64),
+
+def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
+                host: list[float]) -> list[dict[str, float]]:
+    table = [dict(_PARAM_SUMS) for _ in numel]
+    for key, slots in found.items():
+        for i, slot in slots:
+            table[i][key] = 0.0 if slot < 0 else host[slot]
+    rows = []
+    for s, count in zip(table, numel, strict=True):
+        n = max(count, 1)
+        mean = (s["w_abs"] - 2 * s["w_neg_sum"]) / count if count else math.nan
+        std = math.sqrt(max(s["w_sq"] / count - mean * mean, 0.0)) if count else math.nan
+        wnorm, gnorm = math.sqrt(s["w_sq"]), math.sqrt(s["g_sq"])
+        if wnorm > 0:
+            ratio = gnorm / wnorm
+        else:
+            ratio = math.inf if gnorm > 0 else (gnorm if math.isnan(gnorm) else 0.0)
+        fields = {
+            "mean": mean, "std": std, "abs_max": s["w_absmax"], "nonfinite": s["w_nonfinite"],
+            "grad_norm": gnorm, "grad_rms": gnorm / math.sqrt(n), "grad_to_weight": ratio,
+            "zero_grad_fraction": (count - s["g_nonzero"]) / n,
+            "nonfinite_grad": s["g_nonfinite"],
+            "unit_spread": s["unit_diff"] / _clamp_min(s["unit_max"], 1e-30),
+            "constant": float(s["w_max"] == -s["w_neg_max"]),
         }
-        return torch.stack([columns[f] for f in _PARAM_FIELDS], dim=1)
+        rows.append({f: fields[f] for f in _PARAM_FIELDS})
+    return rows
 
 
 def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | None) -> torch.Tensor:
-    return _param_table([p], [grad], [owner])[0]
+    sums = _DeviceSums()
+    found = _param_sums(sums, [p], [grad], [owner])
+    row = _param_rows(found, [p.numel()], sums.fetch())[0]
+    return torch.tensor([row[f] for f in _PARAM_FIELDS], dtype=_F64)
 
 
 @dataclass
@@ -378,26 +473,23 @@ class _Collector:
     changed in place before its batch was measured (an in-place op a TorchScript graph kept).
     """
 
-    def __init__(self, immediate: bool = False) -> None:
+    def __init__(self, sums: _DeviceSums, immediate: bool = False) -> None:
+        self.sums = sums
         self.immediate = immediate
         self.sizes: dict[int, tuple[int, int]] = {}  # (units, numel), from shapes: no sync
         self.stale = False  # a pending value changed before it was measured
         self._acts: list[_PendingActivation] = []
         self._act_bytes = 0
-        self._act_tables: list[torch.Tensor] = []
-        self._act_order: list[int] = []
+        self._act_batches: list[_ActivationBatch] = []
         self._grads: list[tuple[int, torch.Tensor, int]] = []  # (index, grad, version)
         self._grad_bytes = 0
-        self._grad_raw: list[torch.Tensor] = []
-        self._grad_order: list[int] = []
+        self._grad_batches: list[_GradientBatch] = []
 
     def tap(self, point: ProbePoint, value: torch.Tensor) -> None:
         if not value.is_floating_point() or value.numel() == 0:
             return
         with torch.no_grad():
-            pend = _pending_activation(value, point)
-        pend.index = point.index
-        self._acts.append(pend)
+            self._acts.append(_pending_activation(point.index, value, point))
         self._act_bytes += _bytes(value)
         units = value.shape[point.channel_axis] if value.dim() >= 2 else 1
         self.sizes[point.index] = (int(units), value.numel())
@@ -407,8 +499,6 @@ class _Collector:
             self.flush_activations()
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
-        # A value read by several consumers gets one hook call per path on some graphs: the
-        # squared norms and counts of all calls are summed per point.
         self._grads.append((index, grad, grad._version))
         self._grad_bytes += _bytes(grad)
         if self.immediate or self._grad_bytes >= _FLUSH_BYTES:
@@ -420,11 +510,7 @@ class _Collector:
         pend, self._acts, self._act_bytes = self._acts, [], 0
         self.stale |= any(p.value._version != p.version for p in pend)
         with torch.no_grad():
-            raw, dead = _activation_raw(pend)
-            self._act_tables.append(_activation_table(
-                raw, dead, [p.value.numel() for p in pend], [p.batch_mean.numel() for p in pend],
-                [p.single for p in pend]))
-        self._act_order += [p.index for p in pend]
+            self._act_batches.append(_ActivationBatch.measure(self.sums, pend))
 
     def flush_gradients(self) -> None:
         if not self._grads:
@@ -432,32 +518,25 @@ class _Collector:
         pend, self._grads, self._grad_bytes = self._grads, [], 0
         self.stale |= any(g._version != v for _, g, v in pend)
         with torch.no_grad():
-            self._grad_raw.append(_gradient_raw([g for _, g, _ in pend]))
-        self._grad_order += [i for i, _, _ in pend]
+            self._grad_batches.append(_GradientBatch.measure(
+                self.sums, [i for i, _, _ in pend], [g for _, g, _ in pend]))
 
-    def activation_table(self) -> tuple[list[int], torch.Tensor | None]:
-        self.flush_activations()
-        if not self._act_tables:
-            return [], None
-        return self._act_order, torch.cat(self._act_tables)
+    def activation_rows(self, host: list[float]) -> dict[int, dict[str, float]]:
+        rows: dict[int, dict[str, float]] = {}
+        for batch in self._act_batches:
+            rows.update(batch.rows(host))
+        return rows
 
-    def gradient_table(self) -> tuple[list[int], torch.Tensor | None]:
-        self.flush_gradients()
-        if not self._grad_raw:
-            return [], None
-        points = list(dict.fromkeys(self._grad_order))
-        at = {index: k for k, index in enumerate(points)}
-        raw = torch.cat(self._grad_raw, dim=1)
-        where = torch.tensor([at[i] for i in self._grad_order], device=raw.device)
-        summed = raw.new_zeros(2, len(points)).index_add_(1, where, raw)
-        return points, _gradient_table(summed, [max(self.sizes[i][1], 1) for i in points])
+    def gradient_rows(self, host: list[float]) -> dict[int, dict[str, float]]:
+        return _gradient_rows(self._grad_batches, {i: s[1] for i, s in self.sizes.items()}, host)
 
 
 def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
               owners: dict[str, ProbePoint], immediate: bool = False) -> _PassResult:
     for p in model.parameters.values():
         p.grad = None
-    collector = _Collector(immediate)
+    sums = _DeviceSums()
+    collector = _Collector(sums, immediate)
     outputs = model.run(inputs, tap=collector.tap)
     collector.flush_activations()  # before the backward pass: the pending values can go
     differentiable = [o for o in outputs if o.is_floating_point() and o.requires_grad]
@@ -474,33 +553,19 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
         torch.autograd.backward(differentiable, cotangents)
     except RuntimeError as exc:
         raise ProbeError(f"backward pass failed: {str(exc).splitlines()[0]}") from None
-
-    act_idx, act_table = collector.activation_table()
-    grad_idx, grad_table = collector.gradient_table()
+    collector.flush_gradients()
     if collector.stale and not immediate:
         # A value changed in place after its tap: measure again, each value as it comes.
         return _one_pass(model, inputs, seed, owners, immediate=True)
+
     names = list(model.parameters)
     tensors = list(model.parameters.values())
-    param_table = _param_table(tensors, [p.grad for p in tensors],
-                               [owners.get(n) for n in names]) if tensors else None
+    found = _param_sums(sums, tensors, [p.grad for p in tensors], [owners.get(n) for n in names])
     unused = {n for n, p in model.parameters.items() if p.grad is None}
-    pieces = [t for t in (act_table, grad_table, param_table) if t is not None]
-    # The single device-to-host copy of the pass.
-    host = torch.cat([t.reshape(-1) for t in pieces]).double().cpu().tolist() if pieces else []
-    pos = 0
-
-    def take(count: int, fields: tuple[str, ...]) -> list[dict[str, float]]:
-        nonlocal pos
-        width = len(fields)
-        out = [dict(zip(fields, host[pos + i * width: pos + (i + 1) * width])) for i in range(count)]
-        pos += count * width
-        return out
-
-    acts = dict(zip(act_idx, take(len(act_idx), _ACT_FIELDS)))
-    grads = dict(zip(grad_idx, take(len(grad_idx), _GRAD_FIELDS)))
-    params = dict(zip(names, take(len(names), _PARAM_FIELDS)))
-    return _PassResult(acts, collector.sizes, grads, params, unused)
+    host = sums.fetch()  # the single device-to-host copy of the pass
+    params = dict(zip(names, _param_rows(found, [p.numel() for p in tensors], host), strict=True))
+    return _PassResult(collector.activation_rows(host), collector.sizes,
+                       collector.gradient_rows(host), params, unused)
 
 
 def _weight_owners(model: LoadedModel) -> dict[str, ProbePoint]:

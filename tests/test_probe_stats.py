@@ -44,6 +44,7 @@ from gradprobe.diagnostics.probe import (  # noqa: E402
     _PARAM_FIELDS,
     _activation_row,
     _Collector,
+    _DeviceSums,
     _gradient_row,
 )
 
@@ -105,43 +106,50 @@ def test_nonfinite_activations_are_counted_and_poison_the_moments():
 
 
 def test_a_batch_of_values_reads_the_same_as_each_value_alone():
-    collector = _Collector()
+    sums = _DeviceSums()
+    collector = _Collector(sums)
     values = cases()
     for i, (x, p) in enumerate(values):
         collector.tap(ProbePoint(**{**p.__dict__, "index": i}), x)
-    order, table = collector.activation_table()
-    assert order == list(range(len(values)))
-    for row, (x, p) in zip(table, values, strict=True):
-        assert torch.equal(row, _activation_row(x, p))
+    collector.flush_activations()
+    rows = collector.activation_rows(sums.fetch())
+    assert list(rows) == list(range(len(values)))
+    for i, (x, p) in enumerate(values):
+        assert torch.equal(torch.tensor([rows[i][f] for f in _ACT_FIELDS], dtype=torch.float64),
+                           _activation_row(x, p))
 
 
 def test_a_value_changed_in_place_after_its_tap_marks_the_batch_stale():
-    collector = _Collector()
+    collector = _Collector(_DeviceSums())
     x = torch.randn(4, 5)
     collector.tap(point(), x)
     x.relu_()
-    collector.activation_table()
+    collector.flush_activations()
     assert collector.stale
-    immediate = _Collector(immediate=True)
+    sums = _DeviceSums()
+    immediate = _Collector(sums, immediate=True)
     y = torch.randn(4, 5)
     immediate.tap(point(), y)
-    before = _activation_row(y, point())
+    before = _activation_row(y, point()).tolist()
     y.relu_()
-    _, table = immediate.activation_table()
-    assert not immediate.stale and torch.equal(table[0], before)
+    row = immediate.activation_rows(sums.fetch())[0]
+    assert not immediate.stale and [row[f] for f in _ACT_FIELDS] == before
 
 
 def test_gradient_calls_for_one_point_add_up_to_the_full_gradient():
-    collector = _Collector()
+    sums = _DeviceSums()
+    collector = _Collector(sums)
     x = torch.randn(3, 4, requires_grad=True)
     y = x * 1.0
     collector.tap(point(), y)
     (y.sum() * 2 + (y * y).sum()).backward()
-    points, table = collector.gradient_table()
+    collector.flush_gradients()
+    rows = collector.gradient_rows(sums.fetch())
     full = 2 + 2 * x.detach()
-    assert points == [0]
-    assert torch.allclose(table[0], _gradient_row(full), rtol=1e-6)
-    assert math.isclose(table[0, 0].item(), float(full.norm()), rel_tol=1e-6)
+    assert list(rows) == [0]
+    want = _gradient_row(full).tolist()
+    assert all(math.isclose(rows[0][f], w, rel_tol=1e-6) for f, w in zip(("norm", "rms"), want))
+    assert math.isclose(rows[0]["norm"], float(full.norm()), rel_tol=1e-6)
 
 
 def reference_param(w: torch.Tensor, g: torch.Tensor | None, owner: ProbePoint | None) -> list:
