@@ -59,6 +59,10 @@ _LAYER_SLOTS = {
     ("LayerNormalization", 1), ("LayerNormalization", 2), ("GroupNormalization", 1),
     ("GroupNormalization", 2), ("InstanceNormalization", 1), ("InstanceNormalization", 2),
 }
+# Operators whose trailing outputs are optional extras (BatchNormalization's running
+# statistics, LayerNormalization's mean and inverse deviation): when nothing reads them the op
+# is told it has fewer outputs, which lets it take torch's fused kernel.
+_OPTIONAL_TAIL = {"BatchNormalization", "LayerNormalization"}
 _INDEX_PATH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose"}
 _EXTERNAL_DATA_LIMIT = 1 << 30  # write weights beside the file above ~1 GiB of tensors
 
@@ -575,8 +579,13 @@ def _compile(nodes: list[GraphNode], fns: list[OpFn], opset: int, plans: list[Po
     for node, fn in zip(nodes, fns, strict=True):
         outs = tuple(slot_of(v) if v else 1 for v in node.outputs) or (1,)
         unread = [s for s in outs if s not in last_use and s not in keep]
+        num_outputs = len(node.outputs)
+        if node.op_type in _OPTIONAL_TAIL:
+            while num_outputs > 1 and (not node.outputs[num_outputs - 1]
+                                       or outs[num_outputs - 1] in unread):
+                num_outputs -= 1
         ctx = OpContext(node=node.name, op_type=node.op_type, opset=opset,
-                        num_outputs=len(node.outputs), training=True)
+                        num_outputs=num_outputs, training=True)
         steps.append((fn, ctx, node.attrs, tuple(slot_of(v) for v in node.inputs), outs,
                       tuple(taps.get(node.index, ())),
                       tuple(dict.fromkeys(frees.get(node.index, []) + unread))))
