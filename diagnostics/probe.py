@@ -106,9 +106,11 @@ class ProbeResult:
 
 _F64 = torch.float64
 # Pending values are measured together once they hold this much; a flush makes one temporary
-# copy of the pending values (for the minimum and the non-finite count), so this also bounds
-# the extra memory.
+# copy of the pending values (for the minimum), so this also bounds the extra memory.
 _FLUSH_BYTES = 32 << 20
+# Parameters are all alive anyway: only the temporary copies (negative parts, unit
+# differences) are made in chunks of this size.
+_PARAM_COPY_BYTES = 16 << 20
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -155,17 +157,33 @@ class _DeviceSums:
         return flat.to(_F64).cpu().tolist()
 
 
-def _negated_max(xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per tensor: max(-x) (minus the minimum) and the count of NaN/+-inf entries (-x + x is 0
-    for every finite entry and NaN for the rest), from one temporary copy."""
+# Non-finite entries: a tensor's float64 sum of squares (or its extremes) is finite exactly
+# when every entry is, so the fast path measures no count and reports 0; a pass that finds a
+# non-finite sum is measured again with `exact` counts (-x + x is 0 for every finite entry and
+# NaN for the rest), which cost a temporary copy.
+_UNKNOWN = math.nan  # a count the fast path did not take: the pass is measured again
+
+
+def _negated_max(xs: list[torch.Tensor], exact: bool) -> tuple[list[torch.Tensor],
+                                                               list[torch.Tensor]]:
+    """Per tensor: max(-x) (minus the minimum) and, when `exact`, the count of NaN/+-inf
+    entries, from one temporary copy."""
     neg = torch._foreach_neg(xs)
     neg_max = torch._foreach_max(neg)
+    if not exact:
+        return neg_max, []
     torch._foreach_add_(neg, xs)
     return neg_max, torch._foreach_norm(neg, 0, dtype=_F64)
 
 
 def _nonfinite_counts(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_norm(torch._foreach_sub(xs, xs), 0, dtype=_F64)
+
+
+def _count_or_unknown(exact_count: float | None, *sums: float) -> float:
+    if exact_count is not None:
+        return exact_count
+    return 0.0 if all(math.isfinite(v) for v in sums) else _UNKNOWN
 
 
 # --- activations ---
@@ -213,6 +231,7 @@ _ACT_SUMS = ("sum_sq_dev", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_s
 class _ActivationBatch:
     """Pending values measured together: where their sums will sit in the host copy."""
 
+    names: tuple[str, ...]  # _ACT_SUMS, without "nonfinite" unless counted exactly
     indices: list[int]
     numel: list[int]
     positions: list[int]
@@ -222,13 +241,14 @@ class _ActivationBatch:
     unit_max: dict[int, tuple[int, int]]  # position in the batch -> (host offset, units)
 
     @staticmethod
-    def measure(sums: _DeviceSums, pend: list[_PendingActivation]) -> _ActivationBatch:
+    def measure(sums: _DeviceSums, pend: list[_PendingActivation],
+                exact: bool = False) -> _ActivationBatch:
         """Moments from sums of squared deviations (two passes, as exact as float32 allows
         even when the mean dwarfs the spread); the batch means are centred in place."""
         xs = [p.value for p in pend]
         means = [p.batch_mean for p in pend]
         positions = [m.numel() for m in means]
-        neg_max, nonfinite = _negated_max(xs)
+        neg_max, nonfinite = _negated_max(xs, exact)
         scalars = list(torch._foreach_powsum(torch._foreach_sub(xs, means), 2, dtype=_F64))
         scalars += [*torch._foreach_norm(xs, 0, dtype=_F64), *torch._foreach_max(xs), *neg_max,
                     *nonfinite]
@@ -242,7 +262,8 @@ class _ActivationBatch:
         scalars += [p.saturated for p in pend if p.saturated is not None]
         where = sums.add(scalars)
         saturated, unit_max = {}, {}
-        offset = where.start + len(_ACT_SUMS) * len(pend)
+        names = _ACT_SUMS if exact else tuple(n for n in _ACT_SUMS if n != "nonfinite")
+        offset = where.start + len(names) * len(pend)
         for i, p in enumerate(pend):
             if p.saturated is not None:
                 saturated[i] = slice(offset, offset + 1)
@@ -254,7 +275,7 @@ class _ActivationBatch:
                 if p.unit_max is not None:
                     unit_max[i] = (offset, p.unit_max.numel())
                     offset += p.unit_max.numel()
-        return _ActivationBatch([p.index for p in pend], [p.value.numel() for p in pend],
+        return _ActivationBatch(names, [p.index for p in pend], [p.value.numel() for p in pend],
                                 positions, [p.single for p in pend], where, saturated, unit_max)
 
     def rows(self, host: list[float]) -> dict[int, dict[str, float]]:
@@ -262,7 +283,9 @@ class _ActivationBatch:
         values = host[self.sums]
         out = {}
         for i, index in enumerate(self.indices):
-            s = {name: values[j * k + i] for j, name in enumerate(_ACT_SUMS)}
+            s = {name: values[j * k + i] for j, name in enumerate(self.names)}
+            s["nonfinite"] = _count_or_unknown(s.get("nonfinite"), s["sum_sq_dev"], s["max"],
+                                               s["neg_max"])
             saturation = host[self.saturated[i]][0] if i in self.saturated else 0.0
             dead = 0.0
             if i in self.unit_max:
@@ -288,11 +311,11 @@ def _activation_fields(s: dict[str, float], numel: int, positions: int, single: 
     return {f: fields[f] for f in _ACT_FIELDS}
 
 
-def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
+def _activation_row(value: torch.Tensor, point: ProbePoint, exact: bool = True) -> torch.Tensor:
     """_ACT_FIELDS of one value, through the batched path (tests, tools)."""
     sums = _DeviceSums()
     with torch.no_grad():
-        batch = _ActivationBatch.measure(sums, [_pending_activation(0, value, point)])
+        batch = _ActivationBatch.measure(sums, [_pending_activation(0, value, point)], exact)
     row = batch.rows(sums.fetch())[0]
     return torch.tensor([row[f] for f in _ACT_FIELDS], dtype=_F64)
 
@@ -302,13 +325,16 @@ def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
 @dataclass
 class _GradientBatch:
     indices: list[int]
-    sums: slice  # k sums of squares, then k non-finite counts
+    sums: slice  # k sums of squares, then (exact) k non-finite counts
+    exact: bool
 
     @staticmethod
-    def measure(sums: _DeviceSums, indices: list[int],
-                grads: list[torch.Tensor]) -> _GradientBatch:
-        scalars = [*torch._foreach_powsum(grads, 2, dtype=_F64), *_nonfinite_counts(grads)]
-        return _GradientBatch(indices, sums.add(scalars))
+    def measure(sums: _DeviceSums, indices: list[int], grads: list[torch.Tensor],
+                exact: bool = False) -> _GradientBatch:
+        scalars = list(torch._foreach_powsum(grads, 2, dtype=_F64))
+        if exact:
+            scalars += _nonfinite_counts(grads)
+        return _GradientBatch(indices, sums.add(scalars), exact)
 
 
 def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
@@ -322,7 +348,7 @@ def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
         for i, index in enumerate(batch.indices):
             acc = total.setdefault(index, [0.0, 0.0])
             acc[0] += values[i]
-            acc[1] += values[k + i]
+            acc[1] += _count_or_unknown(values[k + i] if batch.exact else None, values[i])
     out = {}
     for index, (sum_sq, nonfinite) in total.items():
         norm = math.sqrt(sum_sq)
@@ -332,10 +358,10 @@ def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
     return out
 
 
-def _gradient_row(grad: torch.Tensor) -> torch.Tensor:
+def _gradient_row(grad: torch.Tensor, exact: bool = True) -> torch.Tensor:
     sums = _DeviceSums()
     with torch.no_grad():
-        batch = _GradientBatch.measure(sums, [0], [grad])
+        batch = _GradientBatch.measure(sums, [0], [grad], exact)
     row = _gradient_rows([batch], {0: grad.numel()}, sums.fetch())[0]
     return torch.tensor([row[f] for f in _GRAD_FIELDS], dtype=_F64)
 
@@ -358,15 +384,18 @@ def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch
 
 
 # Per-parameter sums; a parameter that lacks one (empty, no gradient, not a layer weight)
-# reads the default.
-_PARAM_SUMS = {"w_abs": 0.0, "w_sq": 0.0, "w_absmax": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
-               "w_neg_sum": 0.0, "w_nonfinite": 0.0, "g_sq": 0.0, "g_nonzero": 0.0,
-               "g_nonfinite": 0.0, "unit_diff": math.nan, "unit_max": math.nan}
+# reads the default. The non-finite counts are measured only by an `exact` pass.
+_PARAM_SUMS = {"w_abs": 0.0, "w_sq": 0.0, "w_absmax": 0.0, "w_max": 0.0, "w_neg_sum": 0.0,
+               "w_nonfinite": None, "g_sq": 0.0, "g_nonzero": 0.0, "g_nonfinite": None,
+               "unit_diff": math.nan, "unit_max": math.nan}
 
 
 def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.Tensor | None],
-                owners: list[ProbePoint | None]) -> dict[str, list[tuple[int, int]]]:
-    """Queue every parameter's sums; returns, per key of _PARAM_SUMS, (parameter, host slot)."""
+                owners: list[ProbePoint | None],
+                exact: bool = False) -> dict[str, list[tuple[int, int]]]:
+    """Queue every parameter's sums; returns, per key of _PARAM_SUMS, (parameter, host slot).
+    Reductions that read a tensor as it is run once over the whole list; those that need a
+    temporary copy run over chunks of _PARAM_COPY_BYTES."""
     found: dict[str, list[tuple[int, int]]] = {k: [] for k in _PARAM_SUMS}
 
     def record(where: list[int], columns: dict[str, Sequence[torch.Tensor]]) -> None:
@@ -378,26 +407,28 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
 
     with torch.no_grad():
         full = [i for i, p in enumerate(params) if p.numel()]
-        for part in _chunks([params[i] for i in full]):
-            where = full[part]
-            ws = [params[i] for i in where]
-            neg_max, nonfinite = _negated_max(ws)
-            neg = torch._foreach_neg(ws)
+        ws = [params[i] for i in full]
+        if ws:
+            record(full, {"w_abs": torch._foreach_norm(ws, 1, dtype=_F64),
+                          "w_sq": torch._foreach_powsum(ws, 2, dtype=_F64),
+                          "w_absmax": torch._foreach_norm(ws, math.inf, dtype=_F64),
+                          "w_max": torch._foreach_max(ws)})
+        for part in _chunks(ws, _PARAM_COPY_BYTES):
+            neg = torch._foreach_neg(ws[part])
             torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
-            record(where, {
-                "w_abs": torch._foreach_norm(ws, 1, dtype=_F64),
-                "w_sq": torch._foreach_powsum(ws, 2, dtype=_F64),
-                "w_absmax": torch._foreach_norm(ws, math.inf, dtype=_F64),
-                "w_max": torch._foreach_max(ws), "w_neg_max": neg_max, "w_nonfinite": nonfinite,
-                "w_neg_sum": torch._foreach_norm(neg, 1, dtype=_F64)})
+            columns = {"w_neg_sum": torch._foreach_norm(neg, 1, dtype=_F64)}
             del neg
+            if exact:
+                columns["w_nonfinite"] = _nonfinite_counts(ws[part])
+            record(full[part], columns)
         with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
-        for part in _chunks([grads[i] for i in with_grad]):  # type: ignore[misc]
-            where = with_grad[part]
-            gs = [grads[i] for i in where]
-            record(where, {"g_sq": torch._foreach_powsum(gs, 2, dtype=_F64),
-                           "g_nonzero": torch._foreach_norm(gs, 0, dtype=_F64),
-                           "g_nonfinite": _nonfinite_counts(gs)})
+        gs = [grads[i] for i in with_grad]
+        if gs:
+            record(with_grad, {"g_sq": torch._foreach_powsum(gs, 2, dtype=_F64),
+                               "g_nonzero": torch._foreach_norm(gs, 0, dtype=_F64)})
+        if exact:
+            for part in _chunks(gs, _PARAM_COPY_BYTES):  # type: ignore[arg-type]
+                record(with_grad[part], {"g_nonfinite": _nonfinite_counts(gs[part])})
         # Unit spread: how far apart two output units' gradients are, relative to the largest
         # entry (0: every unit gets the same update, symmetry never breaks).
         units, firsts, where = [], [], []
@@ -413,25 +444,26 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
             units.append(u)
             firsts.append(first)
             where.append(i)
-        for part in _chunks(units):
-            us = units[part]
-            diffs = torch._foreach_sub(us, firsts[part])
-            record(where[part], {"unit_diff": torch._foreach_norm(diffs, math.inf, dtype=_F64),
-                                 "unit_max": torch._foreach_norm(us, math.inf, dtype=_F64)})
+        if units:
+            record(where, {"unit_max": torch._foreach_norm(units, math.inf, dtype=_F64)})
+        for part in _chunks(units, _PARAM_COPY_BYTES):
+            diffs = torch._foreach_sub(units[part], firsts[part])
+            record(where[part], {"unit_diff": torch._foreach_norm(diffs, math.inf, dtype=_F64)})
             del diffs
     return found
 
 
 def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
                 host: list[float]) -> list[dict[str, float]]:
-    table = [dict(_PARAM_SUMS) for _ in numel]
+    table: list[dict[str, float | None]] = [dict(_PARAM_SUMS) for _ in numel]
     for key, slots in found.items():
         for i, slot in slots:
             table[i][key] = 0.0 if slot < 0 else host[slot]
     rows = []
     for s, count in zip(table, numel, strict=True):
         n = max(count, 1)
-        mean = (s["w_abs"] - 2 * s["w_neg_sum"]) / count if count else math.nan
+        total = s["w_abs"] - 2 * s["w_neg_sum"]
+        mean = total / count if count else math.nan
         std = math.sqrt(max(s["w_sq"] / count - mean * mean, 0.0)) if count else math.nan
         wnorm, gnorm = math.sqrt(s["w_sq"]), math.sqrt(s["g_sq"])
         if wnorm > 0:
@@ -439,20 +471,24 @@ def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
         else:
             ratio = math.inf if gnorm > 0 else (gnorm if math.isnan(gnorm) else 0.0)
         fields = {
-            "mean": mean, "std": std, "abs_max": s["w_absmax"], "nonfinite": s["w_nonfinite"],
+            "mean": mean, "std": std, "abs_max": s["w_absmax"],
+            "nonfinite": _count_or_unknown(s["w_nonfinite"], s["w_sq"]),
             "grad_norm": gnorm, "grad_rms": gnorm / math.sqrt(n), "grad_to_weight": ratio,
             "zero_grad_fraction": (count - s["g_nonzero"]) / n,
-            "nonfinite_grad": s["g_nonfinite"],
+            "nonfinite_grad": _count_or_unknown(s["g_nonfinite"], s["g_sq"]),
             "unit_spread": s["unit_diff"] / _clamp_min(s["unit_max"], 1e-30),
-            "constant": float(s["w_max"] == -s["w_neg_max"]),
+            # Every entry equals the largest exactly when the float64 sum is count x largest
+            # (float32 entries sum exactly in float64 below 2**29 of them).
+            "constant": float(total == count * s["w_max"]),
         }
         rows.append({f: fields[f] for f in _PARAM_FIELDS})
     return rows
 
 
-def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | None) -> torch.Tensor:
+def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | None,
+               exact: bool = True) -> torch.Tensor:
     sums = _DeviceSums()
-    found = _param_sums(sums, [p], [grad], [owner])
+    found = _param_sums(sums, [p], [grad], [owner], exact)
     row = _param_rows(found, [p.numel()], sums.fetch())[0]
     return torch.tensor([row[f] for f in _PARAM_FIELDS], dtype=_F64)
 
@@ -469,13 +505,14 @@ class _PassResult:
 class _Collector:
     """Taps and hooks that measure every point on the device, in batches (see above).
 
-    `immediate` measures each value as it arrives: the fallback when a pending value was
-    changed in place before its batch was measured (an in-place op a TorchScript graph kept).
+    `exact` measures each value as it arrives and counts its non-finite entries: the fallback
+    when a pending value was changed in place before its batch was measured (an in-place op a
+    TorchScript graph kept) or when a non-finite sum says there are entries to count.
     """
 
-    def __init__(self, sums: _DeviceSums, immediate: bool = False) -> None:
+    def __init__(self, sums: _DeviceSums, exact: bool = False) -> None:
         self.sums = sums
-        self.immediate = immediate
+        self.exact = exact
         self.sizes: dict[int, tuple[int, int]] = {}  # (units, numel), from shapes: no sync
         self.stale = False  # a pending value changed before it was measured
         self._acts: list[_PendingActivation] = []
@@ -495,13 +532,13 @@ class _Collector:
         self.sizes[point.index] = (int(units), value.numel())
         if value.requires_grad:
             value.register_hook(lambda g, i=point.index: self._on_grad(i, g))
-        if self.immediate or self._act_bytes >= _FLUSH_BYTES:
+        if self.exact or self._act_bytes >= _FLUSH_BYTES:
             self.flush_activations()
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
         self._grads.append((index, grad, grad._version))
         self._grad_bytes += _bytes(grad)
-        if self.immediate or self._grad_bytes >= _FLUSH_BYTES:
+        if self.exact or self._grad_bytes >= _FLUSH_BYTES:
             self.flush_gradients()
 
     def flush_activations(self) -> None:
@@ -510,7 +547,7 @@ class _Collector:
         pend, self._acts, self._act_bytes = self._acts, [], 0
         self.stale |= any(p.value._version != p.version for p in pend)
         with torch.no_grad():
-            self._act_batches.append(_ActivationBatch.measure(self.sums, pend))
+            self._act_batches.append(_ActivationBatch.measure(self.sums, pend, self.exact))
 
     def flush_gradients(self) -> None:
         if not self._grads:
@@ -519,7 +556,7 @@ class _Collector:
         self.stale |= any(g._version != v for _, g, v in pend)
         with torch.no_grad():
             self._grad_batches.append(_GradientBatch.measure(
-                self.sums, [i for i, _, _ in pend], [g for _, g, _ in pend]))
+                self.sums, [i for i, _, _ in pend], [g for _, g, _ in pend], self.exact))
 
     def activation_rows(self, host: list[float]) -> dict[int, dict[str, float]]:
         rows: dict[int, dict[str, float]] = {}
@@ -532,11 +569,11 @@ class _Collector:
 
 
 def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
-              owners: dict[str, ProbePoint], immediate: bool = False) -> _PassResult:
+              owners: dict[str, ProbePoint], exact: bool = False) -> _PassResult:
     for p in model.parameters.values():
         p.grad = None
     sums = _DeviceSums()
-    collector = _Collector(sums, immediate)
+    collector = _Collector(sums, exact)
     outputs = model.run(inputs, tap=collector.tap)
     collector.flush_activations()  # before the backward pass: the pending values can go
     differentiable = [o for o in outputs if o.is_floating_point() and o.requires_grad]
@@ -554,18 +591,26 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     except RuntimeError as exc:
         raise ProbeError(f"backward pass failed: {str(exc).splitlines()[0]}") from None
     collector.flush_gradients()
-    if collector.stale and not immediate:
+    if collector.stale and not exact:
         # A value changed in place after its tap: measure again, each value as it comes.
-        return _one_pass(model, inputs, seed, owners, immediate=True)
+        return _one_pass(model, inputs, seed, owners, exact=True)
 
     names = list(model.parameters)
     tensors = list(model.parameters.values())
-    found = _param_sums(sums, tensors, [p.grad for p in tensors], [owners.get(n) for n in names])
+    found = _param_sums(sums, tensors, [p.grad for p in tensors], [owners.get(n) for n in names],
+                        exact)
     unused = {n for n, p in model.parameters.items() if p.grad is None}
     host = sums.fetch()  # the single device-to-host copy of the pass
     params = dict(zip(names, _param_rows(found, [p.numel() for p in tensors], host), strict=True))
-    return _PassResult(collector.activation_rows(host), collector.sizes,
-                       collector.gradient_rows(host), params, unused)
+    result = _PassResult(collector.activation_rows(host), collector.sizes,
+                         collector.gradient_rows(host), params, unused)
+    counts = [r["nonfinite"] for r in (*result.activations.values(), *result.gradients.values(),
+                                       *result.params.values())]
+    counts += [r["nonfinite_grad"] for r in result.params.values()]
+    if not exact and any(math.isnan(c) for c in counts):
+        # Non-finite entries somewhere: measure again, counting them.
+        return _one_pass(model, inputs, seed, owners, exact=True)
+    return result
 
 
 def _weight_owners(model: LoadedModel) -> dict[str, ProbePoint]:

@@ -127,7 +127,7 @@ def test_a_value_changed_in_place_after_its_tap_marks_the_batch_stale():
     collector.flush_activations()
     assert collector.stale
     sums = _DeviceSums()
-    immediate = _Collector(sums, immediate=True)
+    immediate = _Collector(sums, exact=True)
     y = torch.randn(4, 5)
     immediate.tap(point(), y)
     before = _activation_row(y, point()).tolist()
@@ -182,3 +182,17 @@ def test_parameter_rows_match_the_definitions_to_float32_rounding():
             else:
                 assert math.isclose(got[field], want, rel_tol=2e-6, abs_tol=1e-12), \
                     (field, got[field], want)
+
+
+def test_the_fast_path_reports_no_nonfinite_entries_only_when_there_are_none():
+    x = torch.randn(4, 6)
+    fast = dict(zip(_ACT_FIELDS, _activation_row(x, point(), exact=False).tolist(), strict=True))
+    assert fast["nonfinite"] == 0
+    x[1, 1] = math.inf
+    fast = dict(zip(_ACT_FIELDS, _activation_row(x, point(), exact=False).tolist(), strict=True))
+    assert math.isnan(fast["nonfinite"])  # unknown: the probe measures the pass again, exactly
+    w, g = torch.randn(3, 3), torch.randn(3, 3)
+    assert _param_row(w, g, None, exact=False)[3] == 0
+    g[0, 0] = math.nan
+    assert math.isnan(_param_row(w, g, None, exact=False)[8])
+    assert math.isnan(_gradient_row(g, exact=False)[2])
