@@ -13,6 +13,7 @@ from gradprobe.diagnostics.errors import ConfigError, GradprobeError, ProbeError
 from gradprobe.diagnostics.graph import LoadedModel
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
+from gradprobe.diagnostics.memory_estimate import check_probe_fits
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.probe import ProbeResult, probe
 from gradprobe.diagnostics.report import InputInfo, LayerReport, ModelInfo, Report, Summary, Timing
@@ -71,6 +72,7 @@ def diagnose(
         inputs, input_infos = file_inputs(model.inputs, Path(options.input_file), device)
     else:
         inputs, input_infos = synthetic_inputs(model.inputs, options, device)
+    check_probe_fits(model, inputs, device)  # refuse now what certainly cannot run
     loaded = time.perf_counter()
     notify("load", 1.0)
 
