@@ -133,28 +133,42 @@ def _clamp_min(value: float, low: float) -> float:
     return low if value < low else value  # NaN stays NaN
 
 
+class _Host(list):  # type: ignore[type-arg]
+    """The pass's sums on the host: the scalars, then the vectors from `flat_start` on."""
+
+    flat_start = 0
+
+
 class _DeviceSums:
-    """Device tensors that reach the host together, in the pass's single copy."""
+    """Device tensors that reach the host together, in the pass's single copy: the 0-d sums
+    are stacked once at the end (one op, however many batches queued them)."""
 
     def __init__(self) -> None:
-        self._pieces: list[torch.Tensor] = []
-        self._size = 0
+        self._scalars: list[torch.Tensor] = []
+        self._flats: list[torch.Tensor] = []
+        self._flat_size = 0
 
     def add(self, values: Sequence[torch.Tensor]) -> slice:
-        """Queue 0-d tensors (one stack); returns where they will sit in `fetch()`."""
-        return self.add_flat(torch.stack(list(values)))
-
-    def add_flat(self, flat: torch.Tensor) -> slice:
-        where = slice(self._size, self._size + flat.numel())
-        self._pieces.append(flat)
-        self._size += flat.numel()
+        """Queue 0-d tensors; returns where they will sit in `fetch()`."""
+        where = slice(len(self._scalars), len(self._scalars) + len(values))
+        self._scalars.extend(values)
         return where
 
-    def fetch(self) -> list[float]:
-        if not self._pieces:
-            return []
-        flat = self._pieces[0] if len(self._pieces) == 1 else torch.cat(self._pieces)
-        return flat.to(_F64).cpu().tolist()
+    def add_flat(self, flat: torch.Tensor) -> slice:
+        """Queue a 1-d tensor; returns where it will sit, counted from `_Host.flat_start`."""
+        where = slice(self._flat_size, self._flat_size + flat.numel())
+        self._flats.append(flat)
+        self._flat_size += flat.numel()
+        return where
+
+    def fetch(self) -> _Host:
+        pieces = ([torch.stack(self._scalars)] if self._scalars else []) + self._flats
+        host = _Host()
+        if pieces:
+            flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            host.extend(flat.to(_F64).cpu().tolist())
+        host.flat_start = len(self._scalars)
+        return host
 
 
 # Non-finite entries: a tensor's float64 sum of squares (or its extremes) is finite exactly
@@ -278,7 +292,7 @@ class _ActivationBatch:
         return _ActivationBatch(names, [p.index for p in pend], [p.value.numel() for p in pend],
                                 positions, [p.single for p in pend], where, saturated, unit_max)
 
-    def rows(self, host: list[float]) -> dict[int, dict[str, float]]:
+    def rows(self, host: _Host) -> dict[int, dict[str, float]]:
         k = len(self.indices)
         values = host[self.sums]
         out = {}
@@ -290,7 +304,8 @@ class _ActivationBatch:
             dead = 0.0
             if i in self.unit_max:
                 offset, units = self.unit_max[i]
-                dead = sum(1 for v in host[offset:offset + units] if v <= 0) / units
+                start = host.flat_start + offset
+                dead = sum(1 for v in host[start:start + units] if v <= 0) / units
             out[index] = _activation_fields(s, self.numel[i], self.positions[i], self.single[i],
                                             dead, saturation)
         return out
@@ -338,7 +353,7 @@ class _GradientBatch:
 
 
 def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
-                   host: list[float]) -> dict[int, dict[str, float]]:
+                   host: _Host) -> dict[int, dict[str, float]]:
     """A value read by several consumers gets one hook call per path on some graphs: the
     squared norms and counts of all calls add up per point."""
     total: dict[int, list[float]] = {}
@@ -454,7 +469,7 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
 
 
 def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
-                host: list[float]) -> list[dict[str, float]]:
+                host: _Host) -> list[dict[str, float]]:
     table: list[dict[str, float | None]] = [dict(_PARAM_SUMS) for _ in numel]
     for key, slots in found.items():
         for i, slot in slots:
@@ -558,13 +573,13 @@ class _Collector:
             self._grad_batches.append(_GradientBatch.measure(
                 self.sums, [i for i, _, _ in pend], [g for _, g, _ in pend], self.exact))
 
-    def activation_rows(self, host: list[float]) -> dict[int, dict[str, float]]:
+    def activation_rows(self, host: _Host) -> dict[int, dict[str, float]]:
         rows: dict[int, dict[str, float]] = {}
         for batch in self._act_batches:
             rows.update(batch.rows(host))
         return rows
 
-    def gradient_rows(self, host: list[float]) -> dict[int, dict[str, float]]:
+    def gradient_rows(self, host: _Host) -> dict[int, dict[str, float]]:
         return _gradient_rows(self._grad_batches, {i: s[1] for i, s in self.sizes.items()}, host)
 
 
