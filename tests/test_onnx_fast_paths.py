@@ -69,3 +69,54 @@ def test_batchnorm_whose_running_mean_is_read_keeps_every_output(tmp_path):
     y, running_mean = loaded.run([data])
     assert torch.allclose(running_mean, data.mean(dim=(0, 2)) * 0.1, atol=1e-6)
     assert y.shape == data.shape
+
+
+class _Flatten(nn.Module):
+    """`x.reshape(x.shape[0], -1)`: the legacy exporter writes Shape -> Gather -> Unsqueeze
+    -> Concat -> Reshape, recomputed every run unless folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 5 * 5, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.reshape(h.shape[0], -1))
+
+
+def test_shape_arithmetic_is_folded_per_input_shape_and_matches_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    path = _export(_Flatten(), torch.randn(2, 3, 7, 7), tmp_path / "flatten.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Shape" in ops and "Concat" in ops
+    model = load_onnx(path)
+    plan = model._plan
+    folded_ops = {plan.steps[k][1].op_type for k in plan.static}
+    assert {"Shape", "Concat"} <= folded_ops and "Conv" not in folded_ops
+    assert len(plan.dynamic_steps) == len(plan.steps) - len(plan.static)
+    for batch in (2, 3, 2):  # a new batch size folds again; the old one folds back
+        x = torch.randn(batch, 3, 7, 7)
+        first = model.run([x])[0]
+        again = model.run([x])[0]  # from the folded plan
+        assert model._folded_for[0][0] == (batch, 3, 7, 7)
+        np.testing.assert_allclose(first.detach().numpy(), _ort(path, x), rtol=1e-4, atol=1e-5)
+        assert torch.equal(first, again)
+
+
+def test_folded_plan_keeps_gradients_and_taps(tmp_path):
+    path = _export(_Flatten(), torch.randn(2, 3, 7, 7), tmp_path / "flatten.onnx")
+    model = load_onnx(path)
+    x = torch.randn(2, 3, 7, 7)
+    grads, seen = [], []
+    for _ in range(2):  # recording run, then the folded plan
+        for p in model.parameters.values():
+            p.grad = None
+        taps: list[str] = []
+        (out,) = model.run([x], tap=lambda point, value: taps.append(point.layer))
+        out.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.parameters.items()})
+        seen.append(taps)
+    assert seen[0] == seen[1] and seen[0]
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
