@@ -180,14 +180,23 @@ _UNKNOWN = math.nan  # a count the fast path did not take: the pass is measured 
 
 def _negated_max(xs: list[torch.Tensor], exact: bool) -> tuple[list[torch.Tensor],
                                                                list[torch.Tensor]]:
-    """Per tensor: max(-x) (minus the minimum) and, when `exact`, the count of NaN/+-inf
-    entries, from one temporary copy."""
+    """Per tensor: max(-x) (minus the minimum) and the count of non-zero entries (the sum of
+    sign(x)^2), from one temporary copy. Only reductions with a fast multi-tensor kernel are
+    used (max, sum of squares): the p-norms with p != 2 and float64 accumulation take a slow
+    per-element path on the CPU. sign(NaN) is 0, so an `exact` pass (non-finite entries
+    present) counts with the 0-norm, which counts NaN as non-zero."""
     neg = torch._foreach_neg(xs)
     neg_max = torch._foreach_max(neg)
-    if not exact:
-        return neg_max, []
-    torch._foreach_add_(neg, xs)
-    return neg_max, torch._foreach_norm(neg, 0, dtype=_F64)
+    if exact:
+        return neg_max, torch._foreach_norm(xs, 0, dtype=_F64)
+    torch._foreach_sign_(neg)
+    return neg_max, torch._foreach_powsum(neg, 2, dtype=_acc(xs))
+
+
+def _acc(xs: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """Accumulate half-precision tensors in float32; float32/64 in their own dtype (a float64
+    accumulator on float32 data takes the CPU's slow path)."""
+    return None if all(x.dtype in (torch.float32, _F64) for x in xs) else torch.float32
 
 
 def _nonfinite_counts(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -262,17 +271,17 @@ class _ActivationBatch:
         xs = [p.value for p in pend]
         means = [p.batch_mean for p in pend]
         positions = [m.numel() for m in means]
-        neg_max, nonfinite = _negated_max(xs, exact)
-        scalars = list(torch._foreach_powsum(torch._foreach_sub(xs, means), 2, dtype=_F64))
-        scalars += [*torch._foreach_norm(xs, 0, dtype=_F64), *torch._foreach_max(xs), *neg_max,
-                    *nonfinite]
+        neg_max, nonzero = _negated_max(xs, exact)
+        nonfinite = _nonfinite_counts(xs) if exact else []
+        scalars = list(torch._foreach_powsum(torch._foreach_sub(xs, means), 2, dtype=_acc(xs)))
+        scalars += [*nonzero, *torch._foreach_max(xs), *neg_max, *nonfinite]
         # sum(m) = sum|m| - 2 sum|min(m, 0)|: the multi-tensor reductions have no signed sum
-        abs_sum = torch._foreach_norm(means, 1, dtype=_F64)
-        neg_sum = torch._foreach_norm(torch._foreach_clamp_max(means, 0.0), 1, dtype=_F64)
+        abs_sum = torch._foreach_norm(means, 1)
+        neg_sum = torch._foreach_norm(torch._foreach_clamp_max(means, 0.0), 1)
         centre = torch._foreach_div(torch._foreach_add(abs_sum, neg_sum, alpha=-2),
                                     [float(p) for p in positions])
         torch._foreach_sub_(means, centre)
-        scalars += [*abs_sum, *neg_sum, *torch._foreach_powsum(means, 2, dtype=_F64)]
+        scalars += [*abs_sum, *neg_sum, *torch._foreach_powsum(means, 2)]
         scalars += [p.saturated for p in pend if p.saturated is not None]
         where = sums.add(scalars)
         saturated, unit_max = {}, {}
@@ -346,7 +355,7 @@ class _GradientBatch:
     @staticmethod
     def measure(sums: _DeviceSums, indices: list[int], grads: list[torch.Tensor],
                 exact: bool = False) -> _GradientBatch:
-        scalars = list(torch._foreach_powsum(grads, 2, dtype=_F64))
+        scalars = list(torch._foreach_powsum(grads, 2, dtype=_acc(grads)))
         if exact:
             scalars += _nonfinite_counts(grads)
         return _GradientBatch(indices, sums.add(scalars), exact)
@@ -400,8 +409,8 @@ def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch
 
 # Per-parameter sums; a parameter that lacks one (empty, no gradient, not a layer weight)
 # reads the default. The non-finite counts are measured only by an `exact` pass.
-_PARAM_SUMS = {"w_abs": 0.0, "w_sq": 0.0, "w_absmax": 0.0, "w_max": 0.0, "w_neg_sum": 0.0,
-               "w_nonfinite": None, "g_sq": 0.0, "g_nonzero": 0.0, "g_nonfinite": None,
+_PARAM_SUMS = {"w_abs": 0.0, "w_sq": 0.0, "w_sq_dev": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
+               "w_neg_sum": 0.0, "w_nonfinite": None, "g_sq": 0.0, "g_nonzero": 0.0, "g_nonfinite": None,
                "unit_diff": math.nan, "unit_max": math.nan}
 
 
@@ -423,27 +432,43 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
     with torch.no_grad():
         full = [i for i, p in enumerate(params) if p.numel()]
         ws = [params[i] for i in full]
+        acc = _acc(ws)
         if ws:
-            record(full, {"w_abs": torch._foreach_norm(ws, 1, dtype=_F64),
-                          "w_sq": torch._foreach_powsum(ws, 2, dtype=_F64),
-                          "w_absmax": torch._foreach_norm(ws, math.inf, dtype=_F64),
-                          "w_max": torch._foreach_max(ws)})
+            w_abs = torch._foreach_norm(ws, 1, dtype=acc)
+            record(full, {"w_abs": w_abs, "w_max": torch._foreach_max(ws)})
+        neg_sums: list[torch.Tensor] = []
         for part in _chunks(ws, _PARAM_COPY_BYTES):
             neg = torch._foreach_neg(ws[part])
+            columns = {"w_neg_max": torch._foreach_max(neg)}
             torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
-            columns = {"w_neg_sum": torch._foreach_norm(neg, 1, dtype=_F64)}
+            columns["w_neg_sum"] = torch._foreach_norm(neg, 1, dtype=acc)
+            neg_sums += columns["w_neg_sum"]
             del neg
             if exact:
                 columns["w_nonfinite"] = _nonfinite_counts(ws[part])
             record(full[part], columns)
+        if ws:  # the spread about the mean, second pass: exact even when the mean dwarfs it
+            means = torch._foreach_div(torch._foreach_add(w_abs, neg_sums, alpha=-2),
+                                       [float(w.numel()) for w in ws])
+        for part in _chunks(ws, _PARAM_COPY_BYTES):
+            deviations = torch._foreach_sub(ws[part], means[part])
+            record(full[part], {"w_sq_dev": torch._foreach_powsum(deviations, 2, dtype=acc),
+                                "w_sq": torch._foreach_powsum(ws[part], 2, dtype=acc)})
+            del deviations
         with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
         gs = [grads[i] for i in with_grad]
         if gs:
-            record(with_grad, {"g_sq": torch._foreach_powsum(gs, 2, dtype=_F64),
-                               "g_nonzero": torch._foreach_norm(gs, 0, dtype=_F64)})
-        if exact:
-            for part in _chunks(gs, _PARAM_COPY_BYTES):  # type: ignore[arg-type]
-                record(with_grad[part], {"g_nonfinite": _nonfinite_counts(gs[part])})
+            record(with_grad, {"g_sq": torch._foreach_powsum(gs, 2, dtype=_acc(gs))})
+        for part in _chunks(gs, _PARAM_COPY_BYTES):  # type: ignore[arg-type]
+            if exact:  # sign(NaN) is 0: the 0-norm counts NaN as non-zero
+                columns = {"g_nonzero": torch._foreach_norm(gs[part], 0, dtype=_F64)}
+            else:
+                signs = torch._foreach_sign(gs[part])
+                columns = {"g_nonzero": torch._foreach_powsum(signs, 2, dtype=_acc(gs))}
+                del signs
+            if exact:
+                columns["g_nonfinite"] = _nonfinite_counts(gs[part])
+            record(with_grad[part], columns)
         # Unit spread: how far apart two output units' gradients are, relative to the largest
         # entry (0: every unit gets the same update, symmetry never breaks).
         units, firsts, where = [], [], []
@@ -459,12 +484,15 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
             units.append(u)
             firsts.append(first)
             where.append(i)
-        if units:
-            record(where, {"unit_max": torch._foreach_norm(units, math.inf, dtype=_F64)})
         for part in _chunks(units, _PARAM_COPY_BYTES):
             diffs = torch._foreach_sub(units[part], firsts[part])
-            record(where[part], {"unit_diff": torch._foreach_norm(diffs, math.inf, dtype=_F64)})
+            torch._foreach_abs_(diffs)
+            columns = {"unit_diff": torch._foreach_max(diffs)}
             del diffs
+            magnitudes = torch._foreach_abs(units[part])
+            columns["unit_max"] = torch._foreach_max(magnitudes)
+            del magnitudes
+            record(where[part], columns)
     return found
 
 
@@ -479,22 +507,20 @@ def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
         n = max(count, 1)
         total = s["w_abs"] - 2 * s["w_neg_sum"]
         mean = total / count if count else math.nan
-        std = math.sqrt(max(s["w_sq"] / count - mean * mean, 0.0)) if count else math.nan
+        std = math.sqrt(s["w_sq_dev"] / count) if count else math.nan
         wnorm, gnorm = math.sqrt(s["w_sq"]), math.sqrt(s["g_sq"])
         if wnorm > 0:
             ratio = gnorm / wnorm
         else:
             ratio = math.inf if gnorm > 0 else (gnorm if math.isnan(gnorm) else 0.0)
         fields = {
-            "mean": mean, "std": std, "abs_max": s["w_absmax"],
+            "mean": mean, "std": std, "abs_max": max(s["w_max"], s["w_neg_max"]),
             "nonfinite": _count_or_unknown(s["w_nonfinite"], s["w_sq"]),
             "grad_norm": gnorm, "grad_rms": gnorm / math.sqrt(n), "grad_to_weight": ratio,
             "zero_grad_fraction": (count - s["g_nonzero"]) / n,
             "nonfinite_grad": _count_or_unknown(s["g_nonfinite"], s["g_sq"]),
             "unit_spread": s["unit_diff"] / _clamp_min(s["unit_max"], 1e-30),
-            # Every entry equals the largest exactly when the float64 sum is count x largest
-            # (float32 entries sum exactly in float64 below 2**29 of them).
-            "constant": float(total == count * s["w_max"]),
+            "constant": float(s["w_max"] == -s["w_neg_max"]),  # largest == smallest
         }
         rows.append({f: fields[f] for f in _PARAM_FIELDS})
     return rows
