@@ -98,7 +98,7 @@ class ProbeResult:
 # of operations, not the bytes, sets the overhead. So the values are measured in batches: a tap
 # keeps a reference to its value (and computes the one per-value reduction that has no
 # multi-tensor form, the batch mean per position), and once the pending values hold
-# _FLUSH_BYTES, or the pass ends, one set of multi-tensor (`torch._foreach_*`) reductions
+# `_flush_bytes(device)`, or the pass ends, one set of multi-tensor (`torch._foreach_*`) reductions
 # measures them all. Parameters are measured the same way after the backward pass. Only sums
 # (float64) are computed on the device; they reach the host in the pass's single copy, where
 # `_activation_fields`, `_gradient_rows` and `_param_rows` turn them into the fields named by
@@ -107,17 +107,22 @@ class ProbeResult:
 _F64 = torch.float64
 # Pending values are measured together once they hold this much; a flush makes one temporary
 # copy of the pending values (for the minimum), so this also bounds the extra memory.
-_FLUSH_BYTES = 32 << 20
-# Parameters are all alive anyway: only the temporary copies (negative parts, unit
-# differences) are made in chunks of this size.
-_PARAM_COPY_BYTES = 16 << 20
+# On a CPU the statistics are memory-bound and a small batch keeps the peak near eager's; on
+# a GPU launches cost more than bytes and memory is plentiful, so batches are large.
+_FLUSH_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+_DEFAULT_FLUSH_BYTES = 16 << 20
+
+
+def _flush_bytes(device: torch.device) -> int:
+    return _FLUSH_BYTES.get(device.type, _DEFAULT_FLUSH_BYTES)
+
 
 
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _chunks(tensors: Sequence[torch.Tensor], budget: int = _FLUSH_BYTES) -> Iterator[slice]:
+def _chunks(tensors: Sequence[torch.Tensor], budget: int) -> Iterator[slice]:
     """Consecutive slices of `tensors` holding at most `budget` bytes each (at least one)."""
     start, held = 0, 0
     for i, t in enumerate(tensors):
@@ -419,7 +424,7 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
                 exact: bool = False) -> dict[str, list[tuple[int, int]]]:
     """Queue every parameter's sums; returns, per key of _PARAM_SUMS, (parameter, host slot).
     Reductions that read a tensor as it is run once over the whole list; those that need a
-    temporary copy run over chunks of _PARAM_COPY_BYTES."""
+    temporary copy run over chunks."""
     found: dict[str, list[tuple[int, int]]] = {k: [] for k in _PARAM_SUMS}
 
     def record(where: list[int], columns: dict[str, Sequence[torch.Tensor]]) -> None:
@@ -429,15 +434,19 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
             found[key].extend(zip(where, range(offset, offset + len(values)), strict=True))
             offset += len(values)
 
+    # Parameters are all alive anyway: only the temporary copies (negative parts, deviations,
+    # unit differences) are made in chunks.
+    copy_bytes = 2 * _flush_bytes(params[0].device)
     with torch.no_grad():
         full = [i for i, p in enumerate(params) if p.numel()]
         ws = [params[i] for i in full]
         acc = _acc(ws)
         if ws:
             w_abs = torch._foreach_norm(ws, 1, dtype=acc)
-            record(full, {"w_abs": w_abs, "w_max": torch._foreach_max(ws)})
+            record(full, {"w_abs": w_abs, "w_max": torch._foreach_max(ws),
+                          "w_sq": torch._foreach_powsum(ws, 2, dtype=acc)})
         neg_sums: list[torch.Tensor] = []
-        for part in _chunks(ws, _PARAM_COPY_BYTES):
+        for part in _chunks(ws, copy_bytes):
             neg = torch._foreach_neg(ws[part])
             columns = {"w_neg_max": torch._foreach_max(neg)}
             torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
@@ -450,16 +459,15 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
         if ws:  # the spread about the mean, second pass: exact even when the mean dwarfs it
             means = torch._foreach_div(torch._foreach_add(w_abs, neg_sums, alpha=-2),
                                        [float(w.numel()) for w in ws])
-        for part in _chunks(ws, _PARAM_COPY_BYTES):
+        for part in _chunks(ws, copy_bytes):
             deviations = torch._foreach_sub(ws[part], means[part])
-            record(full[part], {"w_sq_dev": torch._foreach_powsum(deviations, 2, dtype=acc),
-                                "w_sq": torch._foreach_powsum(ws[part], 2, dtype=acc)})
+            record(full[part], {"w_sq_dev": torch._foreach_powsum(deviations, 2, dtype=acc)})
             del deviations
         with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
         gs = [grads[i] for i in with_grad]
         if gs:
             record(with_grad, {"g_sq": torch._foreach_powsum(gs, 2, dtype=_acc(gs))})
-        for part in _chunks(gs, _PARAM_COPY_BYTES):  # type: ignore[arg-type]
+        for part in _chunks(gs, copy_bytes):  # type: ignore[arg-type]
             if exact:  # sign(NaN) is 0: the 0-norm counts NaN as non-zero
                 columns = {"g_nonzero": torch._foreach_norm(gs[part], 0, dtype=_F64)}
             else:
@@ -484,7 +492,7 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
             units.append(u)
             firsts.append(first)
             where.append(i)
-        for part in _chunks(units, _PARAM_COPY_BYTES):
+        for part in _chunks(units, copy_bytes):
             diffs = torch._foreach_sub(units[part], firsts[part])
             torch._foreach_abs_(diffs)
             columns = {"unit_diff": torch._foreach_max(diffs)}
@@ -573,13 +581,13 @@ class _Collector:
         self.sizes[point.index] = (int(units), value.numel())
         if value.requires_grad:
             value.register_hook(lambda g, i=point.index: self._on_grad(i, g))
-        if self.exact or self._act_bytes >= _FLUSH_BYTES:
+        if self.exact or self._act_bytes >= _flush_bytes(value.device):
             self.flush_activations()
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
         self._grads.append((index, grad, grad._version))
         self._grad_bytes += _bytes(grad)
-        if self.exact or self._grad_bytes >= _FLUSH_BYTES:
+        if self.exact or self._grad_bytes >= _flush_bytes(grad.device):
             self.flush_gradients()
 
     def flush_activations(self) -> None:
