@@ -635,8 +635,13 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype)
                   for o in differentiable]
+    # One scalar, sum(output * cotangent), backpropagates exactly the cotangents (the sum's
+    # gradient is 1, the product's is the cotangent), without the lazy import autograd makes
+    # on the first backward given explicit gradients (torch.fx symbolic shapes, sympy: about
+    # as long as the whole probe of a small model).
+    loss = sum((o * c).sum() for o, c in zip(differentiable, cotangents, strict=True))
     try:
-        torch.autograd.backward(differentiable, cotangents)
+        torch.autograd.backward([loss])
     except RuntimeError as exc:
         raise ProbeError(f"backward pass failed: {str(exc).splitlines()[0]}") from None
     collector.flush_gradients()
