@@ -99,8 +99,10 @@ class ProbeResult:
 # keeps a reference to its value (and computes the one per-value reduction that has no
 # multi-tensor form, the batch mean per position), and once the pending values hold
 # `_flush_bytes(device)`, or the pass ends, one set of multi-tensor (`torch._foreach_*`) reductions
-# measures them all. Parameters are measured the same way after the backward pass. Only sums
-# (float64) are computed on the device; they reach the host in the pass's single copy, where
+# measures them all. Parameters are measured the same way after the backward pass. Only sums,
+# 2-norms and extremes are computed on the device (a 2-norm rather than a sum of squares: the
+# norm does not overflow float32 where the square would, for exploding values); they reach the
+# host in the pass's single copy, where
 # `_activation_fields`, `_gradient_rows` and `_param_rows` turn them into the fields named by
 # _ACT_FIELDS / _GRAD_FIELDS / _PARAM_FIELDS (a new field: a sum here, a formula there).
 
@@ -176,10 +178,10 @@ class _DeviceSums:
         return host
 
 
-# Non-finite entries: a tensor's float64 sum of squares (or its extremes) is finite exactly
-# when every entry is, so the fast path measures no count and reports 0; a pass that finds a
-# non-finite sum is measured again with `exact` counts (-x + x is 0 for every finite entry and
-# NaN for the rest), which cost a temporary copy.
+# Non-finite entries: a NaN or infinite entry makes a tensor's maximum or 2-norm non-finite, so
+# when those are finite the fast path reports 0 without counting; a pass that finds one
+# non-finite is measured again with `exact` counts (-x + x is 0 for every finite entry and NaN
+# for the rest), which cost a temporary copy.
 _UNKNOWN = math.nan  # a count the fast path did not take: the pass is measured again
 
 
@@ -251,8 +253,8 @@ def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _
 
 
 # Per-value sums measured on the device; `_activation_fields` turns them into _ACT_FIELDS.
-_ACT_SUMS = ("sum_sq_dev", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_sum",
-             "mean_neg_sum", "mean_sq_dev")
+_ACT_SUMS = ("dev_norm", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_sum",
+             "mean_neg_sum", "mean_dev_norm")
 
 
 @dataclass
@@ -278,7 +280,7 @@ class _ActivationBatch:
         positions = [m.numel() for m in means]
         neg_max, nonzero = _negated_max(xs, exact)
         nonfinite = _nonfinite_counts(xs) if exact else []
-        scalars = list(torch._foreach_powsum(torch._foreach_sub(xs, means), 2, dtype=_acc(xs)))
+        scalars = list(torch._foreach_norm(torch._foreach_sub(xs, means), 2, dtype=_acc(xs)))
         scalars += [*nonzero, *torch._foreach_max(xs), *neg_max, *nonfinite]
         # sum(m) = sum|m| - 2 sum|min(m, 0)|: the multi-tensor reductions have no signed sum
         abs_sum = torch._foreach_norm(means, 1)
@@ -286,7 +288,7 @@ class _ActivationBatch:
         centre = torch._foreach_div(torch._foreach_add(abs_sum, neg_sum, alpha=-2),
                                     [float(p) for p in positions])
         torch._foreach_sub_(means, centre)
-        scalars += [*abs_sum, *neg_sum, *torch._foreach_powsum(means, 2)]
+        scalars += [*abs_sum, *neg_sum, *torch._foreach_norm(means, 2)]
         scalars += [p.saturated for p in pend if p.saturated is not None]
         where = sums.add(scalars)
         saturated, unit_max = {}, {}
@@ -312,8 +314,7 @@ class _ActivationBatch:
         out = {}
         for i, index in enumerate(self.indices):
             s = {name: values[j * k + i] for j, name in enumerate(self.names)}
-            s["nonfinite"] = _count_or_unknown(s.get("nonfinite"), s["sum_sq_dev"], s["max"],
-                                               s["neg_max"])
+            s["nonfinite"] = _count_or_unknown(s.get("nonfinite"), s["max"], s["neg_max"])
             saturation = host[self.saturated[i]][0] if i in self.saturated else 0.0
             dead = 0.0
             if i in self.unit_max:
@@ -329,8 +330,8 @@ def _activation_fields(s: dict[str, float], numel: int, positions: int, single: 
                        dead: float, saturation: float) -> dict[str, float]:
     # Law of total variance: the variance of all entries is the mean variance across the batch
     # (sample_var) plus the variance of the per-position batch means.
-    sample_var = s["sum_sq_dev"] / numel
-    var = sample_var + s["mean_sq_dev"] / positions
+    sample_var = s["dev_norm"] ** 2 / numel
+    var = sample_var + s["mean_dev_norm"] ** 2 / positions
     fields = {
         "mean": (s["mean_abs_sum"] - 2 * s["mean_neg_sum"]) / positions, "var": var,
         "min": -s["neg_max"], "max": s["max"], "zero_fraction": (numel - s["nonzero"]) / numel,
@@ -354,13 +355,13 @@ def _activation_row(value: torch.Tensor, point: ProbePoint, exact: bool = True) 
 @dataclass
 class _GradientBatch:
     indices: list[int]
-    sums: slice  # k sums of squares, then (exact) k non-finite counts
+    sums: slice  # k 2-norms, then (exact) k non-finite counts
     exact: bool
 
     @staticmethod
     def measure(sums: _DeviceSums, indices: list[int], grads: list[torch.Tensor],
                 exact: bool = False) -> _GradientBatch:
-        scalars = list(torch._foreach_powsum(grads, 2, dtype=_acc(grads)))
+        scalars = list(torch._foreach_norm(grads, 2, dtype=_acc(grads)))
         if exact:
             scalars += _nonfinite_counts(grads)
         return _GradientBatch(indices, sums.add(scalars), exact)
@@ -376,7 +377,7 @@ def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
         k = len(batch.indices)
         for i, index in enumerate(batch.indices):
             acc = total.setdefault(index, [0.0, 0.0])
-            acc[0] += values[i]
+            acc[0] += values[i] ** 2  # float64 on the host: no overflow
             acc[1] += _count_or_unknown(values[k + i] if batch.exact else None, values[i])
     out = {}
     for index, (sum_sq, nonfinite) in total.items():
@@ -414,8 +415,8 @@ def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch
 
 # Per-parameter sums; a parameter that lacks one (empty, no gradient, not a layer weight)
 # reads the default. The non-finite counts are measured only by an `exact` pass.
-_PARAM_SUMS = {"w_abs": 0.0, "w_sq": 0.0, "w_sq_dev": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
-               "w_neg_sum": 0.0, "w_nonfinite": None, "g_sq": 0.0, "g_nonzero": 0.0, "g_nonfinite": None,
+_PARAM_SUMS = {"w_abs": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
+               "w_neg_sum": 0.0, "w_nonfinite": None, "g_norm": 0.0, "g_nonzero": 0.0, "g_nonfinite": None,
                "unit_diff": math.nan, "unit_max": math.nan}
 
 
@@ -444,7 +445,7 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
         if ws:
             w_abs = torch._foreach_norm(ws, 1, dtype=acc)
             record(full, {"w_abs": w_abs, "w_max": torch._foreach_max(ws),
-                          "w_sq": torch._foreach_powsum(ws, 2, dtype=acc)})
+                          "w_norm": torch._foreach_norm(ws, 2, dtype=acc)})
         neg_sums: list[torch.Tensor] = []
         for part in _chunks(ws, copy_bytes):
             neg = torch._foreach_neg(ws[part])
@@ -461,12 +462,12 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
                                        [float(w.numel()) for w in ws])
         for part in _chunks(ws, copy_bytes):
             deviations = torch._foreach_sub(ws[part], means[part])
-            record(full[part], {"w_sq_dev": torch._foreach_powsum(deviations, 2, dtype=acc)})
+            record(full[part], {"w_dev_norm": torch._foreach_norm(deviations, 2, dtype=acc)})
             del deviations
         with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
         gs = [grads[i] for i in with_grad]
         if gs:
-            record(with_grad, {"g_sq": torch._foreach_powsum(gs, 2, dtype=_acc(gs))})
+            record(with_grad, {"g_norm": torch._foreach_norm(gs, 2, dtype=_acc(gs))})
         for part in _chunks(gs, copy_bytes):  # type: ignore[arg-type]
             if exact:  # sign(NaN) is 0: the 0-norm counts NaN as non-zero
                 columns = {"g_nonzero": torch._foreach_norm(gs[part], 0, dtype=_F64)}
@@ -515,18 +516,18 @@ def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
         n = max(count, 1)
         total = s["w_abs"] - 2 * s["w_neg_sum"]
         mean = total / count if count else math.nan
-        std = math.sqrt(s["w_sq_dev"] / count) if count else math.nan
-        wnorm, gnorm = math.sqrt(s["w_sq"]), math.sqrt(s["g_sq"])
+        std = s["w_dev_norm"] / math.sqrt(count) if count else math.nan
+        wnorm, gnorm = s["w_norm"], s["g_norm"]
         if wnorm > 0:
             ratio = gnorm / wnorm
         else:
             ratio = math.inf if gnorm > 0 else (gnorm if math.isnan(gnorm) else 0.0)
         fields = {
             "mean": mean, "std": std, "abs_max": max(s["w_max"], s["w_neg_max"]),
-            "nonfinite": _count_or_unknown(s["w_nonfinite"], s["w_sq"]),
+            "nonfinite": _count_or_unknown(s["w_nonfinite"], s["w_max"], s["w_neg_max"]),
             "grad_norm": gnorm, "grad_rms": gnorm / math.sqrt(n), "grad_to_weight": ratio,
             "zero_grad_fraction": (count - s["g_nonzero"]) / n,
-            "nonfinite_grad": _count_or_unknown(s["g_nonfinite"], s["g_sq"]),
+            "nonfinite_grad": _count_or_unknown(s["g_nonfinite"], s["g_norm"]),
             "unit_spread": s["unit_diff"] / _clamp_min(s["unit_max"], 1e-30),
             "constant": float(s["w_max"] == -s["w_neg_max"]),  # largest == smallest
         }
