@@ -98,13 +98,12 @@ class ProbeResult:
 # of operations, not the bytes, sets the overhead. So the values are measured in batches: a tap
 # keeps a reference to its value (and computes the one per-value reduction that has no
 # multi-tensor form, the batch mean per position), and once the pending values hold
-# `_flush_bytes(device)`, or the pass ends, one set of multi-tensor (`torch._foreach_*`) reductions
-# measures them all. Parameters are measured the same way after the backward pass. Only sums,
-# 2-norms and extremes are computed on the device (a 2-norm rather than a sum of squares: the
-# norm does not overflow float32 where the square would, for exploding values); they reach the
-# host in the pass's single copy, where
-# `_activation_fields`, `_gradient_rows` and `_param_rows` turn them into the fields named by
-# _ACT_FIELDS / _GRAD_FIELDS / _PARAM_FIELDS (a new field: a sum here, a formula there).
+# `_flush_bytes(device)`, or the pass ends, one set of multi-tensor (`torch._foreach_*`)
+# reductions measures them all. Parameters are measured the same way after the backward pass.
+# Only sums, 2-norms and extremes are computed on the device; they reach the host in the
+# pass's single copy, where `_activation_fields`, `_gradient_rows` and `_param_rows` turn them
+# into the fields named by _ACT_FIELDS / _GRAD_FIELDS / _PARAM_FIELDS (a new field: a
+# reduction here, a formula there).
 
 _F64 = torch.float64
 # Pending values are measured together once they hold this much; a flush makes one temporary
@@ -117,7 +116,6 @@ _DEFAULT_FLUSH_BYTES = 16 << 20
 
 def _flush_bytes(device: torch.device) -> int:
     return _FLUSH_BYTES.get(device.type, _DEFAULT_FLUSH_BYTES)
-
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -416,8 +414,8 @@ def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch
 # Per-parameter sums; a parameter that lacks one (empty, no gradient, not a layer weight)
 # reads the default. The non-finite counts are measured only by an `exact` pass.
 _PARAM_SUMS = {"w_abs": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
-               "w_neg_sum": 0.0, "w_nonfinite": None, "g_norm": 0.0, "g_nonzero": 0.0, "g_nonfinite": None,
-               "unit_diff": math.nan, "unit_max": math.nan}
+               "w_neg_sum": 0.0, "w_nonfinite": None, "g_norm": 0.0, "g_nonzero": 0.0,
+               "g_nonfinite": None, "unit_diff": math.nan, "unit_max": math.nan}
 
 
 def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.Tensor | None],
