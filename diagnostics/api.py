@@ -20,6 +20,7 @@ from gradprobe.diagnostics.errors import (
 from gradprobe.diagnostics.graph import LoadedModel
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
+from gradprobe.diagnostics.memory_estimate import check_probe_fits
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.probe import ProbeResult, probe
 from gradprobe.diagnostics.report import InputInfo, LayerReport, ModelInfo, Report, Summary, Timing
@@ -113,6 +114,7 @@ def probe_and_report(model: LoadedModel, inputs: list[torch.Tensor], input_infos
     every door shares once a model is loaded). `identity` is (label, sha256, size in bytes)."""
     label, sha, size = identity
     device = model.device
+    check_probe_fits(model, inputs, device)  # refuse now what certainly cannot run
     loaded = time.perf_counter()
     notify("probe", 0.0)
     result = _probe(model, inputs, options.seed, input_infos)

@@ -13,7 +13,7 @@ and measures gradient flow through the rest of the network.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -144,88 +144,453 @@ class ProbeResult:
             for lp in self.layers)
 
 
-def _activation_row(value: torch.Tensor, point: ProbePoint) -> torch.Tensor:
-    # Every statistic is a few full passes over the value, and these passes are the probe's
-    # overhead: moments come from means of squared deviations and counts from count_nonzero,
-    # since on CPU torch.var_mean/var(dim=...) (Welford) and .sum() of a bool mask (an int64
-    # copy first) cost several times more.
-    x = value.detach().float()
-    n = x.numel()
-    if x.shape[0] > 1:
-        # Law of total variance: the variance of all entries is the mean variance across the
-        # batch (sample_var) plus the variance of the per-position batch means, so one pass
-        # over the deviations from the batch mean gives both.
-        position_mean = x.mean(dim=0)
-        sample_var = (x - position_mean).square_().mean()
-        mean = position_mean.mean()
-        var = sample_var + (position_mean - mean).square_().mean()
-    else:
-        mean = x.mean()
-        var = sample_var = (x - mean).square_().mean()
-    lo, hi = torch.aminmax(x)
-    zero = (n - torch.count_nonzero(x)) / n
-    nonfinite = _nonfinite_count(x)
+# --- statistics -----------------------------------------------------------------------------
+# Every statistic is a reduction over a tapped value, and on a GPU each reduction is a kernel
+# launch of a few microseconds against a whole ResNet-18 step of a few milliseconds: the number
+# of operations, not the bytes, sets the overhead. So the values are measured in batches: a tap
+# keeps a reference to its value (and computes the one per-value reduction that has no
+# multi-tensor form, the batch mean per position), and once the pending values hold
+# `_flush_bytes(device)`, or the pass ends, one set of multi-tensor (`torch._foreach_*`)
+# reductions measures them all. Parameters are measured the same way after the backward pass.
+# Only sums, 2-norms and extremes are computed on the device; they reach the host in the
+# pass's single copy, where `_activation_fields`, `_gradient_rows` and `_param_rows` turn them
+# into the fields named by _ACT_FIELDS / _GRAD_FIELDS / _PARAM_FIELDS (a new field: a
+# reduction here, a formula there).
+
+_F64 = torch.float64
+# Pending values are measured together once they hold this much; a flush makes one temporary
+# copy of the pending values (for the minimum), so this also bounds the extra memory.
+# On a CPU the statistics are memory-bound and a small batch keeps the peak near eager's; on
+# a GPU launches cost more than bytes and memory is plentiful, so batches are large.
+_FLUSH_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+_DEFAULT_FLUSH_BYTES = 16 << 20
+
+
+def _flush_bytes(device: torch.device) -> int:
+    return _FLUSH_BYTES.get(device.type, _DEFAULT_FLUSH_BYTES)
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _chunks(tensors: Sequence[torch.Tensor], budget: int) -> Iterator[slice]:
+    """Consecutive slices of `tensors` holding at most `budget` bytes each (at least one)."""
+    start, held = 0, 0
+    for i, t in enumerate(tensors):
+        if i > start and held + _bytes(t) > budget:
+            yield slice(start, i)
+            start, held = i, 0
+        held += _bytes(t)
+    if start < len(tensors):
+        yield slice(start, len(tensors))
+
+
+def _clamp_min(value: float, low: float) -> float:
+    return low if value < low else value  # NaN stays NaN
+
+
+class _Host(list):  # type: ignore[type-arg]
+    """The pass's sums on the host: the scalars, then the vectors from `flat_start` on."""
+
+    flat_start = 0
+
+
+class _DeviceSums:
+    """Device tensors that reach the host together, in the pass's single copy: the 0-d sums
+    are stacked once at the end (one op, however many batches queued them)."""
+
+    def __init__(self) -> None:
+        self._scalars: list[torch.Tensor] = []
+        self._flats: list[torch.Tensor] = []
+        self._flat_size = 0
+
+    def add(self, values: Sequence[torch.Tensor]) -> slice:
+        """Queue 0-d tensors; returns where they will sit in `fetch()`."""
+        where = slice(len(self._scalars), len(self._scalars) + len(values))
+        self._scalars.extend(values)
+        return where
+
+    def add_flat(self, flat: torch.Tensor) -> slice:
+        """Queue a 1-d tensor; returns where it will sit, counted from `_Host.flat_start`."""
+        where = slice(self._flat_size, self._flat_size + flat.numel())
+        self._flats.append(flat)
+        self._flat_size += flat.numel()
+        return where
+
+    def fetch(self) -> _Host:
+        pieces = ([torch.stack(self._scalars)] if self._scalars else []) + self._flats
+        host = _Host()
+        if pieces:
+            flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            host.extend(flat.to(_F64).cpu().tolist())
+        host.flat_start = len(self._scalars)
+        return host
+
+
+# Non-finite entries: a NaN or infinite entry makes a tensor's maximum or 2-norm non-finite, so
+# when those are finite the fast path reports 0 without counting; a pass that finds one
+# non-finite is measured again with `exact` counts (-x + x is 0 for every finite entry and NaN
+# for the rest), which cost a temporary copy.
+_UNKNOWN = math.nan  # a count the fast path did not take: the pass is measured again
+
+
+def _negated_max(xs: list[torch.Tensor], exact: bool) -> tuple[list[torch.Tensor],
+                                                               list[torch.Tensor]]:
+    """Per tensor: max(-x) (minus the minimum) and the count of non-zero entries (the sum of
+    sign(x)^2), from one temporary copy. Only reductions with a fast multi-tensor kernel are
+    used (max, sum of squares): the p-norms with p != 2 and float64 accumulation take a slow
+    per-element path on the CPU. sign(NaN) is 0, so an `exact` pass (non-finite entries
+    present) counts with the 0-norm, which counts NaN as non-zero."""
+    neg = torch._foreach_neg(xs)
+    neg_max = torch._foreach_max(neg)
+    if exact:
+        return neg_max, torch._foreach_norm(xs, 0, dtype=_F64)
+    torch._foreach_sign_(neg)
+    return neg_max, torch._foreach_powsum(neg, 2, dtype=_acc(xs))
+
+
+def _acc(xs: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """Accumulate half-precision tensors in float32; float32/64 in their own dtype (a float64
+    accumulator on float32 data takes the CPU's slow path)."""
+    return None if all(x.dtype in (torch.float32, _F64) for x in xs) else torch.float32
+
+
+def _nonfinite_counts(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return torch._foreach_norm(torch._foreach_sub(xs, xs), 0, dtype=_F64)
+
+
+def _count_or_unknown(exact_count: float | None, *sums: float) -> float:
+    if exact_count is not None:
+        return exact_count
+    return 0.0 if all(math.isfinite(v) for v in sums) else _UNKNOWN
+
+
+# --- activations ---
+
+@dataclass
+class _PendingActivation:
+    index: int
+    value: torch.Tensor
+    version: int  # value._version at the tap: an in-place op later would change what we read
+    batch_mean: torch.Tensor  # mean over the batch axis per position (our copy: centred in place)
+    single: bool  # no batch axis to average over: sample_var is the variance itself
+    unit_max: torch.Tensor | None  # ReLU: the largest entry of each unit
+    saturated: torch.Tensor | None  # sigmoid/tanh: saturated fraction
+
+
+def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _PendingActivation:
+    """What a tap computes at once: the reductions that have no multi-tensor form."""
+    x = value
+    acc = _F64 if x.dtype == _F64 else torch.float32
+    single = x.dim() == 0 or x.shape[0] <= 1
+    batch_mean = x.reshape(-1).to(acc, copy=True) if single else x.mean(dim=0, dtype=acc)
     kind = point.nonlinearity if point.role == "activation" else None
-    if kind != "relu":
-        # A full pass, and only a ReLU's silent units are dead: elsewhere it would be noise.
-        dead = torch.zeros((), device=x.device)
-    elif x.dim() >= 2:
-        axis = point.channel_axis % x.dim()
-        dims = [d for d in range(x.dim()) if d != axis]
-        dead = (x.amax(dim=dims) <= 0).float().mean()
-    else:
-        dead = (x.amax() <= 0).float()
-    if kind == "sigmoid":
-        saturated = ((x * (1 - x)) < 0.25 * SATURATION_DERIVATIVE).float().mean()
-    elif kind == "tanh":
-        saturated = ((1 - x * x) < SATURATION_DERIVATIVE).float().mean()
-    else:
-        saturated = torch.zeros((), device=x.device)
-    return torch.stack([mean, var, lo, hi, zero, dead, saturated, nonfinite.float(), sample_var])
+    unit_max = None
+    if kind == "relu":  # only a ReLU's silent units are dead: elsewhere it would be noise
+        if x.dim() >= 2:
+            axis = point.channel_axis % x.dim()
+            unit_max = x.amax(dim=[d for d in range(x.dim()) if d != axis])
+        else:
+            unit_max = x.amax(dim=0, keepdim=True)
+    saturated = None
+    if kind in ("sigmoid", "tanh"):
+        xf = x.float()
+        low = (xf * (1 - xf)) < 0.25 * SATURATION_DERIVATIVE if kind == "sigmoid" \
+            else (1 - xf * xf) < SATURATION_DERIVATIVE
+        saturated = low.float().mean()
+    return _PendingActivation(index, x, x._version, batch_mean, single, unit_max, saturated)
 
 
-def _nonfinite_count(t: torch.Tensor) -> torch.Tensor:
-    """Entries that are NaN or +-inf: t - t is 0 for every finite entry and NaN for the rest."""
-    return torch.count_nonzero(t - t)
+# Per-value sums measured on the device; `_activation_fields` turns them into _ACT_FIELDS.
+_ACT_SUMS = ("dev_norm", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_sum",
+             "mean_neg_sum", "mean_dev_norm")
 
 
-def _gradient_row(grad: torch.Tensor) -> torch.Tensor:
-    g = grad.detach().float()
-    norm = torch.linalg.vector_norm(g)
-    nonfinite = _nonfinite_count(g)
-    return torch.stack([norm, norm / math.sqrt(max(g.numel(), 1)), nonfinite.float()])
+@dataclass
+class _ActivationBatch:
+    """Pending values measured together: where their sums will sit in the host copy."""
+
+    names: tuple[str, ...]  # _ACT_SUMS, without "nonfinite" unless counted exactly
+    indices: list[int]
+    numel: list[int]
+    positions: list[int]
+    single: list[bool]
+    sums: slice
+    saturated: dict[int, slice]  # position in the batch -> host slot
+    unit_max: dict[int, tuple[int, int]]  # position in the batch -> (host offset, units)
+
+    @staticmethod
+    def measure(sums: _DeviceSums, pend: list[_PendingActivation],
+                exact: bool = False) -> _ActivationBatch:
+        """Moments from sums of squared deviations (two passes, as exact as float32 allows
+        even when the mean dwarfs the spread); the batch means are centred in place."""
+        xs = [p.value for p in pend]
+        means = [p.batch_mean for p in pend]
+        positions = [m.numel() for m in means]
+        neg_max, nonzero = _negated_max(xs, exact)
+        nonfinite = _nonfinite_counts(xs) if exact else []
+        scalars = list(torch._foreach_norm(torch._foreach_sub(xs, means), 2, dtype=_acc(xs)))
+        scalars += [*nonzero, *torch._foreach_max(xs), *neg_max, *nonfinite]
+        # sum(m) = sum|m| - 2 sum|min(m, 0)|: the multi-tensor reductions have no signed sum
+        abs_sum = torch._foreach_norm(means, 1)
+        neg_sum = torch._foreach_norm(torch._foreach_clamp_max(means, 0.0), 1)
+        centre = torch._foreach_div(torch._foreach_add(abs_sum, neg_sum, alpha=-2),
+                                    [float(p) for p in positions])
+        torch._foreach_sub_(means, centre)
+        scalars += [*abs_sum, *neg_sum, *torch._foreach_norm(means, 2)]
+        scalars += [p.saturated for p in pend if p.saturated is not None]
+        where = sums.add(scalars)
+        saturated, unit_max = {}, {}
+        names = _ACT_SUMS if exact else tuple(n for n in _ACT_SUMS if n != "nonfinite")
+        offset = where.start + len(names) * len(pend)
+        for i, p in enumerate(pend):
+            if p.saturated is not None:
+                saturated[i] = slice(offset, offset + 1)
+                offset += 1
+        maxima = [p.unit_max for p in pend if p.unit_max is not None]
+        if maxima:
+            offset = sums.add_flat(torch.cat(maxima) if len(maxima) > 1 else maxima[0]).start
+            for i, p in enumerate(pend):
+                if p.unit_max is not None:
+                    unit_max[i] = (offset, p.unit_max.numel())
+                    offset += p.unit_max.numel()
+        return _ActivationBatch(names, [p.index for p in pend], [p.value.numel() for p in pend],
+                                positions, [p.single for p in pend], where, saturated, unit_max)
+
+    def rows(self, host: _Host) -> dict[int, dict[str, float]]:
+        k = len(self.indices)
+        values = host[self.sums]
+        out = {}
+        for i, index in enumerate(self.indices):
+            s = {name: values[j * k + i] for j, name in enumerate(self.names)}
+            s["nonfinite"] = _count_or_unknown(s.get("nonfinite"), s["max"], s["neg_max"])
+            saturation = host[self.saturated[i]][0] if i in self.saturated else 0.0
+            dead = 0.0
+            if i in self.unit_max:
+                offset, units = self.unit_max[i]
+                start = host.flat_start + offset
+                dead = sum(1 for v in host[start:start + units] if v <= 0) / units
+            out[index] = _activation_fields(s, self.numel[i], self.positions[i], self.single[i],
+                                            dead, saturation)
+        return out
 
 
-def _units_view(t: torch.Tensor, point: ProbePoint | None) -> torch.Tensor | None:
-    """The tensor as (output units, rest) for a layer weight, else None."""
-    if point is None or t.dim() < 2:
+def _activation_fields(s: dict[str, float], numel: int, positions: int, single: bool,
+                       dead: float, saturation: float) -> dict[str, float]:
+    # Law of total variance: the variance of all entries is the mean variance across the batch
+    # (sample_var) plus the variance of the per-position batch means.
+    sample_var = s["dev_norm"] ** 2 / numel
+    var = sample_var + s["mean_dev_norm"] ** 2 / positions
+    fields = {
+        "mean": (s["mean_abs_sum"] - 2 * s["mean_neg_sum"]) / positions, "var": var,
+        "min": -s["neg_max"], "max": s["max"], "zero_fraction": (numel - s["nonzero"]) / numel,
+        "dead_units": dead, "saturation": saturation, "nonfinite": s["nonfinite"],
+        "sample_var": var if single else sample_var,
+    }
+    return {f: fields[f] for f in _ACT_FIELDS}
+
+
+def _activation_row(value: torch.Tensor, point: ProbePoint, exact: bool = True) -> torch.Tensor:
+    """_ACT_FIELDS of one value, through the batched path (tests, tools)."""
+    sums = _DeviceSums()
+    with torch.no_grad():
+        batch = _ActivationBatch.measure(sums, [_pending_activation(0, value, point)], exact)
+    row = batch.rows(sums.fetch())[0]
+    return torch.tensor([row[f] for f in _ACT_FIELDS], dtype=_F64)
+
+
+# --- gradients of the tapped values ---
+
+@dataclass
+class _GradientBatch:
+    indices: list[int]
+    sums: slice  # k 2-norms, then (exact) k non-finite counts
+    exact: bool
+
+    @staticmethod
+    def measure(sums: _DeviceSums, indices: list[int], grads: list[torch.Tensor],
+                exact: bool = False) -> _GradientBatch:
+        scalars = list(torch._foreach_norm(grads, 2, dtype=_acc(grads)))
+        if exact:
+            scalars += _nonfinite_counts(grads)
+        return _GradientBatch(indices, sums.add(scalars), exact)
+
+
+def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
+                   host: _Host) -> dict[int, dict[str, float]]:
+    """A value read by several consumers gets one hook call per path on some graphs: the
+    squared norms and counts of all calls add up per point."""
+    total: dict[int, list[float]] = {}
+    for batch in batches:
+        values = host[batch.sums]
+        k = len(batch.indices)
+        for i, index in enumerate(batch.indices):
+            acc = total.setdefault(index, [0.0, 0.0])
+            acc[0] += values[i] ** 2  # float64 on the host: no overflow
+            acc[1] += _count_or_unknown(values[k + i] if batch.exact else None, values[i])
+    out = {}
+    for index, (sum_sq, nonfinite) in total.items():
+        norm = math.sqrt(sum_sq)
+        fields = {"norm": norm, "rms": norm / math.sqrt(max(numel[index], 1)),
+                  "nonfinite": nonfinite}
+        out[index] = {f: fields[f] for f in _GRAD_FIELDS}
+    return out
+
+
+def _gradient_row(grad: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    sums = _DeviceSums()
+    with torch.no_grad():
+        batch = _GradientBatch.measure(sums, [0], [grad], exact)
+    row = _gradient_rows([batch], {0: grad.numel()}, sums.fetch())[0]
+    return torch.tensor([row[f] for f in _GRAD_FIELDS], dtype=_F64)
+
+
+# --- parameters ---
+
+def _unit_rows(shape: torch.Size, point: ProbePoint | None) -> int | None:
+    """How many output units a layer weight of this shape has, else None."""
+    if point is None or len(shape) < 2:
         return None
+    return math.prod(shape[1:]) if point.weight_layout == "in_out" else shape[0]
+
+
+def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient as units and its first unit, broadcastable against each other."""
     if point.weight_layout == "in_out":
-        return t.reshape(t.shape[0], -1).t()
-    return t.reshape(t.shape[0], -1)
+        units = g.reshape(g.shape[0], -1)
+        return units, units[:, :1]
+    return g, g[:1]
 
 
-def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | None) -> torch.Tensor:
-    w = p.detach().float()
-    n = max(w.numel(), 1)
-    g = torch.zeros_like(w) if grad is None else grad.detach().float()
-    wnorm = torch.linalg.vector_norm(w)
-    gnorm = torch.linalg.vector_norm(g)
-    ratio = torch.where(wnorm > 0, gnorm / wnorm.clamp_min(1e-30),
-                        torch.where(gnorm > 0, torch.full_like(gnorm, math.inf), torch.zeros_like(gnorm)))
-    units = _units_view(g, owner)
-    if units is None or units.shape[0] < 2:
-        spread = torch.full((), math.nan, device=w.device)
-    else:
-        spread = (units - units[:1]).abs().amax() / units.abs().amax().clamp_min(1e-30)
-    wmean = w.mean()
-    return torch.stack([
-        wmean, (w - wmean).square_().mean().sqrt(),
-        w.abs().amax() if w.numel() else torch.zeros((), device=w.device),
-        _nonfinite_count(w).float(), gnorm, gnorm / math.sqrt(n), ratio,
-        (g.numel() - torch.count_nonzero(g)) / n, _nonfinite_count(g).float(), spread,
-        (w == w.reshape(-1)[:1]).all().float() if w.numel() else torch.ones((), device=w.device),
-    ])
+# Per-parameter sums; a parameter that lacks one (empty, no gradient, not a layer weight)
+# reads the default. The non-finite counts are measured only by an `exact` pass.
+_PARAM_SUMS = {"w_abs": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
+               "w_neg_sum": 0.0, "w_nonfinite": None, "g_norm": 0.0, "g_nonzero": 0.0,
+               "g_nonfinite": None, "unit_diff": math.nan, "unit_max": math.nan}
+
+
+def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+                owners: list[ProbePoint | None],
+                exact: bool = False) -> dict[str, list[tuple[int, int]]]:
+    """Queue every parameter's sums; returns, per key of _PARAM_SUMS, (parameter, host slot).
+    Reductions that read a tensor as it is run once over the whole list; those that need a
+    temporary copy run over chunks."""
+    found: dict[str, list[tuple[int, int]]] = {k: [] for k in _PARAM_SUMS}
+
+    def record(where: list[int], columns: dict[str, Sequence[torch.Tensor]]) -> None:
+        slots = sums.add([v for values in columns.values() for v in values])
+        offset = slots.start
+        for key, values in columns.items():
+            found[key].extend(zip(where, range(offset, offset + len(values)), strict=True))
+            offset += len(values)
+
+    # Parameters are all alive anyway: only the temporary copies (negative parts, deviations,
+    # unit differences) are made in chunks.
+    copy_bytes = 2 * _flush_bytes(params[0].device)
+    with torch.no_grad():
+        full = [i for i, p in enumerate(params) if p.numel()]
+        ws = [params[i] for i in full]
+        acc = _acc(ws)
+        if ws:
+            w_abs = torch._foreach_norm(ws, 1, dtype=acc)
+            record(full, {"w_abs": w_abs, "w_max": torch._foreach_max(ws),
+                          "w_norm": torch._foreach_norm(ws, 2, dtype=acc)})
+        neg_sums: list[torch.Tensor] = []
+        for part in _chunks(ws, copy_bytes):
+            neg = torch._foreach_neg(ws[part])
+            columns = {"w_neg_max": torch._foreach_max(neg)}
+            torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
+            columns["w_neg_sum"] = torch._foreach_norm(neg, 1, dtype=acc)
+            neg_sums += columns["w_neg_sum"]
+            del neg
+            if exact:
+                columns["w_nonfinite"] = _nonfinite_counts(ws[part])
+            record(full[part], columns)
+        if ws:  # the spread about the mean, second pass: exact even when the mean dwarfs it
+            means = torch._foreach_div(torch._foreach_add(w_abs, neg_sums, alpha=-2),
+                                       [float(w.numel()) for w in ws])
+        for part in _chunks(ws, copy_bytes):
+            deviations = torch._foreach_sub(ws[part], means[part])
+            record(full[part], {"w_dev_norm": torch._foreach_norm(deviations, 2, dtype=acc)})
+            del deviations
+        with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
+        gs = [grads[i] for i in with_grad]
+        if gs:
+            record(with_grad, {"g_norm": torch._foreach_norm(gs, 2, dtype=_acc(gs))})
+        for part in _chunks(gs, copy_bytes):  # type: ignore[arg-type]
+            if exact:  # sign(NaN) is 0: the 0-norm counts NaN as non-zero
+                columns = {"g_nonzero": torch._foreach_norm(gs[part], 0, dtype=_F64)}
+            else:
+                signs = torch._foreach_sign(gs[part])
+                columns = {"g_nonzero": torch._foreach_powsum(signs, 2, dtype=_acc(gs))}
+                del signs
+            if exact:
+                columns["g_nonfinite"] = _nonfinite_counts(gs[part])
+            record(with_grad[part], columns)
+        # Unit spread: how far apart two output units' gradients are, relative to the largest
+        # entry (0: every unit gets the same update, symmetry never breaks).
+        units, firsts, where = [], [], []
+        for i, (p, g, owner) in enumerate(zip(params, grads, owners, strict=True)):
+            rows = _unit_rows(p.shape, owner)
+            if rows is None or rows < 2:
+                continue
+            if g is None or not g.numel():
+                found["unit_diff"].append((i, -1))  # no gradient: spread 0
+                found["unit_max"].append((i, -1))
+                continue
+            u, first = _first_unit(g, owner)  # type: ignore[arg-type]
+            units.append(u)
+            firsts.append(first)
+            where.append(i)
+        for part in _chunks(units, copy_bytes):
+            diffs = torch._foreach_sub(units[part], firsts[part])
+            torch._foreach_abs_(diffs)
+            columns = {"unit_diff": torch._foreach_max(diffs)}
+            del diffs
+            magnitudes = torch._foreach_abs(units[part])
+            columns["unit_max"] = torch._foreach_max(magnitudes)
+            del magnitudes
+            record(where[part], columns)
+    return found
+
+
+def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
+                host: _Host) -> list[dict[str, float]]:
+    table: list[dict[str, float | None]] = [dict(_PARAM_SUMS) for _ in numel]
+    for key, slots in found.items():
+        for i, slot in slots:
+            table[i][key] = 0.0 if slot < 0 else host[slot]
+    rows = []
+    for s, count in zip(table, numel, strict=True):
+        n = max(count, 1)
+        total = s["w_abs"] - 2 * s["w_neg_sum"]
+        mean = total / count if count else math.nan
+        std = s["w_dev_norm"] / math.sqrt(count) if count else math.nan
+        wnorm, gnorm = s["w_norm"], s["g_norm"]
+        if wnorm > 0:
+            ratio = gnorm / wnorm
+        else:
+            ratio = math.inf if gnorm > 0 else (gnorm if math.isnan(gnorm) else 0.0)
+        fields = {
+            "mean": mean, "std": std, "abs_max": max(s["w_max"], s["w_neg_max"]),
+            "nonfinite": _count_or_unknown(s["w_nonfinite"], s["w_max"], s["w_neg_max"]),
+            "grad_norm": gnorm, "grad_rms": gnorm / math.sqrt(n), "grad_to_weight": ratio,
+            "zero_grad_fraction": (count - s["g_nonzero"]) / n,
+            "nonfinite_grad": _count_or_unknown(s["g_nonfinite"], s["g_norm"]),
+            "unit_spread": s["unit_diff"] / _clamp_min(s["unit_max"], 1e-30),
+            "constant": float(s["w_max"] == -s["w_neg_max"]),  # largest == smallest
+        }
+        rows.append({f: fields[f] for f in _PARAM_FIELDS})
+    return rows
+
+
+def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | None,
+               exact: bool = True) -> torch.Tensor:
+    sums = _DeviceSums()
+    found = _param_sums(sums, [p], [grad], [owner], exact)
+    row = _param_rows(found, [p.numel()], sums.fetch())[0]
+    return torch.tensor([row[f] for f in _PARAM_FIELDS], dtype=_F64)
 
 
 @dataclass
@@ -238,39 +603,79 @@ class _PassResult:
 
 
 class _Collector:
-    """Taps and hooks that keep per-point stat vectors on the device."""
+    """Taps and hooks that measure every point on the device, in batches (see above).
 
-    def __init__(self) -> None:
-        self.act_rows: dict[int, torch.Tensor] = {}
-        self.grad_rows: dict[int, torch.Tensor] = {}
+    `exact` measures each value as it arrives and counts its non-finite entries: the fallback
+    when a pending value was changed in place before its batch was measured (an in-place op a
+    TorchScript graph kept) or when a non-finite sum says there are entries to count.
+    """
+
+    def __init__(self, sums: _DeviceSums, exact: bool = False) -> None:
+        self.sums = sums
+        self.exact = exact
         self.sizes: dict[int, tuple[int, int]] = {}  # (units, numel), from shapes: no sync
+        self.stale = False  # a pending value changed before it was measured
+        self._acts: list[_PendingActivation] = []
+        self._act_bytes = 0
+        self._act_batches: list[_ActivationBatch] = []
+        self._grads: list[tuple[int, torch.Tensor, int]] = []  # (index, grad, version)
+        self._grad_bytes = 0
+        self._grad_batches: list[_GradientBatch] = []
 
     def tap(self, point: ProbePoint, value: torch.Tensor) -> None:
         if not value.is_floating_point() or value.numel() == 0:
             return
-        self.act_rows[point.index] = _activation_row(value, point)
+        with torch.no_grad():
+            self._acts.append(_pending_activation(point.index, value, point))
+        self._act_bytes += _bytes(value)
         units = value.shape[point.channel_axis] if value.dim() >= 2 else 1
         self.sizes[point.index] = (int(units), value.numel())
         if value.requires_grad:
             value.register_hook(lambda g, i=point.index: self._on_grad(i, g))
+        if self.exact or self._act_bytes >= _flush_bytes(value.device):
+            self.flush_activations()
 
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
-        row = _gradient_row(grad)
-        # A value read by several consumers gets one hook call per path on some graphs:
-        # accumulate the squared norms so the total matches the full gradient's norm.
-        if index in self.grad_rows:
-            prev = self.grad_rows[index]
-            norm = torch.sqrt(prev[0] ** 2 + row[0] ** 2)
-            row = torch.stack([norm, norm * row[1] / row[0].clamp_min(1e-30), prev[2] + row[2]])
-        self.grad_rows[index] = row
+        self._grads.append((index, grad, grad._version))
+        self._grad_bytes += _bytes(grad)
+        if self.exact or self._grad_bytes >= _flush_bytes(grad.device):
+            self.flush_gradients()
+
+    def flush_activations(self) -> None:
+        if not self._acts:
+            return
+        pend, self._acts, self._act_bytes = self._acts, [], 0
+        self.stale |= any(p.value._version != p.version for p in pend)
+        with torch.no_grad():
+            self._act_batches.append(_ActivationBatch.measure(self.sums, pend, self.exact))
+
+    def flush_gradients(self) -> None:
+        if not self._grads:
+            return
+        pend, self._grads, self._grad_bytes = self._grads, [], 0
+        self.stale |= any(g._version != v for _, g, v in pend)
+        with torch.no_grad():
+            self._grad_batches.append(_GradientBatch.measure(
+                self.sums, [i for i, _, _ in pend], [g for _, g, _ in pend], self.exact))
+
+    def activation_rows(self, host: _Host) -> dict[int, dict[str, float]]:
+        rows: dict[int, dict[str, float]] = {}
+        for batch in self._act_batches:
+            rows.update(batch.rows(host))
+        return rows
+
+    def gradient_rows(self, host: _Host) -> dict[int, dict[str, float]]:
+        return _gradient_rows(self._grad_batches, {i: s[1] for i, s in self.sizes.items()}, host)
 
 
 def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
-              owners: dict[str, ProbePoint]) -> _PassResult:
+              owners: dict[str, ProbePoint], exact: bool = False) -> _PassResult:
     for p in model.parameters.values():
         p.grad = None
-    collector = _Collector()
+    sums = _DeviceSums()
+    collector = _Collector(sums, exact)
     outputs = model.run(inputs, tap=collector.tap)
+    collector.flush_activations()  # before the backward pass: the pending values can go
     differentiable = [o for o in outputs if o.is_floating_point() and o.requires_grad]
     if not differentiable:
         kinds = ", ".join(str(o.dtype).replace("torch.", "") for o in outputs)
@@ -281,32 +686,36 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype)
                   for o in differentiable]
+    # One scalar, sum(output * cotangent), backpropagates exactly the cotangents (the sum's
+    # gradient is 1, the product's is the cotangent), without the lazy import autograd makes
+    # on the first backward given explicit gradients (torch.fx symbolic shapes, sympy: about
+    # as long as the whole probe of a small model).
+    loss = sum((o * c).sum() for o, c in zip(differentiable, cotangents, strict=True))
     try:
-        torch.autograd.backward(differentiable, cotangents)
+        torch.autograd.backward([loss])
     except RuntimeError as exc:
         raise ProbeError(f"backward pass failed: {str(exc).splitlines()[0]}") from None
+    collector.flush_gradients()
+    if collector.stale and not exact:
+        # A value changed in place after its tap: measure again, each value as it comes.
+        return _one_pass(model, inputs, seed, owners, exact=True)
 
     names = list(model.parameters)
-    param_rows = [_param_row(p, p.grad, owners.get(n)) for n, p in model.parameters.items()]
+    tensors = list(model.parameters.values())
+    found = _param_sums(sums, tensors, [p.grad for p in tensors], [owners.get(n) for n in names],
+                        exact)
     unused = {n for n, p in model.parameters.items() if p.grad is None}
-    act_idx, grad_idx = list(collector.act_rows), list(collector.grad_rows)
-    pieces = [torch.stack(rows) for rows in (list(collector.act_rows.values()),
-                                              list(collector.grad_rows.values()), param_rows) if rows]
-    # The single device-to-host copy of the pass.
-    host = torch.cat([t.reshape(-1) for t in pieces]).double().cpu().tolist() if pieces else []
-    pos = 0
-
-    def take(count: int, fields: tuple[str, ...]) -> list[dict[str, float]]:
-        nonlocal pos
-        width = len(fields)
-        out = [dict(zip(fields, host[pos + i * width: pos + (i + 1) * width])) for i in range(count)]
-        pos += count * width
-        return out
-
-    acts = dict(zip(act_idx, take(len(act_idx), _ACT_FIELDS)))
-    grads = dict(zip(grad_idx, take(len(grad_idx), _GRAD_FIELDS)))
-    params = dict(zip(names, take(len(names), _PARAM_FIELDS)))
-    return _PassResult(acts, collector.sizes, grads, params, unused)
+    host = sums.fetch()  # the single device-to-host copy of the pass
+    params = dict(zip(names, _param_rows(found, [p.numel() for p in tensors], host), strict=True))
+    result = _PassResult(collector.activation_rows(host), collector.sizes,
+                         collector.gradient_rows(host), params, unused)
+    counts = [r["nonfinite"] for r in (*result.activations.values(), *result.gradients.values(),
+                                       *result.params.values())]
+    counts += [r["nonfinite_grad"] for r in result.params.values()]
+    if not exact and any(math.isnan(c) for c in counts):
+        # Non-finite entries somewhere: measure again, counting them.
+        return _one_pass(model, inputs, seed, owners, exact=True)
+    return result
 
 
 def _weight_owners(model: LoadedModel) -> dict[str, ProbePoint]:

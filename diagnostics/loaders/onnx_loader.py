@@ -61,6 +61,27 @@ _LAYER_SLOTS = {
     ("LayerNormalization", 1), ("LayerNormalization", 2), ("GroupNormalization", 1),
     ("GroupNormalization", 2), ("InstanceNormalization", 1), ("InstanceNormalization", 2),
 }
+# Operators whose trailing outputs are optional extras (BatchNormalization's running
+# statistics, LayerNormalization's mean and inverse deviation): when nothing reads them the op
+# is told it has fewer outputs, which lets it take torch's fused kernel.
+_OPTIONAL_TAIL = {"BatchNormalization", "LayerNormalization"}
+# Shape arithmetic (Shape -> Gather -> Unsqueeze -> Concat -> Reshape chains of the legacy
+# exporter) depends only on the input shapes and constants: it is computed once for the
+# concrete input shapes and reused while they stay the same. An operator whose output shape
+# follows the *values* of some inputs (these slots) keeps a static shape only when those values
+# are folded too; data-shaped operators never do, nor anything downstream of them.
+_SHAPE_FROM_VALUES = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "ConstantOfShape": (0,),
+    "Range": (0, 1, 2), "Resize": (1, 2, 3), "Upsample": (1,), "Pad": (1, 3), "TopK": (1,),
+    "OneHot": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "ReduceSum": (1,),
+    "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
+    "ReduceL1": (1,), "ReduceL2": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,),
+    "ReduceSumSquare": (1,), "CenterCropPad": (1,), "MaxUnpool": (2,), "Col2Im": (1, 2),
+    "AffineGrid": (1,), "DFT": (1, 2), "STFT": (1, 2, 3),
+}
+_DATA_SHAPED = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "If", "Scan"}
+_NEVER_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                 "Multinomial", "Bernoulli", "Dropout"}
 _INDEX_PATH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose"}
 _EXTERNAL_DATA_LIMIT = 1 << 30  # write weights beside the file above ~1 GiB of tensors
 
@@ -228,6 +249,8 @@ class _Plan:
     slots: dict[str, int]
     input_slots: tuple[int, ...]
     output_slots: tuple[int, ...]
+    static: frozenset[int] = frozenset()  # steps computed once per input signature
+    dynamic_steps: list[tuple[Any, ...]] = field(default_factory=list)  # the rest
 
 
 class _Builder:
@@ -651,16 +674,67 @@ def _compile(nodes: list[GraphNode], fns: list[OpFn], opset: int, plans: list[Po
     for node, fn in zip(nodes, fns, strict=True):
         outs = tuple(slot_of(v) if v else 1 for v in node.outputs) or (1,)
         unread = [s for s in outs if s not in last_use and s not in keep]
+        num_outputs = len(node.outputs)
+        if node.op_type in _OPTIONAL_TAIL:
+            while num_outputs > 1 and (not node.outputs[num_outputs - 1]
+                                       or outs[num_outputs - 1] in unread):
+                num_outputs -= 1
         ctx = OpContext(node=node.name, op_type=node.op_type, opset=opset,
-                        num_outputs=len(node.outputs), training=True)
+                        num_outputs=num_outputs, training=True)
         if node.op_type in FOLDABLE and any(point.folded_batchnorm
                                             for point, _ in taps.get(node.index, ())):
             fn = batch_renormalised(fn)
         steps.append((fn, ctx, node.attrs, tuple(slot_of(v) for v in node.inputs), outs,
                       tuple(taps.get(node.index, ())),
                       tuple(dict.fromkeys(frees.get(node.index, []) + unread))))
+    static = _static_steps(nodes, inputs, params, constants, taps)
     return _Plan(steps=steps, n_slots=len(slots) + 2, slots=slots,
-                 input_slots=tuple(slots[v] for v in inputs), output_slots=output_slots)
+                 input_slots=tuple(slots[v] for v in inputs), output_slots=output_slots,
+                 static=static, dynamic_steps=_without(steps, static))
+
+
+def _static_steps(nodes: list[GraphNode], inputs: list[str], params: Mapping[str, torch.Tensor],
+                  constants: Mapping[str, torch.Tensor], taps: Mapping[int, Any]) -> frozenset[int]:
+    """Steps whose outputs depend only on the input shapes and constants."""
+    shaped = {*inputs, *params, *constants}  # shape fixed by the input shapes
+    folded = set(constants)  # value fixed by the input shapes
+    static = set()
+    for k, node in enumerate(nodes):
+        ins = [v for v in node.inputs if v]
+        value_slots = [node.inputs[i] for i in _SHAPE_FROM_VALUES.get(node.op_type, ())
+                       if i < len(node.inputs) and node.inputs[i]]
+        if node.op_type in _DATA_SHAPED or not all(v in shaped for v in ins) \
+                or not all(v in folded for v in value_slots):
+            continue
+        shaped.update(o for o in node.outputs if o)
+        reads_values = node.op_type not in ("Shape", "Size") or \
+            node.proto.domain not in ("", "ai.onnx")
+        if k in taps or node.op_type in _NEVER_FOLDED or \
+                (reads_values and not all(v in folded for v in ins)):
+            continue
+        folded.update(o for o in node.outputs if o)
+        static.add(k)
+    return frozenset(static)
+
+
+def _without(steps: list[tuple[Any, ...]], static: frozenset[int]) -> list[tuple[Any, ...]]:
+    """The steps left once the static ones are folded; a skipped step's frees move to the
+    step before it (its inputs were last read there at the latest)."""
+    kept: list[tuple[Any, ...]] = []
+    carried: tuple[int, ...] = ()
+    for k, step in enumerate(steps):
+        if k in static:
+            if kept:
+                prev = kept[-1]
+                kept[-1] = (*prev[:6], tuple(dict.fromkeys(prev[6] + step[6])))
+            else:
+                carried += step[6]
+            continue
+        if carried:
+            step = (*step[:6], tuple(dict.fromkeys(carried + step[6])))
+            carried = ()
+        kept.append(step)
+    return kept
 
 
 def _tensor_proto(name: str, tensor: torch.Tensor, elem_type: int) -> onnx.TensorProto:
@@ -698,6 +772,9 @@ class OnnxModel(LoadedModel):
         self._bindings = bindings
         self._label = label
         self._template: list[torch.Tensor | None] = []
+        # Outputs of the static steps for the input signature they were computed for.
+        self._folded_for: tuple[Any, ...] | None = None
+        self._folded: list[tuple[int, Any]] = []
         self._fill_template()
 
     def _fill_template(self) -> None:
@@ -719,8 +796,19 @@ class OnnxModel(LoadedModel):
         values = list(self._template)
         for slot, value in zip(plan.input_slots, inputs, strict=True):
             values[slot] = value
+        steps, record = plan.steps, ()
+        if plan.static:
+            signature = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor)
+                              else None for t in inputs)
+            if signature == self._folded_for:
+                steps = plan.dynamic_steps
+                for slot, value in self._folded:
+                    values[slot] = value
+            else:
+                record = plan.static
+                folded: list[tuple[int, Any]] = []
         tensor = torch.Tensor
-        for fn, ctx, attrs, ins, outs, taps, frees in plan.steps:
+        for k, (fn, ctx, attrs, ins, outs, taps, frees) in enumerate(steps):
             try:
                 result = fn(ctx, [values[i] for i in ins], attrs)
             except GradprobeError:
@@ -736,8 +824,12 @@ class OnnxModel(LoadedModel):
             if taps and tap is not None:
                 for point, slot in taps:
                     tap(point, values[slot])
+            if record and k in record:
+                folded += [(slot, values[slot]) for slot in outs if slot > 1]
             for slot in frees:
                 values[slot] = None
+        if record:
+            self._folded, self._folded_for = folded, signature
         return [values[s] for s in plan.output_slots]
 
     def to(self, device: torch.device) -> OnnxModel:
@@ -753,6 +845,7 @@ class OnnxModel(LoadedModel):
         for name, tensor in self._constants.items():
             if tensor.is_floating_point():  # integer constants are shapes/indices: CPU
                 self._constants[name] = tensor.to(device)
+        self._folded_for, self._folded = None, []  # computed from the constants just moved
         self._fill_template()
         return self
 
