@@ -156,3 +156,31 @@ def test_a_zeroed_first_layer_of_a_gelu_branch_is_an_error_and_the_last_is_delib
     report = lint_bert(model, ids, tmp_path / "first.pt")
     assert serious(report) == ["error zero-weights encoder.layer.0.intermediate.dense"]
     assert "fed nothing" in report.findings[0].message
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> global pool -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate, as in MobileNetV3."""
+
+    def __init__(self, dead_bias: float = 0.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(32, 16, 1), nn.Conv2d(16, 32, 1)
+        self.head = nn.Linear(32, 10)
+        with torch.no_grad():
+            self.fc1.bias.fill_(dead_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.head((y * s).mean((2, 3)))
+
+
+def test_squeeze_excite_units_seen_twice_are_not_judged_dead_but_a_dead_layer_is(tmp_path):
+    torch.manual_seed(3)
+    report = lint_traced(SqueezeExcite(), torch.randn(2, 3, 16, 16), tmp_path / "se.pt")
+    assert not [f for f in report.findings if f.rule == "dead-relu" and f.severity.value != "info"]
+    torch.manual_seed(3)
+    report = lint_traced(SqueezeExcite(dead_bias=-10.0), torch.randn(2, 3, 16, 16),
+                         tmp_path / "dead.pt")
+    assert [f.layer for f in report.findings if f.rule == "dead-relu"
+            and f.severity.value == "error"], serious(report)
