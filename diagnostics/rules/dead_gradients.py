@@ -16,7 +16,9 @@ class DeadGradients(Rule):
     Example: `y = x + 0 * self.proj(x)`, or a layer whose output goes through `.detach()`.
     Fix: find why no gradient flows to it (detach, integer cast, zero mask, unused branch) or
     remove the parameter.
-    Thresholds: every entry of the gradient exactly 0 on the probe batch. Measured with deliberate
+    Thresholds: every entry of the gradient exactly 0 on the probe batch. A 1-D shift (`*bias`)
+    in a network with normalisation is only info: a norm after it subtracts the mean, which
+    cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured with deliberate
     zero layers set to their textbook init (a zero head blocks every gradient at step 0 only), and
     not reported where another rule names the cause: the zero/constant weight itself, layers behind
     a fully dead ReLU or behind the point where the output stops depending on the input,
@@ -42,6 +44,8 @@ class DeadGradients(Rule):
             dead_walls.append(cut.point.index)
         wall = max(dead_walls) if dead_walls else -1
         judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
+        has_norm = any(True for _ in probe.of_role("norm")) or any(
+            lp.point.followed_by_norm for lp in probe.layers)
         # A weight whose layer output no longer depends on the input gets a zero gradient
         # because its input is zero: a consequence of the dead layer upstream.
         signal_lost = {lp.point.weight for lp in probe.layers
@@ -56,6 +60,16 @@ class DeadGradients(Rule):
             if name in signal_lost:
                 continue
             if index_of_layer.get(name, 10**9) < wall:
+                continue
+            if not param.unused and has_norm and name.endswith("bias") and len(s.shape) <= 1:
+                # A shift right before a normalisation: the norm subtracts the mean, so the
+                # shift's gradient is exactly zero. A redundant parameter, not a broken one.
+                yield self.finding(
+                    param.layer, f"{name} gets exactly zero gradient: a normalisation after it "
+                                 f"subtracts the mean, which cancels a shift. It is redundant "
+                                 f"(harmless; it can be removed).",
+                    evidence={"unused": False, "grad_norm": s.grad_norm},
+                    severity=Severity.INFO, parameters=[name])
                 continue
             why = "no path from the output reaches it" if param.unused else \
                 "its gradient is exactly zero on the probe batch"

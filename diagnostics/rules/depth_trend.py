@@ -2,7 +2,11 @@
 
 A signal that is multiplied by the same factor at every layer is a straight line in log space;
 a least-squares line through log10 of the per-layer values measures that factor while ignoring
-one-off bumps (a pooling layer, a projection) that a first/last ratio would over-weight.
+one-off bumps (a projection) that a first/last ratio would over-weight. The depth axis holds
+only layers whose values the network carries forward (see `depth_layers`): through a global
+average pool the per-entry gradient shrinks by the number of positions pooled, a factor set by
+the probe's resolution, and a trend across the pool called one small CNN healthy at 8x8 and
+vanishing at 64x64.
 """
 
 from __future__ import annotations
@@ -59,17 +63,27 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     Layers whose output a normalisation restores before the next layer (conv -> BatchNorm, a
     transformer's projection before the residual add and LayerNorm) are not on the axis: their
     scale never reaches the output (BatchNorm's gradient is scale-invariant too), so a drift
-    across them is not one the network carries. A plain stack keeps every layer.
+    across them is not one the network carries. Nor are embedding lookups, nor, in a network
+    with spatial layers, the layers behind a global pool (squeeze-excite branches, the head):
+    their per-entry values are sums over the positions pooled. A plain stack keeps every layer.
     Only geometric drift is a trend; exact zeros have causes other rules name. Activations: a
     zero or constant weight that can train (zero head) is left out, and the trend ends at one
     that cannot, or where the signal no longer depends on the input (a dead layer upstream).
     Gradients: the trend is measured behind the last layer whose gradient is exactly zero."""
+    # Positions per unit (samples x pixels or tokens): in a network that has spatial layers, a
+    # layer that sees only one position per sample sits behind a global pool — a squeeze-excite
+    # branch or the head — where every per-entry value is summed over the positions it pooled.
+    sizes = [_positions(lp) for lp in probe.of_role("linear") if lp.activation is not None]
+    fewest = min(sizes, default=0.0)
+    spatial = any(size > fewest for size in sizes)
     out: list[LayerProbe] = []
     for lp in probe.layers:
         if lp.point.role != "linear":
             continue
-        if probe.normalised_before_next_layer(lp):
-            continue  # a norm restores its scale: no drift of it reaches the output
+        if lp.point.is_embedding or probe.normalised_before_next_layer(lp):
+            continue  # a lookup has no depth; a norm restores its scale before the next layer
+        if spatial and lp.activation is not None and _positions(lp) <= fewest:
+            continue  # a pooled side path (squeeze-excite) or the head of a spatial network
         if signal == "activation":
             param = probe.params.get(lp.point.weight or "")
             if param is not None and param.stats.constant:
@@ -89,20 +103,7 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     return out
 
 
-def before_global_pool(layers: list[LayerProbe]) -> list[LayerProbe]:
-    """The layers that see every position (pixel, token), without the head after a global pool.
+def _positions(lp: LayerProbe) -> float:
+    act = lp.activation
+    return act.numel / max(act.units, 1) if act is not None else 0.0
 
-    Through a global average pool the per-entry gradient shrinks by the number of positions
-    pooled (H x W): a factor set by the probe's resolution, not by the network, and common to
-    every layer before the pool. A trend measured across the pool called one small CNN healthy
-    at 8x8, vanishing at 16x16 and worse at 64x64. Within the body the factor cancels, so the
-    trend is measured there when the body has enough layers for one; an MLP (one position
-    throughout) keeps every layer."""
-    positions = [lp.activation.numel / max(lp.activation.units, 1) if lp.activation else None
-                 for lp in layers]
-    known = [p for p in positions if p is not None]
-    if not known:
-        return layers
-    fewest = min(known)
-    body = [lp for lp, p in zip(layers, positions) if p is not None and p > fewest]
-    return body if len(body) >= 3 and body[-1] is not layers[-1] else layers

@@ -10,6 +10,10 @@ from gradprobe.diagnostics.report import Finding, Severity
 from gradprobe.diagnostics.rules.base import Rule
 
 
+# Fewer inputs per unit than this (depthwise kernels) and |g|/|w| behind BatchNorm is noise.
+MIN_FAN_IN_BEHIND_BN = 64
+
+
 class InitScale(Rule):
     """A weight's scale is far from what its fan-in and nonlinearity need, and the measured
     signal shows it.
@@ -36,26 +40,43 @@ class InitScale(Rule):
     input and no later normalisation's output may recover (a LayerNorm or residual path that
     restores the scale keeps the rule silent), and the layers after the last normalisation (the
     head: small logits are a deliberate start) are not judged for a shrink. Behind BatchNorm only
-    a too-large weight is a defect: its |g|/|w| must be at least `update_factor` (30) times below
-    the median of its BatchNorm-backed peers (a stage at 10x He std trains ~100x slower and never
+    a too-large weight is a defect: its variance must also be `weight_factor` times the median of
+    its BatchNorm-backed peers' (relative to their schemes: a library that starts every layer
+    above He, as timm's Inception does, made one choice), and its |g|/|w| at least
+    `update_factor` (30) times below the median of those peers (a stage at 10x He std trains ~100x slower and never
     catches up). A too-small weight there takes larger relative steps, its norm grows and the step
     shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and
-    depthwise convs (torchvision, timm) train fine. Embedding tables (no fan-in) are not judged.
+    depthwise convs (torchvision, timm) train fine. Depthwise kernels with fewer than 64 inputs
+    per unit are not compared behind BatchNorm (their |g|/|w| is noise). In a network with
+    normalisation, the head (the layers after the last norm) is judged for a blow-up only when
+    the output variance reaches `head_output_var` (100: logits of std 10 saturate the softmax).
+    Embedding tables (no fan-in) are not judged.
     """
 
     name = "init-scale"
     severity = Severity.WARNING
     defaults = {"weight_factor": 10.0, "shrink_factor": 100.0, "flow_factor": 5.0,
-                "update_factor": 30.0}
+                "update_factor": 30.0, "head_output_var": 100.0}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        has_norm = any(True for _ in probe.of_role("norm")) or any(
+            lp.point.followed_by_norm for lp in probe.layers)
         judged = [lp for lp in probe.of_role("linear")
                   if lp.point.weight and lp.activation and not lp.point.is_embedding]
         if not judged:
             return
-        peers = [probe.params[lp.point.weight].stats.grad_to_weight for lp in judged
-                 if lp.point.followed_by_norm]
+        # Depthwise kernels (a few inputs per unit) behind BatchNorm are not compared: a 1x1
+        # one is a per-channel scale the norm removes entirely, and with 9-49 inputs per unit
+        # |g|/|w| is noise (timm's RepViT and SHViT start theirs far above Xavier and train).
+        backed = [lp for lp in judged
+                  if lp.point.followed_by_norm and (lp.point.fan_in or 0) >= MIN_FAN_IN_BEHIND_BN]
+        peers = [probe.params[lp.point.weight].stats.grad_to_weight for lp in backed]
         peer_median = statistics.median(peers) if len(peers) >= 3 else None
+        # The library's own scale for its BatchNorm-backed layers: a whole network initialised
+        # above He (timm's Inception, std 0.1) is one choice, not one layer's defect.
+        ks = [probe.params[lp.point.weight].stats.std**2 / t for lp in backed
+              if (t := target_variance(lp.point))]
+        k_median = statistics.median(ks) if len(ks) >= 3 else 1.0
         powers = _input_powers(probe)
         output_var = judged[-1].activation.var  # type: ignore[union-attr]
         # Normalisation outputs: what a residual stream is restored to (the power each norm
@@ -74,7 +95,9 @@ class InitScale(Rule):
             if 1 / wf < k < wf:
                 continue
             if point.followed_by_norm:
-                if peer_median is None or not peer_median > 0:
+                if peer_median is None or not peer_median > 0 \
+                        or (point.fan_in or 0) < MIN_FAN_IN_BEHIND_BN \
+                        or k < wf * max(k_median, 1.0):
                     continue
                 rel = stats.grad_to_weight / peer_median
                 # Only the slow direction is a defect: a small weight behind BatchNorm takes
@@ -96,6 +119,12 @@ class InitScale(Rule):
             later = [powers[x.point.index] / power for x in judged if x.point.index > point.index]
             if k >= wf and jump >= ff:
                 carried = min(later) if later else output_var / power
+                # A normalised network's head sets the logits' scale: only logits large enough
+                # to saturate the softmax (std >= 10) are a defect there (timm's and
+                # torchvision's Inception start their fc at std 0.1: logits of std ~3).
+                head = not later or (head_from is not None and point.index > head_from)
+                if has_norm and head and output_var < self.t["head_output_var"]:
+                    continue
                 if carried >= ff:
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
                                         how=self._how(jump, var_out, power, carried, bool(later)))
