@@ -10,13 +10,13 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from gradprobe.client.formats import FORMATS, render
 from gradprobe.diagnostics.errors import GradprobeError
-from gradprobe.diagnostics.inputs import parse_shape
-from gradprobe.diagnostics.options import DTYPES, DiagnoseOptions
+from gradprobe.diagnostics.options import DTYPES, DiagnoseOptions, parse_shape
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -152,8 +152,15 @@ def run_lint(args: argparse.Namespace) -> int:
     if args.server:  # the server does the work; files go to it one by one
         def remote(path: Path, options: DiagnoseOptions, hook: object) -> object:
             return _diagnose_one(path, options, args)
+    options_for = config.options_for
+    if len(paths) > 1 or any(p.is_dir() for p in args.models):
+        # One --input-shape/--batch-size for many files fills in what a file leaves open; a
+        # file that declares its own fixed shapes keeps them.
+        def options_for(path: Path) -> DiagnoseOptions:
+            return config.options_for(path).model_copy(
+                update={"fill_undeclared": True})
     with Progress(len(paths)) as progress:
-        outcomes = lint_files(paths, config.options_for, jobs=args.jobs, progress=progress,
+        outcomes = lint_files(paths, options_for, jobs=args.jobs, progress=progress,
                               diagnose=remote)
     for failed in (o for o in outcomes if not o.ok):  # one line each; the others still count
         if failed.detail and os.environ.get("GRADPROBE_DEBUG"):
@@ -236,6 +243,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch.jit.load/trace announce their own deprecation on every call: noise to a user who
+    # is linting a file, not writing torch code.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -244,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except GradprobeError as exc:
-        print(f"gradprobe: error: {exc}", file=sys.stderr)
+        from gradprobe.client.advice import cli_message
+
+        print(f"gradprobe: error: {cli_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradprobe: interrupted", file=sys.stderr)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from gradprobe.diagnostics.errors import ConfigError, GradprobeError, ProbeError
+from gradprobe.diagnostics.errors import (
+    ConfigError,
+    GradprobeError,
+    Hint,
+    InputSpecError,
+    ProbeError,
+)
 from gradprobe.diagnostics.graph import LoadedModel
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
@@ -28,7 +35,8 @@ def pick_device(requested: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     if requested == "cuda":
-        raise ConfigError("--device cuda: no CUDA device is available on this machine")
+        raise ConfigError("device cuda was asked for but no CUDA device is available on this "
+                          "machine", hint=Hint("device", "cpu"))
     return torch.device("cpu")
 
 
@@ -67,8 +75,10 @@ def diagnose(
     sha, size = _sha256(src)
     model.to(device)
     torch.manual_seed(options.seed)
+    input_notes: list[str] = []
     if options.input_file:
-        inputs, input_infos = file_inputs(model.inputs, Path(options.input_file), device)
+        inputs, input_infos = file_inputs(model.inputs, Path(options.input_file), device,
+                                          input_notes)
     else:
         inputs, input_infos = synthetic_inputs(model.inputs, options, device)
     loaded = time.perf_counter()
@@ -76,6 +86,7 @@ def diagnose(
 
     notify("probe", 0.0)
     result = _probe(model, inputs, options.seed, input_infos)
+    model.notes[:0] = input_notes
     probed = time.perf_counter()
     notify("probe", 1.0)
 
@@ -113,12 +124,59 @@ def _probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     try:
         return probe(model, inputs, seed)
     except ProbeError as exc:
-        raise ProbeError(f"{exc} (probe batch: {given})") from None
+        raise _explain(exc.problem, model, infos, given) from None
     except GradprobeError:
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ProbeError(f"the model failed on the probe batch ({given}): {first}") from None
+        raise _explain(f"the model failed on the probe batch: {first}", model, infos,
+                       given) from None
+
+
+# What torch says when the inputs do not fit (its own words, in its error texts).
+_DTYPE_CLUES = re.compile(r"dtype|scalar type|Input type \(|should be the same|HalfTensor|"
+                          r"BFloat16|expected .*Float|Long and Float|Float and Long|Half and "
+                          r"Float|Float and Half", re.IGNORECASE)
+_SHAPE_CLUES = re.compile(r"shape|size of tensor|must match the size|invalid for input of size|"
+                          r"expected input\[|Expected .*input|dimension|cannot be multiplied",
+                          re.IGNORECASE)
+_NO_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+
+
+def _explain(text: str, model: LoadedModel, infos: list[InputInfo],
+             given: str) -> GradprobeError:
+    """The failure as one line that says what the model expected: a dtype or shape the graph
+    could not take becomes an InputSpecError naming the inputs; an operator without a backward
+    (a file traced under torch.no_grad()) says how to re-export."""
+    missing = _NO_DERIVATIVE.search(text)
+    if missing:
+        return ProbeError(
+            f"the model cannot be differentiated: {missing.group(1)} has no backward. A model "
+            f"traced or scripted under torch.no_grad() or torch.inference_mode() records "
+            f"inference-only kernels (nn.MultiheadAttention's fast path): re-trace it with "
+            f"gradients enabled and the module in train() mode, then save it again")
+    if _DTYPE_CLUES.search(text):
+        weights = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters.values()
+                          if p.dtype.is_floating_point})
+        expected = [weights[0] if i.dtype.startswith(("float", "bfloat")) and len(weights) == 1
+                    else i.dtype for i in infos]
+        return InputSpecError(
+            f"the model rejected the dtype of its inputs ({given}); its weights are "
+            f"{'/'.join(weights) or 'not floating point'}: {_short(text)}",
+            hint=Hint("input_dtypes", expected))
+    if _SHAPE_CLUES.search(text):
+        declared = ", ".join(
+            f"{spec.name} {'x'.join('?' if d is None else str(d) for d in spec.shape)}"
+            for spec in model.inputs if spec.shape is not None)
+        expectation = f"; the file declares {declared}" if declared else ""
+        return InputSpecError(
+            f"the model rejected the shape of its inputs ({given}){expectation}: {_short(text)}",
+            hint=Hint("input_shapes"))
+    return ProbeError(f"{text} (probe batch: {given})")
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _notes(model_notes: list[str], result: ProbeResult) -> list[str]:
