@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradprobe.client.formats import FORMATS, render
+from gradprobe.client.formats import FORMATS, Unlinted, render
 from gradprobe.diagnostics.errors import GradprobeError
 from gradprobe.diagnostics.options import DTYPES, DiagnoseOptions, parse_shape
 
@@ -147,7 +147,8 @@ def run_lint(args: argparse.Namespace) -> int:
     from gradprobe.client.progress import Progress
 
     config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
-    paths = expand_paths(args.models)
+    skipped: list = []
+    paths = expand_paths(args.models, skipped)
     remote = None
     if args.server:  # the server does the work; files go to it one by one
         def remote(path: Path, options: DiagnoseOptions, hook: object) -> object:
@@ -165,7 +166,7 @@ def run_lint(args: argparse.Namespace) -> int:
     for failed in (o for o in outcomes if not o.ok):  # one line each; the others still count
         if failed.detail and os.environ.get("GRADPROBE_DEBUG"):
             print(failed.detail, file=sys.stderr)
-        print(f"gradprobe: error: {failed.path}: {failed.error}", file=sys.stderr)
+        print(f"gradprobe: error: {_naming(failed.path, failed.error or '')}", file=sys.stderr)
     reports = [o.report for o in outcomes if o.report is not None]
     if args.write_baseline:
         recorded = baseline.write_baseline(args.write_baseline, reports)
@@ -179,7 +180,12 @@ def run_lint(args: argparse.Namespace) -> int:
             print(f"gradprobe: {hidden} finding(s) hidden by baseline {args.baseline}",
                   file=sys.stderr)
         reports = new
-    _write(render(config.format or "text", reports, fail_on=config.fail_on), args.output)
+    unlinted = [Unlinted(str(o.path), _naming(o.path, o.error or ""), failed=True)
+                for o in outcomes if not o.ok]
+    unlinted += [Unlinted(str(s.path), f"{s.path.name} {s.reason}", failed=False, kind=s.kind)
+                 for s in skipped]
+    _write(render(config.format or "text", reports, fail_on=config.fail_on, unlinted=unlinted),
+           args.output)
     if args.html:
         from gradprobe.client.formats.html import render_html
 
@@ -193,8 +199,16 @@ def run_lint(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if any(r.fails(config.fail_on) for r in reports) else EXIT_CLEAN
 
 
+def _naming(path: Path, error: str) -> str:
+    """The error with the file's name in front, once: most loader messages already start with
+    it (`x.pth is a ...`, `x.onnx: truncated ...`)."""
+    return error if error.startswith((str(path), path.name)) else f"{path}: {error}"
+
+
 def _write(text: str, output: Path | None) -> None:
     if output is None:
+        if not text.strip():  # nothing to show (every file failed): no stray blank line
+            return
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
     try:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from gradprobe.diagnostics.report import Finding, LayerReport, Report, Severity
+
+if TYPE_CHECKING:
+    from gradprobe.client.formats import Unlinted
 
 _MARK = {"error": "E", "warning": "W", "info": "i"}
 
@@ -82,5 +88,14 @@ def render_one(report: Report) -> str:
     return "\n".join(out)
 
 
-def render(reports: list[Report], *, fail_on: str = "error") -> str:
-    return "\n\n".join(render_one(r) for r in reports)
+def render(reports: list[Report], *, fail_on: str = "error",
+           unlinted: Sequence[Unlinted] = ()) -> str:
+    # Files that failed are already one line each on stderr; the skipped ones are said here.
+    from gradprobe.client.formats import skipped_summary
+
+    parts = [render_one(r) for r in reports]
+    summary = skipped_summary(unlinted)
+    if summary:
+        names = ", ".join(u.path for u in unlinted if not u.failed)
+        parts.append(f"{summary}: {names}")
+    return "\n\n".join(parts)
