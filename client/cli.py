@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--init", choices=("auto", "lsuv"), default="auto",
                      help="auto: the scheme each finding names (He/Xavier/LeCun); lsuv: "
                           "layer-sequential unit-variance init on the probe batch")
+    fix.add_argument("--select", type=_rule_list, metavar="RULES",
+                     help="only fix what these rules find (comma-separated)")
+    fix.add_argument("--ignore", type=_rule_list, metavar="RULES",
+                     help="leave what these rules find as it is (comma-separated)")
+    fix.add_argument("--emit-code", type=Path, metavar="FILE.py",
+                     help="also write the change as Python: the nn.init lines for the model's code")
+    fix.add_argument("--verbose", "-v", action="store_true",
+                     help="the layer table before/after, every tensor left alone, every finding")
     add_probe_arguments(fix)
     fix.set_defaults(run=run_fix)
 
@@ -242,7 +250,12 @@ def run_fix(args: argparse.Namespace) -> int:
     # The same configuration as `lint` (file, then flags), so a model fixes as it lints.
     config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
     outcome = repair(args.model, args.output, config.options_for(args.model), method=args.init)
-    print(render_comparison(outcome))
+    print(render_comparison(outcome, verbose=args.verbose))
+    if args.emit_code:
+        from gradprobe.client.formats.fix_code import render_fix_code
+
+        _write(render_fix_code(outcome), args.emit_code)
+        print(f"gradprobe: wrote the nn.init lines to {args.emit_code}", file=sys.stderr)
     if args.html:
         from gradprobe.client.formats.html import render_html
 

@@ -36,19 +36,38 @@ def _layer_rows(report: Report) -> list[str]:
             worst[f.layer] = f.severity
     flagged = {layer: _MARK[severity.value] for layer, severity in worst.items()}
     width = max([len(layer.name) for layer in report.layers] + [5])
-    head = f"  {'layer':<{width}}  {'op':<12} {'act var':>9} {'mean':>9} {'dead':>5} {'sat':>5} {'grad rms':>9}"
+    op_width = op_column_width(report.layers)
+    head = (f"  {'layer':<{width}}  {'op':<{op_width}} {'act var':>9} {'mean':>9} {'dead':>5} "
+            f"{'sat':>5} {'grad rms':>9}")
     rows = [head, "  " + "-" * (len(head) - 2)]
     for layer in report.layers:
-        rows.append(_layer_row(layer, width, flagged.get(layer.name, " ")))
+        rows.append(_layer_row(layer, width, op_width, flagged.get(layer.name, " ")))
     return rows
 
 
-def _layer_row(layer: LayerReport, width: int, mark: str) -> str:
+# Op names are short in ONNX (`Conv`) and long in TorchScript (`aten::_convolution`): the column
+# fits the longest, up to a bound past which a name is cut visibly, never silently.
+MAX_OP_WIDTH = 24
+
+
+def shown_op(layer: LayerReport) -> str:
+    return layer.op if layer.role != "activation" else (layer.nonlinearity or layer.op)
+
+
+def op_column_width(layers: list[LayerReport]) -> int:
+    return min(max([len(shown_op(layer)) for layer in layers] + [4]), MAX_OP_WIDTH)
+
+
+def fit_op(op: str, width: int) -> str:
+    return op if len(op) <= width else op[: width - 1] + "~"
+
+
+def _layer_row(layer: LayerReport, width: int, op_width: int, mark: str) -> str:
     act, grad = layer.activation, layer.gradient
-    op = layer.op if layer.role != "activation" else (layer.nonlinearity or layer.op)
+    op = fit_op(shown_op(layer), op_width)
     dead = _share(act.dead_units) if act and (layer.nonlinearity == "relu" and layer.role == "activation") else "-"
     sat = _share(act.saturation) if act and layer.nonlinearity in ("sigmoid", "tanh") and layer.role == "activation" else "-"
-    return (f"{mark} {layer.name:<{width}}  {op[:12]:<12} {format_number(act.var if act else None):>9} "
+    return (f"{mark} {layer.name:<{width}}  {op:<{op_width}} {format_number(act.var if act else None):>9} "
             f"{format_number(act.mean if act else None):>9} {dead:>5} {sat:>5} {format_number(grad.rms if grad else None):>9}")
 
 
@@ -74,11 +93,11 @@ def render_one(report: Report) -> str:
         f"(load {t.load_s:.2f}s, probe {t.probe_s:.2f}s, rules {t.rules_s:.2f}s)",
     ]
     out += [f"note: {n}" for n in m.notes]
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for param, layers in m.shared_parameters.items():
-        groups.setdefault(tuple(layers), []).append(param)
-    for layers, params in groups.items():
-        out.append(f"note: {', '.join(params)} (layers {', '.join(layers)}) were one tensor in the file")
+    if m.shared_parameters:  # one line; the pairs are in the JSON (model.shared_parameters)
+        layers = sum(len(users) for users in m.shared_parameters.values())
+        out.append(f"note: {len(m.shared_parameters)} tensor(s) in the file are each read by "
+                   f"several layers ({layers} layers in all: tied weights or an exporter's "
+                   f"de-duplication); --format json lists them under model.shared_parameters")
     out += ["", *_layer_rows(report), ""]
     for f in report.findings:
         out += finding_lines(f)
