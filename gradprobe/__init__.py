@@ -1,7 +1,7 @@
 """gradprobe: lint a neural network at initialisation.
 
-The public surface: `diagnose`, `DiagnoseOptions`, `Report`, `Finding`, `Severity`, `Client`.
-Everything else is importable but not promised.
+The public surface: `diagnose`, `DiagnoseOptions`, `Report`, `Finding`, `Severity`, `Client`,
+`GradprobeError`. Everything else is importable but not promised.
 
     import gradprobe
     report = gradprobe.diagnose("model.onnx")
@@ -9,15 +9,13 @@ Everything else is importable but not promised.
         report = client.diagnose("model.onnx")
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from gradprobe.diagnostics.errors import GradprobeError
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Finding, Report, Severity
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from gradprobe.client.api import Client
     from gradprobe.diagnostics.api import diagnose
 
@@ -27,7 +25,7 @@ __all__ = ["Client", "DiagnoseOptions", "Finding", "GradprobeError", "Report", "
            "__version__", "diagnose"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # The engine pulls in torch and the client pulls in grpc: load each only for users who ask
     # for it, so the server's main process, a client and a health check stay light.
     if name == "diagnose":
@@ -39,3 +37,7 @@ def __getattr__(name: str) -> Any:
 
         return Client
     raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
