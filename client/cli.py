@@ -60,7 +60,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    "nearest gradprobe.toml, or pyproject.toml with [tool.gradprobe])")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_arguments: bool = True) -> argparse.ArgumentParser:
+    """`serve_arguments=False` leaves out the server's flags, whose module imports grpc: the
+    commands that do not serve start faster without it."""
     parser = _Parser(prog="gradprobe", description="Lint a neural network at initialisation: "
                      "activation and gradient probes, with the init that fixes what they find.")
     parser.add_argument("--version", action="version", version="gradprobe 0.1.0")
@@ -122,10 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     fix.set_defaults(run=run_fix)
 
     serve = sub.add_parser("serve", help="run the gRPC service")
-    try:
-        from gradprobe.server.main import add_serve_arguments
-    except ImportError:  # the service is optional in a stripped-down install
-        add_serve_arguments = None
+    add_serve_arguments = None
+    if serve_arguments:
+        try:
+            from gradprobe.server.main import add_serve_arguments
+        except ImportError:  # the service is optional in a stripped-down install
+            pass
     if add_serve_arguments is not None:
         add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
@@ -226,18 +230,19 @@ def _write(text: str, output: Path | None) -> None:
 
 
 def run_rules(args: argparse.Namespace) -> int:
-    from gradprobe.diagnostics.rules import all_rules
+    from gradprobe.diagnostics.rule_catalog import rule_rows
 
-    for rule in all_rules():
-        doc = rule.doc()
-        print(f"{doc.name:<24} {doc.severity.value:<8} {doc.summary}")
+    rows = rule_rows()
+    width = max(len(verdicts) for _, verdicts, _ in rows)
+    for name, verdicts, summary in rows:
+        print(f"{name:<24} {verdicts:<{width}}  {summary}")
     return EXIT_CLEAN
 
 
 def run_rule(args: argparse.Namespace) -> int:
-    from gradprobe.diagnostics.rules import rule_named
+    from gradprobe.diagnostics.rule_catalog import rule_text
 
-    print(rule_named(args.name).doc().full_text())
+    print(rule_text(args.name))
     return EXIT_CLEAN
 
 
@@ -273,7 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch.jit.load/trace announce their own deprecation on every call: noise to a user who
     # is linting a file, not writing torch code.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    # Only `serve` needs the server's flags (and grpc); --version, rules, lint start without.
+    parser = build_parser(serve_arguments=command == "serve")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors: argparse already printed
