@@ -89,7 +89,12 @@ def build_parser(*, serve_arguments: bool = True) -> argparse.ArgumentParser:
     lint.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                       help="at most N models in parallel (default: as cores and memory allow)")
     lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
-    lint.add_argument("--token", help="bearer token for --server (or GRADPROBE_TOKEN)")
+    token = lint.add_mutually_exclusive_group()
+    token.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="file holding the bearer token for --server (default: the "
+                            "GRADPROBE_TOKEN environment variable)")
+    token.add_argument("--token", help="bearer token for --server; visible to other users in "
+                                       "the process list: prefer --token-file or GRADPROBE_TOKEN")
     lint.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify --server's TLS")
     lint.add_argument("--tls-cert", type=Path, metavar="PEM",
                       help="client certificate for a server that requires mTLS (with --tls-key)")
@@ -140,7 +145,7 @@ def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace
     if args.server:
         from gradprobe.client.remote import diagnose_remote
 
-        token = args.token or os.environ.get("GRADPROBE_TOKEN")
+        token = args.token or _read_token(args.token_file) or os.environ.get("GRADPROBE_TOKEN")
         if (args.tls_cert is None) != (args.tls_key is None):
             raise UsageError("--tls-cert and --tls-key go together")
         return diagnose_remote(path, options, server=args.server, token=token,
@@ -149,6 +154,18 @@ def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace
     from gradprobe.diagnostics.api import diagnose
 
     return diagnose(path, options)
+
+
+def _read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read --token-file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError(f"--token-file {path} is empty")
+    return token
 
 
 def run_lint(args: argparse.Namespace) -> int:
