@@ -93,11 +93,14 @@ def render_one(report: Report) -> str:
         f"(load {t.load_s:.2f}s, probe {t.probe_s:.2f}s, rules {t.rules_s:.2f}s)",
     ]
     out += [f"note: {n}" for n in m.notes]
-    if m.shared_parameters:  # one line; the pairs are in the JSON (model.shared_parameters)
-        layers = sum(len(users) for users in m.shared_parameters.values())
-        out.append(f"note: {len(m.shared_parameters)} tensor(s) in the file are each read by "
-                   f"several layers ({layers} layers in all: tied weights or an exporter's "
-                   f"de-duplication); --format json lists them under model.shared_parameters")
+    # One line for all sharing (the pairs are in the JSON, model.shared_parameters), and none
+    # when the loader's own note already counted it (ONNX exporters merging equal values).
+    groups = {tuple(users) for users in m.shared_parameters.values()}
+    if groups and not any("shared by several layers" in note for note in m.notes):
+        layers = len({layer for users in groups for layer in users})
+        out.append(f"note: {len(groups)} tensor(s) in the file are each read by several layers "
+                   f"({layers} layers: tied weights); --format json lists them under "
+                   f"model.shared_parameters")
     out += ["", *_layer_rows(report), ""]
     for f in report.findings:
         out += finding_lines(f)
