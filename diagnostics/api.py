@@ -102,7 +102,7 @@ def diagnose(
     return Report(
         version=VERSION,
         model=ModelInfo(path=label, format=model.format, sha256=sha, size_bytes=size,
-                        inputs=input_infos, notes=_notes(model.notes, result),
+                        inputs=input_infos, notes=_notes(model.notes, result, model),
                         shared_parameters=model.shared_parameters),
         device=str(device), seed=options.seed, findings=findings,
         layers=[LayerReport(name=lp.point.layer, op=lp.point.op, node=lp.point.node,
@@ -179,11 +179,15 @@ def _short(text: str) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def _notes(model_notes: list[str], result: ProbeResult) -> list[str]:
+def _notes(model_notes: list[str], result: ProbeResult, model: LoadedModel) -> list[str]:
     notes = list(model_notes)
     if result.unblocked:
+        # By the layer the user knows, not an exporter's tensor name (onnx::Conv_199).
+        owner = {p.weight: p.layer for p in model.probe_points if p.weight}
+        named = [f"{owner[name]}.weight" if name in owner and not name.startswith(owner[name])
+                 else name for name in result.unblocked]
         notes.append(
-            f"gradient flow measured with {len(result.unblocked)} zero-initialised tensor(s) set to "
-            f"their textbook init, as after the first step: {', '.join(result.unblocked[:5])}"
-            + (" ..." if len(result.unblocked) > 5 else ""))
+            f"gradient flow measured with {len(named)} zero-initialised tensor(s) set to "
+            f"their textbook init, as after the first step: {', '.join(named[:5])}"
+            + (" ..." if len(named) > 5 else ""))
     return notes

@@ -19,8 +19,8 @@ from html import escape
 from gradprobe.client.formats._shared import fix_sentence
 from gradprobe.diagnostics.report import Finding, LayerReport, Report, Severity
 
-WIDTH, HEIGHT = 760, 360
-LEFT, RIGHT, TOP, BOTTOM = 64, 20, 30, 126
+WIDTH, HEIGHT = 760, 370
+LEFT, RIGHT, TOP, BOTTOM = 64, 20, 48, 118
 # One curve per kind of layer output; the role names come from the loaders' probe points.
 KINDS = (("linear", "conv/linear", "#2e7d32"), ("norm", "norm", "#00838f"),
          ("activation", "activation", "#6a1b9a"), ("other", "other", "#5d4037"))
@@ -287,6 +287,9 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
     hi = math.ceil(math.log10(max(positive)))
     if hi == lo:
         lo, hi = lo - 1, hi + 1
+    zeros = any(v == 0 for s in series for v in s.values if v is not None)
+    if zeros:  # one decade more below: the labelled zero line sits under the lowest value
+        lo -= 1
     count = len(order)
 
     def x_of(i: int) -> float:
@@ -298,6 +301,8 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
     parts = [f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" class="frame"/>']
     step = max(1, math.ceil((hi - lo) / 8))
     for exponent in range(lo, hi + 1, step):  # one grid line per decade (or per few)
+        if zeros and exponent == lo:
+            continue  # that place is the zero line's
         y = y_of(10.0 ** exponent)
         parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" '
                      f'class="grid"/><text x="{LEFT - 6}" y="{y + 4:.1f}" class="ytick">10'
@@ -312,16 +317,17 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
         name = order[i]
         shown = name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "…"
         cls = "xname flagged" if name in flagged else "xname"
+        fill = f' style="fill:{COLORS[_worst(flagged[name])]}"' if name in flagged else ""
         x, y = x_of(i), TOP + plot_h + 10
-        parts.append(f'<text x="{x:.1f}" y="{y}" class="{cls}" transform="rotate(-40 {x:.1f} '
-                     f'{y})">{escape(shown)}<title>{escape(name)} (#{i})</title></text>')
+        parts.append(f'<text x="{x:.1f}" y="{y}" class="{cls}"{fill} transform="rotate(-40 '
+                     f'{x:.1f} {y})">{escape(shown)}<title>{escape(name)} (#{i})</title></text>')
     parts.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 6}" class="axis">layer, '
                  f'in graph order ({count} measured)</text>')
     # Zero cannot sit on a log axis: zeros are drawn on a labelled floor line under the lowest
     # decade, NaN/Inf on a labelled line above the highest.
     floor_y, ceiling_y = TOP + plot_h - 6, TOP + 6
     values = [v for s in series for v in s.values if v is not None]
-    if any(v == 0 for v in values):
+    if zeros:
         parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{floor_y}" y2="{floor_y}" '
                      f'class="floor"/><text x="{LEFT - 6}" y="{floor_y + 4}" class="ytick">0'
                      f'</text>')
@@ -365,20 +371,20 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
     for s in series:
         if s.dashed:  # one legend entry per kind; the dash is explained once
             continue
-        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{TOP - 14}" '
-                     f'y2="{TOP - 14}" stroke="{s.color}" stroke-width="2"/><text '
-                     f'x="{legend_x + 26}" y="{TOP - 10}" class="legend">'
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{TOP - 36}" '
+                     f'y2="{TOP - 36}" stroke="{s.color}" stroke-width="2"/><text '
+                     f'x="{legend_x + 26}" y="{TOP - 32}" class="legend">'
                      f'{escape(s.name.removesuffix(" (after fix)"))}</text>')
         legend_x += 40 + 7 * len(s.name.removesuffix(" (after fix)"))
     if any(s.dashed for s in series):
-        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{TOP - 14}" '
-                     f'y2="{TOP - 14}" stroke="{BEFORE}" stroke-width="2.5" '
-                     f'stroke-dasharray="6 4"/><text x="{legend_x + 26}" y="{TOP - 10}" '
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{TOP - 36}" '
+                     f'y2="{TOP - 36}" stroke="{BEFORE}" stroke-width="2.5" '
+                     f'stroke-dasharray="6 4"/><text x="{legend_x + 26}" y="{TOP - 32}" '
                      f'class="legend">dashed: before fix</text>')
-        legend_x += 140
+        legend_x += 175
     if any(name in flagged or name in earlier for name in order):
         label = "flagged" if not earlier else "flagged (grey: before the fix)"
-        parts.append(f'<text x="{legend_x}" y="{TOP - 10}" class="legend">▼ {label}</text>')
+        parts.append(f'<text x="{legend_x}" y="{TOP - 32}" class="legend">▼ {label}</text>')
     aria = escape(f"{title}, log scale, {count} layers")
     return (f'<figure class="plot"><figcaption>{escape(title)} (log scale)</figcaption>'
             f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
@@ -419,7 +425,7 @@ figcaption{font-weight:600;margin:4px 0}svg{width:100%;height:auto;background:#f
 .ytick{font-size:13px;text-anchor:end;fill:#616161}.xtick{font-size:12px;text-anchor:middle;fill:#757575}
 .axis{font-size:13px;text-anchor:middle;fill:#616161}.legend{font-size:13px;fill:#424242}
 .offscale{font-size:14px;font-weight:700;text-anchor:middle}
-.xname{font-size:11px;text-anchor:end;fill:#757575}.xname.flagged{fill:#c62828;font-weight:600}
+.xname{font-size:11px;text-anchor:end;fill:#757575}.xname.flagged{font-weight:600}
 .floor{stroke:#9e9e9e;stroke-dasharray:2 3}
 details summary{cursor:pointer;margin:10px 0;font-weight:600}
 footer{color:#757575;font-size:12px}
