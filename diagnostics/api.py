@@ -86,7 +86,7 @@ def diagnose(
 
     notify("probe", 0.0)
     result = _probe(model, inputs, options.seed, input_infos)
-    model.notes[:0] = input_notes
+    model.notes[:0] = input_notes + _small_batch_notes(input_infos)
     probed = time.perf_counter()
     notify("probe", 1.0)
 
@@ -177,6 +177,24 @@ def _explain(text: str, model: LoadedModel, infos: list[InputInfo],
 
 def _short(text: str) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
+
+
+# Below this many samples, "zero for every sample" (dead units) and batch statistics say little.
+SMALL_BATCH = 4
+
+
+def _small_batch_notes(infos: list[InputInfo]) -> list[str]:
+    """A file exported with a fixed batch of 1 (torch.onnx.export's default without
+    dynamic_shapes) is probed with that batch: say what it costs, once."""
+    small = [i for i in infos if i.source == "declared" and len(i.shape) > 1
+             and i.shape[0] < SMALL_BATCH]
+    if not small:
+        return []
+    batch = small[0].shape[0]
+    return [f"the file fixes the batch size at {batch} (input '{small[0].name}'): per-unit "
+            f"statistics over {batch} sample(s) are weak evidence (a unit silent on one sample "
+            f"is not dead); re-export with a dynamic batch axis (dynamic_shapes, or dynamic_axes "
+            f"for the legacy exporter) so the probe can use {SMALL_BATCH * 2} or more"]
 
 
 def _notes(model_notes: list[str], result: ProbeResult, model: LoadedModel) -> list[str]:

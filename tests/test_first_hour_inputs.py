@@ -160,3 +160,15 @@ def test_library_errors_do_not_name_command_line_flags(files) -> None:
         diagnose(files["mixed"])
     assert "--input-shape" not in str(caught.value)
     assert "DiagnoseOptions.input_shapes" in str(caught.value)
+
+
+def test_a_file_fixed_at_batch_one_says_what_that_costs(tmp_path) -> None:
+    path = tmp_path / "batch1.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(),
+                          (torch.randn(1, 8),), str(path), dynamo=False)
+    report = diagnose(path, DiagnoseOptions(device="cpu"))
+    assert report.model.inputs[0].shape == [1, 8]
+    assert any("fixes the batch size at 1" in note and "dynamic" in note
+               for note in report.model.notes)
