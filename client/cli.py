@@ -196,6 +196,10 @@ def run_lint(args: argparse.Namespace) -> int:
         if failed.detail and os.environ.get("GRADPROBE_DEBUG"):
             print(failed.detail, file=sys.stderr)
         print(f"gradprobe: error: {_naming(failed.path, failed.error or '')}", file=sys.stderr)
+    if len(paths) > 1 and any("no declared shape" in (o.error or "") for o in outcomes):
+        print("gradprobe: hint: one --input-shape applies to every file; give TorchScript "
+              "files their shapes per file pattern in [tool.gradprobe.input-shapes] of "
+              "pyproject.toml (docs/integrations.md, Configuration)", file=sys.stderr)
     reports = [o.report for o in outcomes if o.report is not None]
     if args.write_baseline:
         recorded = baseline.write_baseline(args.write_baseline, reports)

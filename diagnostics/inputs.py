@@ -64,7 +64,7 @@ def resolve_shapes(specs: list[InputSpec], options: DiagnoseOptions) -> list[tup
         if spec.shape is None:
             raise InputSpecError(
                 f"input '{spec.name}' has no declared shape (TorchScript files carry none)",
-                hint=Hint("input_shapes"))
+                hint=Hint("input_shapes", [_example_shape(s) for s in specs]))
         shape, source = [], "declared"
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, int) and dim > 0:
@@ -90,8 +90,9 @@ def resolve_shapes(specs: list[InputSpec], options: DiagnoseOptions) -> list[tup
 
 
 def _example_shape(spec: InputSpec) -> list[int]:
-    if spec.shape is None:
-        return [8, 3, 224, 224]
+    if spec.shape is None:  # an image batch, or a batch of token ids
+        return [8, 128] if spec.dtype is not None and not spec.dtype.is_floating_point \
+            else [8, 3, 224, 224]
     return [d if isinstance(d, int) and d > 0 else (8 if axis == 0 else 16)
             for axis, d in enumerate(spec.shape)]
 

@@ -159,7 +159,20 @@ def test_library_errors_do_not_name_command_line_flags(files) -> None:
     with pytest.raises(InputSpecError) as caught:
         diagnose(files["mixed"])
     assert "--input-shape" not in str(caught.value)
-    assert "DiagnoseOptions.input_shapes" in str(caught.value)
+    # the example fits each input: an image batch for x, token ids for the integer input
+    assert "DiagnoseOptions(input_shapes=[[8, 3, 224, 224], [8, 128]])" in str(caught.value)
+
+
+def test_folder_of_torchscript_files_without_shapes_points_at_the_config(files, tmp_path,
+                                                                        capsys) -> None:
+    folder = tmp_path / "ts"
+    folder.mkdir()
+    for name in ("a.pt", "b.pt"):
+        (folder / name).write_bytes(files["mixed"].read_bytes())
+    assert main(["lint", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("no declared shape") == 2 and "--input-shape 8x3x224x224 --input-shape 8x128" in err
+    assert "[tool.gradprobe.input-shapes]" in err
 
 
 def test_a_file_fixed_at_batch_one_says_what_that_costs(tmp_path) -> None:
