@@ -158,9 +158,12 @@ class _Plan:
                 self.protected.setdefault(point.weight, "embedding table")
 
     def protect(self, report: Report) -> None:
-        """Tensors of info findings are deliberate (zero head, zero-init residual): keep them."""
+        """Tensors of info findings about one weight are deliberate (zero head, zero-init
+        residual, a constant start that trains): keep them. An info *trend* (activation variance
+        drifting over 50 layers, judged harmless) marks no tensor as deliberate: protecting its
+        layers would block the fix another finding asks for there (a dead ReLU's producer)."""
         for f in report.findings:
-            if f.severity is not Severity.INFO:
+            if f.severity is not Severity.INFO or f.rule not in WEIGHT_RULES:
                 continue
             for name in f.parameters:
                 if name not in self.protected and name in self.model.parameters:

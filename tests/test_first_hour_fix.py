@@ -119,3 +119,26 @@ def test_shared_tensors_are_one_note_and_ops_are_not_cut(tmp_path, capsys) -> No
     assert len(notes) == 1 and "2 tensor(s)" in notes[0]
     assert "were one tensor in the file" not in out
     assert "aten::_convolution" in out  # the whole op name, not 'aten::_convo'
+
+
+def test_an_info_trend_does_not_make_its_layers_deliberate(tmp_path) -> None:
+    """Why `fix` once listed 50 tensors as "deliberate (vanishing-activations, info)" and then
+    called the dead ReLUs among them unfixable: every tensor of every info finding was
+    protected. Only an info about one weight (a deliberate zero or constant start) is."""
+    from defects import zero_head
+
+    from gradprobe.diagnostics.loaders import load_model
+    from gradprobe.diagnostics.repair import _Plan
+    from gradprobe.diagnostics.report import Finding, Severity
+
+    model, args = zero_head()
+    path = export_onnx(model, args, tmp_path / "zero_head.onnx")
+    report = diagnose(path, DiagnoseOptions(device="cpu"))
+    assert any(f.rule == "zero-weights" and f.severity is Severity.INFO for f in report.findings)
+    report.findings.append(Finding(rule="vanishing-activations", severity=Severity.INFO,
+                                   layer="net.0", parameters=["net.0.weight", "net.2.weight"],
+                                   message="a mild drift, judged harmless"))
+    plan = _Plan(load_model(path))
+    plan.protect(report)
+    assert "net.6.weight" in plan.protected  # the deliberate zero head
+    assert "net.0.weight" not in plan.protected and "net.2.weight" not in plan.protected

@@ -99,6 +99,10 @@ def _change_lines(changed: list[ChangedTensor]) -> list[str]:
     return lines
 
 
+# Lines of a list shown without --verbose.
+SHORT_LIST = 10
+
+
 def _shown(c: ChangedTensor) -> str:
     """The tensor as the user's code names it, with the file's name when that differs."""
     if c.expr and not c.expr.startswith("model.get_parameter"):
@@ -155,7 +159,11 @@ def render_comparison(outcome: RepairOutcome, *, verbose: bool = False) -> str:
 
     if outcome.changed:
         out.append(f"re-initialised ({len(outcome.changed)} tensor(s)):")
-        out += _change_lines(outcome.changed)
+        lines = _change_lines(outcome.changed)
+        if not verbose and len(lines) > SHORT_LIST:
+            rest = sum(1 for line in lines[SHORT_LIST:] if not line.startswith("   "))
+            lines = lines[:SHORT_LIST] + [f"  ... {rest} more line(s) (--verbose lists them)"]
+        out += lines
     else:
         out.append("re-initialised: nothing (no finding asks for a new init)")
     if outcome.left_alone:
