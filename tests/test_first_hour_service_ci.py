@@ -140,3 +140,28 @@ def test_ci_examples_install_what_exists(path) -> None:
         yaml.safe_load(text)  # valid YAML
         assert "--index-url https://download.pytorch.org/whl/cpu" in text
         assert re.search(r'"gradprobe @ git\+https://[^"@]+@v\d+\.\d+\.\d+"', text)
+
+
+@pytest.mark.slow
+def test_remote_lint_keeps_a_files_fixed_batch(token_server, tmp_path) -> None:
+    """The wire carries a batch size only when the caller chose one: a file fixed at batch 4
+    lints remotely as it does locally, and a folder's shapes only fill what files leave open."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from gradprobe.diagnostics.errors import InputSpecError
+    from gradprobe.diagnostics.options import DiagnoseOptions
+
+    path = tmp_path / "fixed4.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(),
+                          (torch.randn(4, 8),), str(path), dynamo=False)
+    with Client(token_server.address, token=TOKEN, timeout_s=120) as client:
+        assert client.diagnose(path).model.inputs[0].shape == [4, 8]
+        with pytest.raises(InputSpecError, match="fixed batch size of 4"):
+            client.diagnose(path, DiagnoseOptions(batch_size=2))
+        filled = DiagnoseOptions(input_shapes=[[2, 8]], fill_undeclared=True)
+        assert client.diagnose(path, filled).model.inputs[0].shape == [4, 8]
