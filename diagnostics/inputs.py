@@ -17,7 +17,7 @@ import torch
 from gradprobe.diagnostics.errors import Hint, InputSpecError
 from gradprobe.diagnostics.graph import InputSpec
 from gradprobe.diagnostics.options import DTYPES as ACCEPTED_DTYPES
-from gradprobe.diagnostics.options import DiagnoseOptions, parse_shape
+from gradprobe.diagnostics.options import DiagnoseOptions, parse_shape  # noqa: F401 (re-exported)
 from gradprobe.diagnostics.report import InputInfo
 
 # The names the options accept are torch's own dtype names: one list, in options.py.
