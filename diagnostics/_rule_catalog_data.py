@@ -67,29 +67,42 @@ CATALOG = [{'name': 'nonfinite-weights',
           'one\n'
           '  feature. A zero weight that blocks the gradient (e.g. the first conv of a residual '
           'branch,\n'
-          '  in front of a ReLU) never moves at all. Deliberate zeros are judged by their '
-          'gradient: a\n'
-          "  zero classification head, LoRA's B, ControlNet zero convs and zero-init residual "
-          'scales\n'
-          '  receive a distinct gradient per unit and train from the first step; they are reported '
-          'as\n'
-          '  info.\n'
+          '  in front of a ReLU) never moves at all. A zero that leaves no path around it — a '
+          'zeroed\n'
+          '  LayerNorm scale under the embeddings, a gate stuck at 0 in a block without a skip — '
+          'makes\n'
+          "  the network's output the same for every input. Deliberate zeros keep a path: a zero\n"
+          "  classification head, LoRA's B, ControlNet zero convs and zero-init residual scales "
+          'receive\n'
+          '  a distinct gradient per unit, the input still reaches the output around them, and '
+          'they are\n'
+          '  reported as info.\n'
           '\n'
           'Example:\n'
-          '  `nn.init.zeros_(model.net[0].weight)` on a hidden layer of an MLP.\n'
+          '  `nn.init.zeros_(model.net[0].weight)` on a hidden layer of an MLP;\n'
+          '  `model.embeddings.LayerNorm.weight.data.zero_()` in BERT.\n'
           '\n'
           'Fix:\n'
           '  initialise the weight with the scheme that matches the nonlinearity that follows (He '
           'for\n'
-          '  the ReLU family, Xavier for tanh/sigmoid/linear, LeCun for SELU); the finding carries '
-          'the\n'
-          '  std, bound and the PyTorch line.\n'
+          '  the ReLU family, Xavier for tanh/sigmoid/linear, LeCun for SELU; ones for a norm '
+          'scale or\n'
+          '  a multiplicative gate); the finding carries the std, bound and the PyTorch line.\n'
           '\n'
           'Thresholds:\n'
           '  every entry exactly 0. Error when the gradient is zero or identical across output '
           'units\n'
-          '  (relative spread <= 1e-6), info otherwise. Biases are never reported: zero is their\n'
-          '  standard init.'},
+          '  (relative spread <= 1e-6), when every value between it and the next layer is the same '
+          'for\n'
+          '  every sample (a zeroed first layer of a branch: the next layer is fed nothing, unlike '
+          'a\n'
+          '  zeroed last layer, whose residual add still varies), or when the output no longer '
+          'varies\n'
+          '  across the probe batch from this point on (the zero is where the across-batch '
+          'variance\n'
+          '  first collapses, before the last layer); info otherwise. Biases are never reported: '
+          'zero\n'
+          '  is their standard init.'},
  {'name': 'constant-weights',
   'severity': 'error',
   'verdicts': ['info', 'error'],
@@ -114,9 +127,11 @@ CATALOG = [{'name': 'nonfinite-weights',
           'Thresholds:\n'
           '  standard deviation exactly 0 with a non-zero mean, on tensors with more than one '
           'entry.\n'
-          '  Error when the gradient is zero or identical across output units; info when each unit '
-          'gets\n'
-          '  its own gradient (symmetry breaks through the layers around it).'},
+          '  Error when the gradient is zero or identical across output units; otherwise a warning '
+          'for\n'
+          '  a matrix or kernel (2-D or more: it starts rank-1 even though symmetry breaks through '
+          'the\n'
+          '  layers around it) and info for a 1-D weight.'},
  {'name': 'init-scale',
   'severity': 'warning',
   'verdicts': ['warning'],
@@ -153,26 +168,35 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  finding carries the std, bound and the PyTorch line.\n'
           '\n'
           'Thresholds:\n'
-          "  weight variance at least `weight_factor` (10) times above or below the scheme's; "
-          'without a\n'
-          "  norm behind it, the layer's output variance must also be at least `flow_factor` (5) "
-          'times\n'
-          '  off the second moment of its input (a He layer after a ReLU gives ~2), in the same\n'
-          '  direction, and the distortion must reach what the following layers are fed: for a '
-          'blow-up,\n'
-          "  every later layer's input (or, for the last layer, the output); for a shrink, no "
-          'later\n'
-          "  layer's input may recover (a LayerNorm or residual path that restores the scale keeps "
-          'the\n'
-          '  rule silent, and a small head is a deliberate start); behind BatchNorm, its |g|/|w| '
+          "  weight variance at least `weight_factor` (10) times above the scheme's, or "
+          '`shrink_factor`\n'
+          '  (100) times below it (a uniform shrink in a ReLU network rescales everything after it '
+          'by\n'
+          "  one constant factor: torchvision's fan-out init of VGG's 3-channel stem, 0.05x He, "
+          'starts\n'
+          "  with small logits and trains); without a norm behind it, the layer's output variance "
           'must\n'
-          '  differ from the median of its BatchNorm-backed peers by at least `update_factor` '
-          '(30): a\n'
-          "  stage at 10x He std trains ~100x slower, while torchvision's fan-out init of "
-          'depthwise\n'
-          '  convs (~8x faster updates) trains fine. Layers whose BatchNorm was folded at export '
-          'and\n'
-          '  embedding tables (no fan-in) are not judged.'},
+          '  also be at least `flow_factor` (5) times off the second moment of its input (a He '
+          'layer\n'
+          '  after a ReLU gives ~2), in the same direction, and the distortion must reach what '
+          'the\n'
+          "  following layers are fed: for a blow-up, every later layer's input (or, for the last\n"
+          "  layer, the output); for a shrink, no later layer's input and no later "
+          "normalisation's\n"
+          '  output may recover (a LayerNorm or residual path that restores the scale keeps the '
+          'rule\n'
+          '  silent), and the layers after the last normalisation (the head: small logits are a\n'
+          '  deliberate start) are not judged for a shrink. Behind BatchNorm only a too-large '
+          'weight is\n'
+          '  a defect: its |g|/|w| must be at least `update_factor` (30) times below the median of '
+          'its\n'
+          '  BatchNorm-backed peers (a stage at 10x He std trains ~100x slower and never catches '
+          'up). A\n'
+          '  too-small weight there takes larger relative steps, its norm grows and the step '
+          'shrinks\n'
+          "  back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and\n"
+          '  depthwise convs (torchvision, timm) train fine. Embedding tables (no fan-in) are not\n'
+          '  judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],
@@ -268,10 +292,13 @@ CATALOG = [{'name': 'nonfinite-weights',
           'layer;\n'
           '  error from `error_share` (0.9). Not reported when the layer feeding it has zero, '
           'constant\n'
-          '  or non-finite weights (those rules name the cause). Only info when the probe batch '
-          'barely\n'
-          '  varies at this point (variance across samples below `min_sample_share` (1%) of the '
-          'total\n'
+          '  or non-finite weights (those rules name the cause). Only info when a unit is seen '
+          'fewer\n'
+          '  than `min_observations` (8) times (samples x positions: a pooled unit on a batch of 2 '
+          'is\n'
+          '  silent on both samples by chance one time in four), and when the probe batch barely '
+          'varies\n'
+          '  at this point (variance across samples below `min_sample_share` (1%) of the total\n'
           '  variance, as behind a global pooling of synthetic noise in a squeeze-excite block): '
           'there\n'
           '  the weights, not the data, decide which units are silent, and real inputs '
@@ -329,18 +356,22 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  residual connections.\n'
           '\n'
           'Thresholds:\n'
-          "  per-entry gradient RMS at each parameterised layer's output, a least-squares line in "
-          'log\n'
-          '  space from the first to the last layer; warning when early/late <= `ratio` (1e-3,\n'
-          "  AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers (zero head, "
-          'zero-init\n'
-          '  residual) set to their textbook init, as after step one. Always a warning: in our '
-          'training\n'
-          '  check a twelve-layer sigmoid stack re-initialised with Xavier learns no better than '
-          'before\n'
-          '  (the remedy is architectural), so the rule cannot promise that a fix restores '
-          'training;\n'
-          '  where the activations themselves collapse, vanishing-activations reports the error.'},
+          "  per-entry gradient RMS at each parameterised layer's output (the layers before a "
+          'global\n'
+          '  pool, where there are at least three: the pool scales every entry by 1/HxW), a '
+          'least-\n'
+          '  squares line in log space from the first to the last layer; warning when early/late '
+          '<=\n'
+          "  `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers "
+          '(zero\n'
+          '  head, zero-init residual) set to their textbook init, as after step one. Always a '
+          'warning:\n'
+          '  in our training check a twelve-layer sigmoid stack re-initialised with Xavier learns '
+          'no\n'
+          '  better than before (the remedy is architectural), so the rule cannot promise that a '
+          'fix\n'
+          '  restores training; where the activations themselves collapse, vanishing-activations\n'
+          '  reports the error.'},
  {'name': 'exploding-gradients',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
@@ -363,11 +394,13 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  (`torch.nn.utils.clip_grad_norm_`) as a guard.\n'
           '\n'
           'Thresholds:\n'
-          "  per-entry gradient RMS at each parameterised layer's output, a least-squares line in "
-          'log\n'
-          '  space; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 during training, '
-          'we\n'
-          '  allow more at step 0), error from `error_ratio` (1e4).'},
+          "  per-entry gradient RMS at each parameterised layer's output (the layers before a "
+          'global\n'
+          '  pool, where there are at least three: the pool scales every entry by 1/HxW), a '
+          'least-\n'
+          '  squares line in log space; warning when early/late >= `ratio` (100; AUTOTRAINER uses '
+          '70\n'
+          '  during training, we allow more at step 0), error from `error_ratio` (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
   'verdicts': ['warning', 'error'],
@@ -397,4 +430,5 @@ CATALOG = [{'name': 'nonfinite-weights',
           'and\n'
           '  not reported where another rule names the cause: the zero/constant weight itself, '
           'layers\n'
-          '  behind a fully dead ReLU, non-finite values.'}]
+          '  behind a fully dead ReLU or behind the point where the output stops depending on the\n'
+          '  input, non-finite values.'}]

@@ -66,3 +66,12 @@ class ProbeError(GradprobeError):
 
 class ConfigError(GradprobeError):
     """Bad configuration: unknown keys, bad values, unknown rule names."""
+
+
+class InitError(GradprobeError):
+    """`gradprobe.check`: the model's findings reach the severity that fails the check.
+    `report` is the full report."""
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(message)
+        self.report = report

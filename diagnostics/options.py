@@ -61,4 +61,4 @@ class DiagnoseOptions(BaseModel):
     severities: dict[str, Severity] = Field(default_factory=dict)
     thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
     # How the file should be read; None: from the file's content.
-    format: Literal["onnx", "torchscript"] | None = None
+    format: Literal["onnx", "torchscript", "pt2"] | None = None

@@ -19,7 +19,7 @@ from pathlib import Path
 from gradprobe.server.errors import ModelNotFound, ModelTooLarge, RequestError, UploadError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-EXTENSIONS = {None: ".model", "onnx": ".onnx", "torchscript": ".pt"}
+EXTENSIONS = {None: ".model", "onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
 
 
 def check_sha256(value: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from gradprobe.diagnostics.archives import is_pt2_archive
 from gradprobe.diagnostics.errors import ModelLoadError
 from gradprobe.diagnostics.graph import LoadedModel
 from gradprobe.diagnostics.loaders.recognise import what_it_is
@@ -17,7 +18,7 @@ def sniff_format(head: bytes) -> Literal["onnx", "torchscript"]:
     return "torchscript" if head.startswith(ZIP_MAGIC) else "onnx"
 
 
-def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript"] | None = None,
+def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript", "pt2"] | None = None,
                name: str = "") -> LoadedModel:
     if isinstance(source, Path):
         if not source.exists():
@@ -36,6 +37,10 @@ def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript"] | None 
         if not head:
             raise ModelLoadError(f"{name or 'the uploaded model'} is empty")
     fmt = fmt or sniff_format(head)
+    if fmt == "pt2" or (fmt == "torchscript" and is_pt2_archive(source)):
+        from gradprobe.diagnostics.loaders.export_loader import load_pt2
+
+        return load_pt2(source, name=name)
     if fmt == "torchscript":
         from gradprobe.diagnostics.loaders.torchscript_loader import load_torchscript
 

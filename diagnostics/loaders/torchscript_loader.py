@@ -24,6 +24,7 @@ from gradprobe.diagnostics.loaders.torchscript_passes import (
     return_observed_values,
 )
 from gradprobe.diagnostics.loaders.torchscript_points import discover_points, integer_input_ranges
+from gradprobe.diagnostics.op_allowlist import check_torchscript_archive, check_torchscript_module
 
 _FUNCTION_NAME = "gradprobe_observed_forward"
 
@@ -44,12 +45,14 @@ def _read_module(source: Path | str | bytes, label: str) -> torch.jit.ScriptModu
             what = "is a directory" if source.is_dir() else "does not exist"
             raise ModelLoadError(f"{label}: {what}; expected a TorchScript file (.pt)")
     _check_archive(source, label)
+    check_torchscript_archive(source, label)  # loading runs __setstate__: refuse it first
     try:
         target = io.BytesIO(source) if isinstance(source, bytes) else str(source)
         module = torch.jit.load(target, map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError/ValueError with multi-line texts
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"{label}: not a loadable TorchScript archive: {first_line}") from exc
+    check_torchscript_module(module, label)  # untrusted code: nothing runs before this
     if not isinstance(module, torch.jit.ScriptModule) or not module._c._has_method("forward"):
         raise ModelLoadError(f"{label}: the TorchScript archive has no forward method")
     if not module._c.hasattr("training"):  # torch.jit.freeze drops attributes and parameters

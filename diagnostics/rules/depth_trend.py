@@ -81,3 +81,22 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
         blocked = [i for i, lp in enumerate(out) if lp.gradient and lp.gradient.rms == 0]
         out = out[blocked[-1] + 1:] if blocked else out
     return out
+
+
+def before_global_pool(layers: list[LayerProbe]) -> list[LayerProbe]:
+    """The layers that see every position (pixel, token), without the head after a global pool.
+
+    Through a global average pool the per-entry gradient shrinks by the number of positions
+    pooled (H x W): a factor set by the probe's resolution, not by the network, and common to
+    every layer before the pool. A trend measured across the pool called one small CNN healthy
+    at 8x8, vanishing at 16x16 and worse at 64x64. Within the body the factor cancels, so the
+    trend is measured there when the body has enough layers for one; an MLP (one position
+    throughout) keeps every layer."""
+    positions = [lp.activation.numel / max(lp.activation.units, 1) if lp.activation else None
+                 for lp in layers]
+    known = [p for p in positions if p is not None]
+    if not known:
+        return layers
+    fewest = min(known)
+    body = [lp for lp, p in zip(layers, positions) if p is not None and p > fewest]
+    return body if len(body) >= 3 and body[-1] is not layers[-1] else layers
