@@ -148,8 +148,15 @@ def test_attention_traced_under_no_grad_says_to_retrace(tmp_path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.attn(x, x, x, need_weights=False)[0])
 
-    with torch.no_grad():
-        path = _trace(Attend().eval(), (torch.randn(2, 5, 16),), tmp_path / "attn.pt")
+    # The fast path is what a user's torch takes by default (tests/zoo.py turns it off for
+    # the whole session: exporters want the plain path), so turn it on for this trace.
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(True)
+    try:
+        with torch.no_grad():
+            path = _trace(Attend().eval(), (torch.randn(2, 5, 16),), tmp_path / "attn.pt")
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
     with pytest.raises(ProbeError, match=r"_native_multi_head_attention has no backward.*"
                                          r"re-trace it with gradients enabled"):
         diagnose(path, DiagnoseOptions(input_shapes=[[2, 5, 16]], device="cpu"))
