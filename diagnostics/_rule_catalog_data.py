@@ -105,7 +105,7 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  is their standard init.'},
  {'name': 'constant-weights',
   'severity': 'error',
-  'verdicts': ['info', 'error'],
+  'verdicts': ['info', 'warning', 'error'],
   'summary': "Every entry of a layer's weight has the same non-zero value.",
   'text': 'constant-weights (error)\n'
           '\n'

@@ -5,25 +5,33 @@ import the probe). Run after changing a rule's docstring, severity or thresholds
 
 from __future__ import annotations
 
+import inspect
 import pprint
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "diagnostics" / "_rule_catalog_data.py"
 
-# Severities a rule gives besides its default one, read from the rules' code: the column of
-# `gradprobe rules` shows every verdict a user can meet, not only the default.
-# (A threshold named error_* also makes a warning rule an error past it: added below.)
-OTHER_VERDICTS = {
-    "zero-weights": {"info"},  # deliberate zero start: each unit gets its own gradient
-    "constant-weights": {"info"},  # same, for a constant start
-    "dead-relu": {"warning", "info"},  # warning from `share`, error from `error_share`
-    "vanishing-activations": {"info"},
+# Every severity a rule can give, so the column of `gradprobe rules` shows the verdicts a user
+# meets, not only the default: the default, every `Severity.X` the rule's own module names, and
+# warning+error where a threshold named error_* makes a warning rule an error past it. Verdicts
+# that come from a shared base class (an info trend) are listed here by hand.
+FROM_BASE_CLASS = {
+    "vanishing-activations": {"info"},  # activation_trend: a drift the signal recovers from
     "exploding-activations": {"info"},
-    "dead-gradients": {"warning"},  # a parameter the graph never uses
 }
 ORDER = ("info", "warning", "error")
+
+
+def _verdicts(rule: type, doc: object) -> set[str]:
+    source = inspect.getsource(sys.modules[rule.__module__])
+    verdicts = {doc.severity.value} | FROM_BASE_CLASS.get(doc.name, set())
+    verdicts |= {level.lower() for level in re.findall(r"Severity\.(ERROR|WARNING|INFO)", source)}
+    if any(key.startswith("error_") for key in doc.defaults):
+        verdicts |= {"warning", "error"}
+    return verdicts
 
 
 def catalog() -> list[dict]:
@@ -32,9 +40,7 @@ def catalog() -> list[dict]:
     entries = []
     for rule in all_rules():
         doc = rule.doc()
-        verdicts = {doc.severity.value} | OTHER_VERDICTS.get(doc.name, set())
-        if any(key.startswith("error_") for key in doc.defaults):
-            verdicts |= {"warning", "error"}
+        verdicts = _verdicts(rule, doc)
         entries.append({
             "name": doc.name,
             "severity": doc.severity.value,
