@@ -64,6 +64,7 @@ def diagnose(
     *,
     progress: Progress | None = None,
     path_label: str | None = None,
+    self_contained: bool = False,
     **option_fields: Any,
 ) -> Report:
     """Probe one model and return its report.
@@ -73,6 +74,8 @@ def diagnose(
     inputs), a `torch.jit.ScriptModule` or a `torch.export.ExportedProgram`. A live model is
     left exactly as it was. Options come as a `DiagnoseOptions` (the second positional argument
     is taken as one, as before) or as its fields by keyword (`seed=1, select=[...]`).
+    `self_contained` refuses model files that read other files (ONNX external data): what a
+    server wants of an upload.
 
     Raises a `GradprobeError` subclass for anything wrong with the input."""
     if isinstance(example_inputs, DiagnoseOptions) and options is None:
@@ -92,7 +95,7 @@ def diagnose(
     start = time.perf_counter()
 
     notify("load", 0.0)
-    model = load_model(src, options.format, name=path_label or "")
+    model = load_model(src, options.format, name=path_label or "", self_contained=self_contained)
     sha, size = _sha256(src)
     model.to(device)
     torch.manual_seed(options.seed)

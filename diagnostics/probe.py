@@ -102,6 +102,22 @@ class ProbeResult:
             return None  # a zero head: constant logits at step 0, trains from the first update
         return cut
 
+    def normalised_before_next_layer(self, layer: LayerProbe) -> bool:
+        """True when a normalisation (BatchNorm, LayerNorm, ...) sits between this layer and the
+        next parameterised one, or the layer carries a folded BatchNorm: whatever scale this
+        layer's output has, the norm restores it, so its activation and per-entry gradient say
+        nothing about the signal that reaches the output."""
+        if layer.point.followed_by_norm:
+            return True
+        for lp in self.layers:
+            if lp.point.index <= layer.point.index:
+                continue
+            if lp.point.role == "linear":
+                return False
+            if lp.point.role == "norm":
+                return True
+        return False
+
     def starves_next_layer(self, layer: LayerProbe) -> bool:
         """True when every value probed between this layer and the next parameterised one is
         identical across the batch: the next layer is fed nothing (a zeroed first layer of a

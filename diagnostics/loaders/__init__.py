@@ -19,7 +19,8 @@ def sniff_format(head: bytes) -> Literal["onnx", "torchscript"]:
 
 
 def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript", "pt2"] | None = None,
-               name: str = "") -> LoadedModel:
+               name: str = "", *, self_contained: bool = False) -> LoadedModel:
+    """`self_contained`: the model may read no other file (ONNX external data is refused)."""
     if isinstance(source, Path):
         if not source.exists():
             raise ModelLoadError(f"{source}: no such file")
@@ -47,7 +48,7 @@ def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript", "pt2"] 
         return load_torchscript(source, name=name or None)
     from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
 
-    return load_onnx(source, name=name or None)
+    return load_onnx(source, name=name or None, self_contained=self_contained)
 
 
 def _refuse_non_models(source: Path | bytes, head: bytes, name: str, label: str) -> None:

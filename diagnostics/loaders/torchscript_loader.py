@@ -9,6 +9,7 @@ are the module's own and backward fills their `.grad`.
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -157,6 +158,10 @@ class TorchScriptModel(LoadedModel):
             # the plain interpreter: no profiling runs, no fusion, eager autograd on every value
             with torch.jit.optimized_execution(False):
                 output, observed = self._function(self.module._c, *arguments)
+        except torch.jit.Error as exc:  # a `raise` in the model's code: its text is the model's
+            raise ProbeError(f"forward failed: the model's code raised {_raised_class(exc)} "
+                             "(its message is not shown: it comes from the model file)") \
+                from None
         except RuntimeError as exc:  # TorchScript puts its own traceback before the cause
             lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
             raise ProbeError(f"forward failed: {lines[-1] if lines else type(exc).__name__}") \
@@ -210,6 +215,14 @@ class TorchScriptModel(LoadedModel):
             for name in self._frozen:
                 self.parameters[name].requires_grad_(True)
             self.module.eval()
+
+
+def _raised_class(exc: BaseException) -> str:
+    """`builtins.ValueError` from the last line of a TorchScript exception, if it reads as a
+    class name; the rest of that line is the model's own text."""
+    lines = str(exc).strip().splitlines()
+    name = lines[-1].split(":", 1)[0].strip() if lines else ""
+    return name if re.fullmatch(r"[A-Za-z_][\w.]{0,63}", name) else "an exception"
 
 
 def _shared_parameters(points: list[ProbePoint]) -> dict[str, list[str]]:

@@ -56,6 +56,10 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     """Parameterised layers in graph order: the depth axis of a trend of `signal`
     ('activation' or 'gradient').
 
+    Layers whose output a normalisation restores before the next layer (conv -> BatchNorm, a
+    transformer's projection before the residual add and LayerNorm) are not on the axis: their
+    scale never reaches the output (BatchNorm's gradient is scale-invariant too), so a drift
+    across them is not one the network carries. A plain stack keeps every layer.
     Only geometric drift is a trend; exact zeros have causes other rules name. Activations: a
     zero or constant weight that can train (zero head) is left out, and the trend ends at one
     that cannot, or where the signal no longer depends on the input (a dead layer upstream).
@@ -64,6 +68,8 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     for lp in probe.layers:
         if lp.point.role != "linear":
             continue
+        if probe.normalised_before_next_layer(lp):
+            continue  # a norm restores its scale: no drift of it reaches the output
         if signal == "activation":
             param = probe.params.get(lp.point.weight or "")
             if param is not None and param.stats.constant:
