@@ -210,9 +210,11 @@ def test_pre_commit_hook_definition():
     assert re.search(r"^- id: gradprobe$", text, re.M)
     assert re.search(r"^  entry: gradprobe lint$", text, re.M)
     pattern = re.search(r"^  files: (.+)$", text, re.M).group(1)
-    for suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES[:-1]:
+    for suffix in ONNX_SUFFIXES + tuple(s for s in TORCHSCRIPT_SUFFIXES if s != ".pth"):
         assert re.search(pattern, f"models/net{suffix}"), suffix
-    assert not re.search(pattern, "models/net.onnx.data")
+    # weights without a graph: .pth (torch.save's usual suffix), safetensors, external data
+    for name in ("models/net.pth", "models/net.safetensors", "models/net.onnx.data"):
+        assert not re.search(pattern, name), name
     assert build_parser().parse_args(["lint", "a.onnx", "b.pt"]).models == [Path("a.onnx"),
                                                                             Path("b.pt")]
 
@@ -223,5 +225,7 @@ def test_fix_writes_before_and_after_page(capsys, in_zoo):
     assert code == 0, err
     page = (in_zoo / "fix.html").read_text()
     assert "gradprobe fix report" in page and "fixed from" in page
-    assert page.count("before fix</text>") == 2 and page.count("after fix</text>") == 2
+    # one legend line per plot explains the dashed "before" curves under the solid "after" ones
+    assert page.count("dashed: before fix</text>") == 2
+    assert page.count("(before fix)): ") > 0 and page.count("(after fix)): ") > 0
     assert "Resolved by the fix" in page and "zero-weights" in page
