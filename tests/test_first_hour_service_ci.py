@@ -95,9 +95,13 @@ def test_pre_commit_try_repo_runs_the_hook(tmp_path) -> None:
     """The hook as a user runs it: pre-commit reads this repository's .pre-commit-hooks.yaml
     and runs `gradprobe lint` on the staged model files (the installed gradprobe: offline)."""
     pytest.importorskip("pre_commit")
-    hook_repo = tmp_path / "gradprobe"  # a clone of this tree with the working copy's hooks
+    # A copy of this tree in a repository of its own. Never the tree's own .git: in a git
+    # worktree it is a file pointing at the real repository, and committing through it would
+    # commit into the developer's branch.
+    hook_repo = tmp_path / "gradprobe"
     shutil.copytree(ROOT, hook_repo, ignore=shutil.ignore_patterns(
-        ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "build"), symlinks=True)
+        ".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "build"), symlinks=True)
+    _git(hook_repo, "init", "-q")
     _git(hook_repo, "add", "-A")
     _git(hook_repo, "commit", "-q", "--allow-empty", "-m", "hooks under test")
 
