@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # exist'). The project's own `torch>=` requirement is then already met when `pip install -e` runs.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast bench scorecard proto examples clean
+.PHONY: setup demo test test-fast bench scorecard proto rule-catalog examples clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ scorecard: setup
 
 proto: setup
 	$(BIN)/python scripts/gen_proto.py
+
+rule-catalog: setup
+	$(BIN)/python scripts/gen_rule_catalog.py
 
 examples: setup
 	$(BIN)/python examples/make_examples.py

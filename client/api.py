@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # the rules package imports torch; a client needs it only for
 CHUNK_BYTES = 1 << 20
 MAX_RECEIVE_BYTES = 512 << 20  # reports of large models are big
 ERROR_CLASS_KEY = "gradprobe-error-class"  # trailing metadata set by the server
+TOKEN_ENV = "GRADPROBE_TOKEN"
 
 ModelSource = str | Path | bytes
 Progress = Callable[[str, float], None]
@@ -81,7 +83,8 @@ def translate_error(exc: grpc.RpcError, target: str) -> Exception:
         return RemoteError(code, f"gradprobe server {target} is unavailable: {details}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return RemoteError(code, f"gradprobe server {target} rejected the call: {details} "
-                                 "(pass --token or set GRADPROBE_TOKEN)")
+                                 f"(set {TOKEN_ENV}, or give the token: --token-file FILE on "
+                                 "the command line, Client(token=...) in Python)")
     return RemoteError(code, f"gradprobe server {target}: {code.name}: {details}")
 
 
@@ -176,9 +179,12 @@ class Client:
     def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
                  client_cert: str | Path | None = None, client_key: str | Path | None = None,
                  *, tls: bool | None = None, timeout_s: float | None = None) -> None:
-        """`tls_ca`: CA bundle that signed the server's certificate (TLS); `client_cert` and
+        """`token`: the bearer token (default: the GRADPROBE_TOKEN environment variable);
+        `tls_ca`: CA bundle that signed the server's certificate (TLS); `client_cert` and
         `client_key`: this client's certificate for mutual TLS. `tls=True` uses TLS with the
         system's roots. `timeout_s`: default deadline of each call."""
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()

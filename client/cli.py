@@ -10,13 +10,13 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradprobe.client.formats import FORMATS, render
+from gradprobe.client.formats import FORMATS, Unlinted, render
 from gradprobe.diagnostics.errors import GradprobeError
-from gradprobe.diagnostics.inputs import parse_shape
-from gradprobe.diagnostics.options import DTYPES, DiagnoseOptions
+from gradprobe.diagnostics.options import DTYPES, DiagnoseOptions, parse_shape
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -60,7 +60,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    "nearest gradprobe.toml, or pyproject.toml with [tool.gradprobe])")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_arguments: bool = True) -> argparse.ArgumentParser:
+    """`serve_arguments=False` leaves out the server's flags, whose module imports grpc: the
+    commands that do not serve start faster without it."""
     parser = _Parser(prog="gradprobe", description="Lint a neural network at initialisation: "
                      "activation and gradient probes, with the init that fixes what they find.")
     parser.add_argument("--version", action="version", version="gradprobe 0.1.0")
@@ -90,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="log the reports, counts and verdict to MLflow (MLFLOW_TRACKING_URI, "
                            "MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID; needs gradprobe[mlflow])")
     lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
-    lint.add_argument("--token", help="bearer token for --server (or GRADPROBE_TOKEN)")
+    token = lint.add_mutually_exclusive_group()
+    token.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="file holding the bearer token for --server (default: the "
+                            "GRADPROBE_TOKEN environment variable)")
+    token.add_argument("--token", help="bearer token for --server; visible to other users in "
+                                       "the process list: prefer --token-file or GRADPROBE_TOKEN")
     lint.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify --server's TLS")
     lint.add_argument("--tls-cert", type=Path, metavar="PEM",
                       help="client certificate for a server that requires mTLS (with --tls-key)")
@@ -113,14 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--init", choices=("auto", "lsuv"), default="auto",
                      help="auto: the scheme each finding names (He/Xavier/LeCun); lsuv: "
                           "layer-sequential unit-variance init on the probe batch")
+    fix.add_argument("--select", type=_rule_list, metavar="RULES",
+                     help="only fix what these rules find (comma-separated)")
+    fix.add_argument("--ignore", type=_rule_list, metavar="RULES",
+                     help="leave what these rules find as it is (comma-separated)")
+    fix.add_argument("--emit-code", type=Path, metavar="FILE.py",
+                     help="also write the change as Python: the nn.init lines for the model's code")
+    fix.add_argument("--verbose", "-v", action="store_true",
+                     help="the layer table before/after, every tensor left alone, every finding")
     add_probe_arguments(fix)
     fix.set_defaults(run=run_fix)
 
     serve = sub.add_parser("serve", help="run the gRPC service")
-    try:
-        from gradprobe.server.main import add_serve_arguments
-    except ImportError:  # the service is optional in a stripped-down install
-        add_serve_arguments = None
+    add_serve_arguments = None
+    if serve_arguments:
+        try:
+            from gradprobe.server.main import add_serve_arguments
+        except ImportError:  # the service is optional in a stripped-down install
+            pass
     if add_serve_arguments is not None:
         add_serve_arguments(serve)
     serve.set_defaults(run=run_serve)
@@ -131,7 +148,7 @@ def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace
     if args.server:
         from gradprobe.client.remote import diagnose_remote
 
-        token = args.token or os.environ.get("GRADPROBE_TOKEN")
+        token = args.token or _read_token(args.token_file) or os.environ.get("GRADPROBE_TOKEN")
         if (args.tls_cert is None) != (args.tls_key is None):
             raise UsageError("--tls-cert and --tls-key go together")
         return diagnose_remote(path, options, server=args.server, token=token,
@@ -140,6 +157,18 @@ def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace
     from gradprobe.diagnostics.api import diagnose
 
     return diagnose(path, options)
+
+
+def _read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read --token-file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError(f"--token-file {path} is empty")
+    return token
 
 
 def run_lint(args: argparse.Namespace) -> int:
@@ -151,11 +180,21 @@ def run_lint(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
     options_for, triton_versions = _with_triton_inputs(args.models, config)
-    paths = expand_paths(args.models)
+    skipped: list = []
+    paths = expand_paths(args.models, skipped)
     remote = None
     if args.server:  # the server does the work; files go to it one by one
         def remote(path: Path, options: DiagnoseOptions, hook: object) -> object:
             return _diagnose_one(path, options, args)
+    if len(paths) > 1 or any(p.is_dir() for p in args.models):
+        # One --input-shape/--batch-size for many files fills in what a file leaves open; a
+        # file that declares its own fixed shapes keeps them.
+        per_file = options_for
+
+        def options_for(path: Path) -> DiagnoseOptions:
+            if path.resolve() in triton_versions:  # its config.pbtxt says what it takes
+                return per_file(path)
+            return per_file(path).model_copy(update={"fill_undeclared": True})
     with Progress(len(paths)) as progress:
         outcomes = lint_files(paths, options_for, jobs=args.jobs, progress=progress,
                               diagnose=remote)
@@ -166,7 +205,11 @@ def run_lint(args: argparse.Namespace) -> int:
     for failed in (o for o in outcomes if not o.ok):  # one line each; the others still count
         if failed.detail and os.environ.get("GRADPROBE_DEBUG"):
             print(failed.detail, file=sys.stderr)
-        print(f"gradprobe: error: {failed.path}: {failed.error}", file=sys.stderr)
+        print(f"gradprobe: error: {_naming(failed.path, failed.error or '')}", file=sys.stderr)
+    if len(paths) > 1 and any("no declared shape" in (o.error or "") for o in outcomes):
+        print("gradprobe: hint: one --input-shape applies to every file; give TorchScript "
+              "files their shapes per file pattern in [tool.gradprobe.input-shapes] of "
+              "pyproject.toml (docs/integrations.md, Configuration)", file=sys.stderr)
     reports = [o.report for o in outcomes if o.report is not None]
     if args.write_baseline:
         recorded = baseline.write_baseline(args.write_baseline, reports)
@@ -180,7 +223,12 @@ def run_lint(args: argparse.Namespace) -> int:
             print(f"gradprobe: {hidden} finding(s) hidden by baseline {args.baseline}",
                   file=sys.stderr)
         reports = new
-    _write(render(config.format or "text", reports, fail_on=config.fail_on), args.output)
+    unlinted = [Unlinted(str(o.path), _naming(o.path, o.error or ""), failed=True)
+                for o in outcomes if not o.ok]
+    unlinted += [Unlinted(str(s.path), f"{s.path.name} {s.reason}", failed=False, kind=s.kind)
+                 for s in skipped]
+    _write(render(config.format or "text", reports, fail_on=config.fail_on, unlinted=unlinted),
+           args.output)
     if args.html:
         from gradprobe.client.formats.html import render_html
 
@@ -194,6 +242,12 @@ def run_lint(args: argparse.Namespace) -> int:
     if args.write_baseline:
         return EXIT_CLEAN
     return EXIT_FINDINGS if any(r.fails(config.fail_on) for r in reports) else EXIT_CLEAN
+
+
+def _naming(path: Path, error: str) -> str:
+    """The error with the file's name in front, once: most loader messages already start with
+    it (`x.pth is a ...`, `x.onnx: truncated ...`)."""
+    return error if error.startswith((str(path), path.name)) else f"{path}: {error}"
 
 
 def _with_triton_inputs(arguments: list[Path], config: object) -> tuple:
@@ -226,6 +280,8 @@ def _log_to_mlflow(reports: list, fail_on: str) -> None:
 
 def _write(text: str, output: Path | None) -> None:
     if output is None:
+        if not text.strip():  # nothing to show (every file failed): no stray blank line
+            return
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
     try:
@@ -235,18 +291,19 @@ def _write(text: str, output: Path | None) -> None:
 
 
 def run_rules(args: argparse.Namespace) -> int:
-    from gradprobe.diagnostics.rules import all_rules
+    from gradprobe.diagnostics.rule_catalog import rule_rows
 
-    for rule in all_rules():
-        doc = rule.doc()
-        print(f"{doc.name:<24} {doc.severity.value:<8} {doc.summary}")
+    rows = rule_rows()
+    width = max(len(verdicts) for _, verdicts, _ in rows)
+    for name, verdicts, summary in rows:
+        print(f"{name:<24} {verdicts:<{width}}  {summary}")
     return EXIT_CLEAN
 
 
 def run_rule(args: argparse.Namespace) -> int:
-    from gradprobe.diagnostics.rules import rule_named
+    from gradprobe.diagnostics.rule_catalog import rule_text
 
-    print(rule_named(args.name).doc().full_text())
+    print(rule_text(args.name))
     return EXIT_CLEAN
 
 
@@ -259,7 +316,12 @@ def run_fix(args: argparse.Namespace) -> int:
     # The same configuration as `lint` (file, then flags), so a model fixes as it lints.
     config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
     outcome = repair(args.model, args.output, config.options_for(args.model), method=args.init)
-    print(render_comparison(outcome))
+    print(render_comparison(outcome, verbose=args.verbose))
+    if args.emit_code:
+        from gradprobe.client.formats.fix_code import render_fix_code
+
+        _write(render_fix_code(outcome), args.emit_code)
+        print(f"gradprobe: wrote the nn.init lines to {args.emit_code}", file=sys.stderr)
     if args.html:
         from gradprobe.client.formats.html import render_html
 
@@ -274,7 +336,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    # torch.jit.load/trace announce their own deprecation on every call: noise to a user who
+    # is linting a file, not writing torch code.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    # Only `serve` needs the server's flags (and grpc); --version, rules, lint start without.
+    parser = build_parser(serve_arguments=command == "serve")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors: argparse already printed
@@ -282,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except GradprobeError as exc:
-        print(f"gradprobe: error: {exc}", file=sys.stderr)
+        from gradprobe.client.advice import cli_message
+
+        print(f"gradprobe: error: {cli_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("gradprobe: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from gradprobe.diagnostics.archives import is_pt2_archive
@@ -41,28 +42,84 @@ def is_model_file(path: Path) -> bool:
     return suffix in TORCHSCRIPT_SUFFIXES and is_torchscript_archive(path)
 
 
-def find_models(root: Path) -> list[Path]:
+# Files a folder of models often holds beside them that are not lintable models: reported as
+# skipped (with what they are) instead of passed over in silence.
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pkl", ".data", ".onnx_data")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file under a linted folder that looks like a model but is not one gradprobe lints."""
+
+    path: Path
+    kind: str  # a few words: "weights-only checkpoint", "safetensors weights", ...
+    reason: str  # the sentence a loader would have said ("is a ...: do this")
+
+
+def _skipped(path: Path) -> Skipped | None:
+    suffix = path.suffix.lower()
+    if suffix not in TORCHSCRIPT_SUFFIXES + WEIGHT_SUFFIXES:
+        return None
+    from gradprobe.diagnostics.loaders.recognise import recognise
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        return Skipped(path, "unreadable", f"cannot be read ({exc.strerror})")
+    found = recognise(path, head, path.name)
+    if found is not None:
+        return Skipped(path, *found)
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return Skipped(path, "not TorchScript", "is not a TorchScript archive")
+    return None
+
+
+def _beside_its_model(path: Path) -> bool:
+    """`model.onnx.data` next to `model.onnx`: part of a model that is linted, not skipped."""
+    name = path.name
+    for suffix in (".data", "_data", ".bin"):
+        if name.endswith(suffix) and (path.parent / name[: -len(suffix)]).suffix == ".onnx":
+            return (path.parent / name[: -len(suffix)]).is_file()
+    return False
+
+
+def find_models(root: Path, skipped: list[Skipped] | None = None) -> list[Path]:
     """Every model file below `root`, sorted by relative path. Hidden folders (`.git`,
-    `.venv`) and symlinked folders (loops) are not entered."""
-    found = []
+    `.venv`) and symlinked folders (loops) are not entered. Files that look like models but
+    are not (weights-only checkpoints, safetensors, external data, git-lfs pointers) are
+    appended to `skipped`, when given."""
+    found, passed_over = [], []
     for directory, subdirs, files in os.walk(root, followlinks=False):
         subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in SKIPPED_DIRS]
         for name in files:
             path = Path(directory) / name
-            if not name.startswith(".") and is_model_file(path):
+            if name.startswith("."):
+                continue
+            if is_model_file(path):
                 found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+            elif skipped is not None and not _beside_its_model(path):
+                why = _skipped(path)
+                if why is not None:
+                    passed_over.append(why)
+
+    def order(p: Path) -> str:
+        return p.relative_to(root).as_posix()
+
+    if skipped is not None:
+        skipped.extend(sorted(passed_over, key=lambda s: order(s.path)))
+    return sorted(found, key=order)
 
 
-def expand_paths(paths: Iterable[Path]) -> list[Path]:
+def expand_paths(paths: Iterable[Path], skipped: list[Skipped] | None = None) -> list[Path]:
     """Command-line paths to model files: a file stays as given (its loader decides, and says
-    why if it cannot), a directory becomes the models below it. Order follows the arguments;
-    a file reached twice is linted once."""
+    why if it cannot), a directory becomes the models below it (what it passes over goes to
+    `skipped`). Order follows the arguments; a file reached twice is linted once."""
     result: list[Path] = []
     seen: set[Path] = set()
     for path in paths:
         if path.is_dir():
-            models = find_models(path)
+            models = find_models(path, skipped)
             if not models:
                 raise ModelLoadError(f"{path}: no ONNX or TorchScript model files found "
                                      f"under this directory")

@@ -28,6 +28,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from gradprobe.client.advice import cli_message
 from gradprobe.client.progress import Progress
 from gradprobe.diagnostics.errors import GradprobeError
 from gradprobe.diagnostics.options import DiagnoseOptions
@@ -154,7 +155,7 @@ def _attempt(path: Path, options: DiagnoseOptions, hook: Any,
     try:
         return LintOutcome(path, report=diagnose(path, options, hook))
     except GradprobeError as exc:
-        return LintOutcome(path, error=str(exc))
+        return LintOutcome(path, error=cli_message(exc))
     except MemoryError:
         return LintOutcome(path, error="out of memory while probing this model "
                                        "(try a smaller --batch-size)", internal=True)

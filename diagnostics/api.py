@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from gradprobe.diagnostics.errors import (
     ConfigError,
     GradprobeError,
+    Hint,
     InputSpecError,
     ProbeError,
 )
@@ -38,7 +40,8 @@ def pick_device(requested: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     if requested == "cuda":
-        raise ConfigError("--device cuda: no CUDA device is available on this machine")
+        raise ConfigError("device cuda was asked for but no CUDA device is available on this "
+                          "machine", hint=Hint("device", "cpu"))
     return torch.device("cpu")
 
 
@@ -97,10 +100,13 @@ def diagnose(
     sha, size = _sha256(src)
     model.to(device)
     torch.manual_seed(options.seed)
+    input_notes: list[str] = []
     if options.input_file:
-        inputs, input_infos = file_inputs(model.inputs, Path(options.input_file), device)
+        inputs, input_infos = file_inputs(model.inputs, Path(options.input_file), device,
+                                          input_notes)
     else:
         inputs, input_infos = synthetic_inputs(model.inputs, options, device)
+    model.notes[:0] = input_notes  # casts of the caller's data, first
     notify("load", 1.0)
     label = path_label if path_label is not None else (str(src) if isinstance(src, Path) else None)
     return probe_and_report(model, inputs, input_infos, options, rules, notify=notify,
@@ -118,6 +124,7 @@ def probe_and_report(model: LoadedModel, inputs: list[torch.Tensor], input_infos
     loaded = time.perf_counter()
     notify("probe", 0.0)
     result = _probe(model, inputs, options.seed, input_infos)
+    model.notes[:0] = _small_batch_notes(input_infos)
     probed = time.perf_counter()
     notify("probe", 1.0)
 
@@ -132,7 +139,8 @@ def probe_and_report(model: LoadedModel, inputs: list[torch.Tensor], input_infos
     return Report(
         version=VERSION,
         model=ModelInfo(path=label, format=model.format, sha256=sha, size_bytes=size,
-                        inputs=input_infos, notes=_notes(model.notes, result, input_infos),
+                        inputs=input_infos,
+                        notes=_notes(model.notes, result, input_infos, model),
                         shared_parameters=model.shared_parameters),
         device=str(device), seed=options.seed, findings=findings,
         layers=[LayerReport(name=lp.point.layer, op=lp.point.op, node=lp.point.node,
@@ -168,15 +176,81 @@ def _probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     try:
         return probe(model, inputs, seed)
     except ProbeError as exc:
-        raise ProbeError(f"{exc} (probe batch: {given})") from None
+        raise _explain(exc.problem, model, infos, given) from None
     except GradprobeError:
         raise
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ProbeError(f"the model failed on the probe batch ({given}): {first}") from None
+        raise _explain(f"the model failed on the probe batch: {first}", model, infos,
+                       given) from None
 
 
-def _notes(model_notes: list[str], result: ProbeResult, infos: list[InputInfo]) -> list[str]:
+# What torch says when the inputs do not fit (its own words, in its error texts).
+_DTYPE_CLUES = re.compile(r"dtype|scalar type|Input type \(|should be the same|HalfTensor|"
+                          r"BFloat16|expected .*Float|Long and Float|Float and Long|Half and "
+                          r"Float|Float and Half", re.IGNORECASE)
+_SHAPE_CLUES = re.compile(r"shape|size of tensor|must match the size|invalid for input of size|"
+                          r"expected input\[|Expected .*input|dimension|cannot be multiplied",
+                          re.IGNORECASE)
+_NO_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+
+
+def _explain(text: str, model: LoadedModel, infos: list[InputInfo],
+             given: str) -> GradprobeError:
+    """The failure as one line that says what the model expected: a dtype or shape the graph
+    could not take becomes an InputSpecError naming the inputs; an operator without a backward
+    (a file traced under torch.no_grad()) says how to re-export."""
+    missing = _NO_DERIVATIVE.search(text)
+    if missing:
+        return ProbeError(
+            f"the model cannot be differentiated: {missing.group(1)} has no backward. A model "
+            f"traced or scripted under torch.no_grad() or torch.inference_mode() records "
+            f"inference-only kernels (nn.MultiheadAttention's fast path): re-trace it with "
+            f"gradients enabled and the module in train() mode, then save it again")
+    if _DTYPE_CLUES.search(text):
+        weights = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters.values()
+                          if p.dtype.is_floating_point})
+        expected = [weights[0] if i.dtype.startswith(("float", "bfloat")) and len(weights) == 1
+                    else i.dtype for i in infos]
+        return InputSpecError(
+            f"the model rejected the dtype of its inputs ({given}); its weights are "
+            f"{'/'.join(weights) or 'not floating point'}: {_short(text)}",
+            hint=Hint("input_dtypes", expected))
+    if _SHAPE_CLUES.search(text):
+        declared = ", ".join(
+            f"{spec.name} {'x'.join('?' if d is None else str(d) for d in spec.shape)}"
+            for spec in model.inputs if spec.shape is not None)
+        expectation = f"; the file declares {declared}" if declared else ""
+        return InputSpecError(
+            f"the model rejected the shape of its inputs ({given}){expectation}: {_short(text)}",
+            hint=Hint("input_shapes"))
+    return ProbeError(f"{text} (probe batch: {given})")
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+# Below this many samples, "zero for every sample" (dead units) and batch statistics say little.
+SMALL_BATCH = 4
+
+
+def _small_batch_notes(infos: list[InputInfo]) -> list[str]:
+    """A file exported with a fixed batch of 1 (torch.onnx.export's default without
+    dynamic_shapes) is probed with that batch: say what it costs, once."""
+    small = [i for i in infos if i.source == "declared" and len(i.shape) > 1
+             and i.shape[0] < SMALL_BATCH]
+    if not small:
+        return []
+    batch = small[0].shape[0]
+    return [f"the file fixes the batch size at {batch} (input '{small[0].name}'): per-unit "
+            f"statistics over {batch} sample(s) are weak evidence (a unit silent on one sample "
+            f"is not dead); re-export with a dynamic batch axis (dynamic_shapes, or dynamic_axes "
+            f"for the legacy exporter) so the probe can use {SMALL_BATCH * 2} or more"]
+
+
+def _notes(model_notes: list[str], result: ProbeResult, infos: list[InputInfo],
+           model: LoadedModel) -> list[str]:
     notes = list(model_notes)
     images = [i.name for i in infos if i.source in ("declared", "flag", "default")
               and i.dtype.startswith(("float", "bfloat"))
@@ -184,8 +258,12 @@ def _notes(model_notes: list[str], result: ProbeResult, infos: list[InputInfo]) 
     if images:
         notes.append(f"{', '.join(images)}: {IMAGE_NOTE}")
     if result.unblocked:
+        # By the layer the user knows, not an exporter's tensor name (onnx::Conv_199).
+        owner = {p.weight: p.layer for p in model.probe_points if p.weight}
+        named = [f"{owner[name]}.weight" if name in owner and not name.startswith(owner[name])
+                 else name for name in result.unblocked]
         notes.append(
-            f"gradient flow measured with {len(result.unblocked)} zero-initialised tensor(s) set to "
-            f"their textbook init, as after the first step: {', '.join(result.unblocked[:5])}"
-            + (" ..." if len(result.unblocked) > 5 else ""))
+            f"gradient flow measured with {len(named)} zero-initialised tensor(s) set to "
+            f"their textbook init, as after the first step: {', '.join(named[:5])}"
+            + (" ..." if len(named) > 5 else ""))
     return notes

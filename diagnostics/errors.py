@@ -6,12 +6,36 @@ Every message is one line a user can act on: what is wrong, and where.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Hint:
+    """The option that would fix an error, in the engine's own words: a `DiagnoseOptions`
+    field and an example value. Each door words it its own way (the CLI as its flag, the
+    library as the field), so the engine never names a command-line flag."""
+
+    option: str
+    example: Any = None
+
+    def library_text(self) -> str:
+        if self.example is None:
+            return f"set DiagnoseOptions.{self.option}"
+        return f"set DiagnoseOptions({self.option}={self.example!r})"
+
 
 class GradprobeError(Exception):
-    """Base of every error caused by the user's input rather than by gradprobe itself."""
+    """Base of every error caused by the user's input rather than by gradprobe itself.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))  # one line, always
+    `str(exc)` is the whole line for a library user; `exc.problem` is the line without the
+    advice and `exc.hint` the option that fixes it, for a door that words advice its own way."""
+
+    def __init__(self, message: str, *, hint: Hint | None = None) -> None:
+        self.problem = " ".join(message.split())  # one line, always
+        self.hint = hint
+        text = f"{self.problem}: {hint.library_text()}" if hint is not None else self.problem
+        super().__init__(text)
 
     @property
     def message(self) -> str:

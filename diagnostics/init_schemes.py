@@ -37,6 +37,29 @@ def param_expr(param: str, layer: str) -> str:
     return f'model.get_parameter("{param}")'
 
 
+def user_expr(point: ProbePoint, param: str) -> str:
+    """How the user's code names one of this layer's tensors (`model.layer1[0].conv1.weight`),
+    whatever the exporter called it."""
+    return _layer_param_expr(point, param, "bias" if param == point.bias else "weight")
+
+
+def _layer_param_expr(point: ProbePoint, param: str, attribute: str) -> str:
+    """The user's expression for a layer's weight or bias. An ONNX exporter may rename the
+    tensor (`onnx::Conv_123` after folding BatchNorm, `val_12` for a transposed weight); when
+    the loader recovered the layer's module path, `model.<path>.weight` is what the user's
+    code calls it (and init on the module's own (out, in) tensor computes the same fans)."""
+    if point.layer != point.node and not param.startswith(point.layer + "."):
+        from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
+
+        if is_anonymous(param) and _is_module_path(point.layer):
+            return f"{module_expr(point.layer)}.{attribute}"
+    return param_expr(param, point.layer)
+
+
+def _is_module_path(layer: str) -> bool:
+    return all(_NAME_PART.fullmatch(p) for p in layer.split("."))
+
+
 def scheme_for(nonlinearity: str | None) -> str:
     if nonlinearity in RELU_FAMILY:
         return "he_normal"
@@ -77,7 +100,7 @@ def recommended_init(point: ProbePoint, reset_bias: bool = False) -> Fix:
     if var is None or not point.weight:
         return Fix(advice="re-initialise this layer with its framework's default init")
     std = math.sqrt(var)
-    w = param_expr(point.weight, point.layer)
+    w = _layer_param_expr(point, point.weight, "weight")
     act = point.nonlinearity or "linear"
     if scheme == "he_normal":
         kind = "leaky_relu" if act == "leaky_relu" else "relu"
@@ -93,7 +116,7 @@ def recommended_init(point: ProbePoint, reset_bias: bool = False) -> Fix:
         fix = Fix(init="xavier_uniform", gain=gain, std=std, bound=math.sqrt(3) * std)
     code += f"  # std={std:.4g}, bound={math.sqrt(3) * std:.4g}"
     if reset_bias and point.bias:
-        code += f"\nnn.init.zeros_({param_expr(point.bias, point.layer)})"
+        code += f"\nnn.init.zeros_({_layer_param_expr(point, point.bias, 'bias')})"
     return fix.model_copy(update={
         "fan_in": point.fan_in, "fan_out": point.fan_out, "code": code,
         "bias": "zeros" if reset_bias and point.bias else None,

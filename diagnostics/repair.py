@@ -32,7 +32,7 @@ import torch
 from gradprobe.diagnostics.api import diagnose, pick_device
 from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.diagnostics.graph import LoadedModel, ProbePoint
-from gradprobe.diagnostics.init_schemes import recommended_init
+from gradprobe.diagnostics.init_schemes import recommended_init, user_expr
 from gradprobe.diagnostics.init_values import draw, generator_for
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
@@ -63,6 +63,7 @@ class ChangedTensor:
     gain: float | None = None  # lsuv: the factor applied to the orthogonal start
     reasons: list[str] = field(default_factory=list)  # rule names (or 'lsuv') behind the change
     round: int = 1  # auto: the round that changed it (later rounds fix what earlier ones uncovered)
+    expr: str = ""  # how the user's code names it: `model.layer1[0].conv1.weight`
 
 
 @dataclass
@@ -157,9 +158,12 @@ class _Plan:
                 self.protected.setdefault(point.weight, "embedding table")
 
     def protect(self, report: Report) -> None:
-        """Tensors of info findings are deliberate (zero head, zero-init residual): keep them."""
+        """Tensors of info findings about one weight are deliberate (zero head, zero-init
+        residual, a constant start that trains): keep them. An info *trend* (activation variance
+        drifting over 50 layers, judged harmless) marks no tensor as deliberate: protecting its
+        layers would block the fix another finding asks for there (a dead ReLU's producer)."""
         for f in report.findings:
-            if f.severity is not Severity.INFO:
+            if f.severity is not Severity.INFO or f.rule not in WEIGHT_RULES:
                 continue
             for name in f.parameters:
                 if name not in self.protected and name in self.model.parameters:
@@ -254,7 +258,7 @@ class _Plan:
             return True
         if zeros:
             self.changed[name] = ChangedTensor(name, point.layer, "zeros", reasons=[rule],
-                                               round=self._round)
+                                               round=self._round, expr=user_expr(point, name))
             return True
         if fix is None or fix.init is None or (fix.std is None and fix.bound is None):
             fix = recommended_init(point)
@@ -263,7 +267,7 @@ class _Plan:
         std = fix.std if fix.std is not None else (fix.bound / math.sqrt(3) if fix.bound else None)
         bound = fix.bound if fix.bound is not None else (std * math.sqrt(3) if std else None)
         self.changed[name] = ChangedTensor(name, point.layer, fix.init, std, bound, fix.gain,
-                                           [rule], self._round)
+                                           [rule], self._round, expr=user_expr(point, name))
         return True
 
     def _set_ones(self, name: str, layer: str, rule: str) -> bool:
@@ -289,12 +293,16 @@ class _Plan:
     # -- lsuv: every linear/conv layer ------------------------------------------------------
 
     def record_lsuv(self, layers: list[LsuvLayer], report: Report) -> None:
+        points = {p.weight: p for p in self.model.probe_points if p.weight}
         for item in layers:
-            self.changed[item.weight] = ChangedTensor(item.weight, item.layer, "lsuv",
-                                                      gain=item.scale, reasons=["lsuv"])
+            point = points.get(item.weight)
+            self.changed[item.weight] = ChangedTensor(
+                item.weight, item.layer, "lsuv", gain=item.scale, reasons=["lsuv"],
+                expr=user_expr(point, item.weight) if point else "")
             if item.bias and item.bias not in self.protected and item.bias in self.model.parameters:
-                self.changed[item.bias] = ChangedTensor(item.bias, item.layer, "zeros",
-                                                        reasons=["lsuv"])
+                self.changed[item.bias] = ChangedTensor(
+                    item.bias, item.layer, "zeros", reasons=["lsuv"],
+                    expr=user_expr(point, item.bias) if point else "")
         kinds: dict[str, int] = {}
         for name, why in self.protected.items():
             if not why.startswith("deliberate") and name in self.model.parameters:

@@ -174,6 +174,16 @@ class Report(_Model):
     def to_json(self, indent: int | None = 2) -> str:
         return self.model_dump_json(by_alias=True, indent=indent)
 
+    def to_html(self, *, before: Report | None = None) -> str:
+        """A self-contained HTML page (no network) with the layer plots and the findings, as
+        `gradprobe lint --html` writes it; `before`: a report of the same model before a fix,
+        drawn under this one."""
+        # The page is an output format of the client package; the engine never needs it, so
+        # it is imported here, on demand, and only this method reaches for it.
+        from gradprobe.client.formats.html import render_html
+
+        return render_html([self], before=[before] if before is not None else None)
+
     def worst(self) -> Severity | None:
         return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
 

@@ -1,8 +1,8 @@
 """gradprobe: lint a neural network at initialisation.
 
 The public surface: `diagnose`, `fix`, `check`, `InitError`, `DiagnoseOptions`, `Report`,
-`Finding`, `Severity`, `Client`.
-Everything else is importable but not promised.
+`Finding`, `Severity`, `Client`, `GradprobeError`. Everything else is importable but not
+promised.
 
     import gradprobe
     report = gradprobe.diagnose("model.onnx")
@@ -12,15 +12,13 @@ Everything else is importable but not promised.
         report = client.diagnose("model.onnx")
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from gradprobe.diagnostics.errors import GradprobeError, InitError
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Finding, Report, Severity
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from gradprobe.client.api import Client
     from gradprobe.diagnostics.api import diagnose
     from gradprobe.diagnostics.live_repair import check
@@ -32,7 +30,7 @@ __all__ = ["Client", "DiagnoseOptions", "Finding", "GradprobeError", "InitError"
            "Severity", "__version__", "check", "diagnose", "fix"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # The engine pulls in torch and the client pulls in grpc: load each only for users who ask
     # for it, so the server's main process, a client and a health check stay light.
     if name == "diagnose":
@@ -48,3 +46,7 @@ def __getattr__(name: str) -> Any:
 
         return Client
     raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -259,14 +259,17 @@ def options_to_proto(options: DiagnoseOptions) -> spb.DiagnoseOptions:
             "the server probes with its synthetic batch only"
         )
     msg = spb.DiagnoseOptions(
-        batch_size=options.batch_size,
         device=options.device,
         seed=options.seed,
         ignore=options.ignore,
         severities={k: _SEVERITY_TO_PB[v] for k, v in options.severities.items()},
         thresholds={k: spb.Thresholds(values=v) for k, v in options.thresholds.items()},
         format=_FORMAT_TO_PB[options.format],
+        fill_undeclared=options.fill_undeclared,
     )
+    # Only a batch size the caller chose: a file's fixed batch is checked against it.
+    if "batch_size" in options.model_fields_set:
+        msg.batch_size = options.batch_size
     if options.input_shapes is not None:
         msg.input_shapes.SetInParent()
         msg.input_shapes.shapes.extend(spb.Shape(dims=s) for s in options.input_shapes)
@@ -290,6 +293,7 @@ def options_from_proto(msg: spb.DiagnoseOptions, *, default_device: str = "auto"
         "severities": {k: severity_from_proto(v) for k, v in msg.severities.items()},
         "thresholds": {k: dict(v.values) for k, v in msg.thresholds.items()},
         "format": format_from_proto(msg.format),
+        "fill_undeclared": msg.fill_undeclared,
     }
     if msg.HasField("batch_size"):
         data["batch_size"] = msg.batch_size

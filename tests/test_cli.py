@@ -134,7 +134,7 @@ def test_shape_the_torchscript_graph_cannot_take(capsys, files):
     code, _, err = run(capsys, "lint", files["healthy_ts"], "--input-shape", "8x16",
                        "--device", "cpu")
     assert code == 2
-    one_line_error(err, "probe batch", "8x16 float32")
+    one_line_error(err, "rejected the shape of its inputs", "8x16 float32")
 
 
 def test_integer_output_model(capsys, files):

@@ -143,7 +143,12 @@ def test_baseline_adoption_flow(capsys, in_zoo):
     export_onnx(model, args, in_zoo / "onnx" / "new.onnx")
     code, out, _ = run(capsys, "lint", ".", "--baseline", "baseline.json", "--format", "gitlab")
     assert code == 1
-    assert {i["location"]["path"] for i in json.loads(out)} == {"onnx/new.onnx"}
+    issues = json.loads(out)
+    assert {i["location"]["path"] for i in issues
+            if i["check_name"] != "gradprobe/skipped"} == {"onnx/new.onnx"}
+    # the state_dict beside the models is said to be skipped, not silently passed over
+    assert {i["location"]["path"] for i in issues
+            if i["check_name"] == "gradprobe/skipped"} == {"ts/weights.pt"}
 
     code, _, err = run(capsys, "lint", ".", "--baseline", "missing.json")
     assert code == 2 and "baseline file not found" in err
@@ -155,8 +160,12 @@ def test_bad_file_among_good_ones(capsys, in_zoo):
     assert code == 2
     errors = [line for line in err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("gradprobe: error: onnx/broken.onnx: ")
-    # the good files were still linted and reported
-    assert {i["location"]["path"] for i in json.loads(out)} == {"onnx/zero.onnx"}
+    # the good files were still linted and reported, and the broken one is a blocker issue
+    issues = json.loads(out)
+    assert {i["location"]["path"] for i in issues
+            if i["check_name"] != "gradprobe/load-error"} == {"onnx/zero.onnx"}
+    assert [i["location"]["path"] for i in issues
+            if i["check_name"] == "gradprobe/load-error"] == ["onnx/broken.onnx"]
 
 
 def test_html_page(capsys, in_zoo):
@@ -201,9 +210,11 @@ def test_pre_commit_hook_definition():
     assert re.search(r"^- id: gradprobe$", text, re.M)
     assert re.search(r"^  entry: gradprobe lint$", text, re.M)
     pattern = re.search(r"^  files: (.+)$", text, re.M).group(1)
-    for suffix in ONNX_SUFFIXES + TORCHSCRIPT_SUFFIXES[:-1]:
+    for suffix in ONNX_SUFFIXES + tuple(s for s in TORCHSCRIPT_SUFFIXES if s != ".pth"):
         assert re.search(pattern, f"models/net{suffix}"), suffix
-    assert not re.search(pattern, "models/net.onnx.data")
+    # weights without a graph: .pth (torch.save's usual suffix), safetensors, external data
+    for name in ("models/net.pth", "models/net.safetensors", "models/net.onnx.data"):
+        assert not re.search(pattern, name), name
     assert build_parser().parse_args(["lint", "a.onnx", "b.pt"]).models == [Path("a.onnx"),
                                                                             Path("b.pt")]
 
@@ -214,5 +225,7 @@ def test_fix_writes_before_and_after_page(capsys, in_zoo):
     assert code == 0, err
     page = (in_zoo / "fix.html").read_text()
     assert "gradprobe fix report" in page and "fixed from" in page
-    assert page.count("before fix</text>") == 2 and page.count("after fix</text>") == 2
+    # one legend line per plot explains the dashed "before" curves under the solid "after" ones
+    assert page.count("dashed: before fix</text>") == 2
+    assert page.count("(before fix)): ") > 0 and page.count("(after fix)): ") > 0
     assert "Resolved by the fix" in page and "zero-weights" in page

@@ -280,7 +280,7 @@ def test_dead_gradients_are_reported_not_fixable(exported, tmp_path, fmt, capsys
 
 def test_before_after_table_marks_the_fixed_layer(exported, tmp_path, capsys):
     src, shapes = exported("zero_hidden", "onnx")
-    assert run_fix(src, tmp_path / "fixed.onnx", "onnx", shapes) == 0
+    assert run_fix(src, tmp_path / "fixed.onnx", "onnx", shapes, "--verbose") == 0  # the table
     text = capsys.readouterr().out
     row = next(line for line in text.splitlines() if line.startswith("* net.2 "))
     _, _, op, var_before, var_after, grad_before, grad_after = row.split()

@@ -21,7 +21,7 @@ from gradprobe.client.formats.html import render_html
 class Page(HTMLParser):
     """Every element with its attributes, in document order, and the text."""
 
-    VOID = {"meta", "br", "img", "input", "link", "hr", "circle", "line", "rect", "path",
+    VOID = {"meta", "br", "wbr", "img", "input", "link", "hr", "circle", "line", "rect", "path",
             "polyline"}
 
     def __init__(self, text: str) -> None:
@@ -58,9 +58,9 @@ def test_structure_plots_and_findings():
     assert not page.open  # every element closed, in order
     assert text.startswith("<!DOCTYPE html>")
     assert len(page.all("section")) == 2
-    assert len(page.all("svg")) == 4  # activation variance and gradient norm, per model
+    assert len(page.all("svg")) == 4  # activation variance and grad rms, per model
     body = "".join(page.text)
-    assert "Activation variance by depth" in body and "Gradient norm by depth" in body
+    assert "Activation variance by depth" in body and "Grad rms by depth" in body
     assert "97% of units are never active" in body
     assert "nn.init.kaiming_normal_(net[8].weight, nonlinearity='relu')" in body
     assert "he_normal(std=0.25, fan_in=32, fan_out=32)" in body
@@ -104,10 +104,10 @@ def test_zero_and_nonfinite_values_stay_on_the_page():
     rep.layers[5].activation.var = float("nan")
     svg = render_html([rep]).split("<svg")[1]
     assert len(circles(svg)) == 10
-    assert re.search(r'class="offscale"[^>]*>0<title>net.6 \(activation variance\): 0</title>',
-                     svg)
-    assert re.search(r'class="offscale"[^>]*>!<title>net.10 \(activation variance\): nan',
-                     svg)
+    assert re.search(r'class="offscale"[^>]*>0<title>net.6 \([^)]*\): 0</title>', svg)
+    assert re.search(r'class="offscale"[^>]*>!<title>net.10 \([^)]*\): nan', svg)
+    # zeros sit on a labelled floor line, NaN on a labelled ceiling: no unlabeled marks
+    assert 'class="ytick">0</text>' in svg and 'class="ytick">nan</text>' in svg
     assert svg.count("<polyline") == 2  # breaks at both gaps; net.8 alone is only a dot
 
 
@@ -118,7 +118,10 @@ def test_before_and_after_curves():
     svgs = text.split("<svg")[1:]
     for svg in svgs:
         assert "before fix" in svg and "after fix" in svg
-        assert 'stroke="#9e9e9e" stroke-width="2" stroke-dasharray="6 4"' in svg  # before
+        # before: dashed, drawn after (over) the translucent "after" curve of its kind
+        solid = svg.index('stroke-opacity="0.75"')
+        dashed = svg.index('stroke-dasharray="6 4" stroke-opacity="0.9"')
+        assert solid < dashed
     before_points = [p for p in circles(svgs[0]) if "(before fix)" in p[2]]
     after_points = [p for p in circles(svgs[0]) if "(after fix)" in p[2]]
     assert len(before_points) == len(after_points) == 12
@@ -221,3 +224,65 @@ def test_renders_in_headless_browser(tmp_path):
     assert console_errors(dom.stderr) == []
     assert dom.stdout.count("<svg") == 4 and "gradprobe fix report" in dom.stdout
     assert "<script" not in dom.stdout.lower()  # the hostile names stayed text
+
+
+# ---------------------------------------------------------------- issue 13: a new user's page
+
+def _conv_bn_relu_report():
+    """Layers of three kinds in a row (conv, BN, ReLU), as every CNN has them."""
+    from gradprobe.diagnostics.report import ActivationStats, GradientStats, LayerReport
+
+    rep = report()
+    layers = []
+    for i in range(4):
+        for role, op, var in (("linear", "Conv", 1.0), ("norm", "BatchNormalization", 0.9),
+                              ("activation", "Relu", 0.3)):
+            layers.append(LayerReport(
+                name=f"block{i}.{op.lower()}", op=op, node=f"/block{i}/{op}", role=role,
+                activation=ActivationStats(mean=0.0, var=var * 0.8 ** i, min=-1, max=1,
+                                           zero_fraction=0.0, dead_units=0.0, saturation=0.0,
+                                           nonfinite=0, units=8, numel=64, sample_var=var),
+                gradient=GradientStats(norm=1.0, rms=0.1 * var, nonfinite=0)))
+    rep.layers = layers
+    rep.findings[0].layer = "block2.relu"
+    return rep
+
+
+def test_one_curve_per_kind_of_layer_no_zigzag():
+    svg = render_html([_conv_bn_relu_report()]).split("<svg")[1]
+    strokes = re.findall(r'<polyline [^>]*stroke="(#[0-9a-f]{6})"', svg)
+    assert len(set(strokes)) == 3  # conv/linear, norm, activation: one line each
+    for label in ("conv/linear", "norm", "activation"):
+        assert f'class="legend">{label}</text>' in svg
+
+
+def test_x_axis_names_layers_and_the_flagged_ones_stand_out():
+    svg = render_html([_conv_bn_relu_report()]).split("<svg")[1]
+    names = re.findall(r'<text [^>]*class="xname[^"]*"[^>]*>([^<]*)<title>', svg)
+    assert "block0.conv" in names and "block2.relu" in names
+    assert re.search(r'class="xname flagged"[^>]*>block2\.relu<', svg)
+
+
+def test_many_layers_name_at_least_the_flagged_ones():
+    rep = report(depth=60)
+    svg = render_html([rep]).split("<svg")[1]
+    names = re.findall(r'class="xname[^"]*"[^>]*>([^<]*)<title>', svg)
+    flagged = {f.layer for f in rep.findings} & {layer.name for layer in rep.layers
+                                                  if layer.activation is not None}
+    assert flagged <= set(names) and len(names) < 20
+
+
+def test_fix_code_wraps_between_arguments_not_inside_names():
+    text = render_html([report()])
+    assert "word-break:break-all" not in text.split("pre{")[1].split("}")[0]
+    codes = re.findall(r"<pre><code>(.*?)</code></pre>", text, re.S)
+    assert any("kaiming_normal_(<wbr>" in code for code in codes)
+    for code in codes:
+        for piece in code.split("<wbr>")[:-1]:  # every break lies after "(", ", " or a space
+            assert piece.endswith(("(", ", ", " ")), piece
+
+
+def test_plot_and_table_both_say_grad_rms():
+    text = render_html([report()])
+    assert "Grad rms by depth" in text and "<th>grad rms</th>" in text
+    assert "gradient norm" not in text.lower() and "grad. norm" not in text

@@ -130,7 +130,7 @@ def test_bad_model_gets_invalid_argument_and_server_keeps_serving(server, client
 
 
 def test_bad_options_and_inputs_are_invalid_argument(client, models):
-    with pytest.raises(InputSpecError, match="input-shape"):
+    with pytest.raises(InputSpecError, match="input.shape"):  # the field: input_shapes
         client.diagnose(models.torchscript)  # TorchScript carries no input shapes
     with pytest.raises(InputSpecError, match="needs size 16"):
         client.diagnose(models.onnx, DiagnoseOptions(input_shapes=[[4, 7]]))

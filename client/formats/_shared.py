@@ -9,10 +9,13 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradprobe.diagnostics.report import Finding, Fix, Report, Severity
 from gradprobe.diagnostics.rules.base import RuleDoc
+
+if TYPE_CHECKING:
+    from gradprobe.client.formats import Unlinted
 
 FAIL_ON_CHOICES = ("error", "warning", "info", "never")
 
@@ -31,8 +34,13 @@ def model_path(report: Report, base: Path | None = None) -> str:
     of the checked-out repository, which is the working directory of the job."""
     if report.model.path is None:  # uploaded bytes without a name (server)
         return f"sha256-{report.model.sha256[:16]}"
+    return relative_path(report.model.path, base)
+
+
+def relative_path(given: str, base: Path | None = None) -> str:
+    """A file path as CI systems want it (see model_path)."""
     base = (base or Path.cwd()).resolve()
-    path = Path(report.model.path)
+    path = Path(given)
     absolute = path if path.is_absolute() else Path.cwd() / path
     absolute = Path(os.path.normpath(absolute))
     try:
@@ -100,3 +108,8 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(item) for item in value]
     return value
+
+
+def unlinted_fingerprint(item: Unlinted) -> str:
+    return hashlib.sha256(f"{relative_path(item.path)}\x1f{'failed' if item.failed else 'skipped'}"
+                          .encode()).hexdigest()[:32]

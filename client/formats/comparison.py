@@ -1,11 +1,18 @@
-"""What `gradprobe fix` prints: the layer table before and after the repair, the tensors that
-changed, what re-initialisation cannot fix, and the findings that remain."""
+"""What `gradprobe fix` prints: the tensors that changed, what re-initialisation cannot fix, the
+counts before and after, and the findings that remain at warning or above — plus, under
+--verbose, the layer table before and after and every tensor left alone."""
 
 from __future__ import annotations
 
-from gradprobe.client.formats.text import finding_lines, format_number
+from gradprobe.client.formats.text import (
+    finding_lines,
+    fit_op,
+    format_number,
+    op_column_width,
+    shown_op,
+)
 from gradprobe.diagnostics.repair import ChangedTensor, RepairOutcome
-from gradprobe.diagnostics.report import LayerReport, Report
+from gradprobe.diagnostics.report import Finding, LayerReport, Report, Severity
 
 
 def _layer_key(layer: LayerReport) -> tuple[str, str]:
@@ -34,13 +41,14 @@ def _table(outcome: RepairOutcome) -> list[str]:
     changed_layers = {c.layer for c in outcome.changed}
     rows = _paired(outcome.before, outcome.after)
     width = max([len((b or a).name) for b, a in rows] + [5])  # type: ignore[union-attr]
-    head = (f"  {'layer':<{width}}  {'op':<12} {'act var before':>14} {'after':>9}   "
+    op_width = op_column_width([layer for pair in rows for layer in pair if layer is not None])
+    head = (f"  {'layer':<{width}}  {'op':<{op_width}} {'act var before':>14} {'after':>9}   "
             f"{'grad rms before':>15} {'after':>9}")
     lines = [head, "  " + "-" * (len(head) - 2)]
     for b, a in rows:
         layer = a or b
         assert layer is not None
-        op = layer.op if layer.role != "activation" else (layer.nonlinearity or layer.op)
+        op = fit_op(shown_op(layer), op_width)
         mark = "*" if layer.name in changed_layers and layer.role == "linear" else " "
 
         def act(r: LayerReport | None) -> str:
@@ -49,7 +57,7 @@ def _table(outcome: RepairOutcome) -> list[str]:
         def grad(r: LayerReport | None) -> str:
             return format_number(r.gradient.rms if r and r.gradient else None)
 
-        lines.append(f"{mark} {layer.name:<{width}}  {op[:12]:<12} {act(b):>14} {act(a):>9}   "
+        lines.append(f"{mark} {layer.name:<{width}}  {op:<{op_width}} {act(b):>14} {act(a):>9}   "
                      f"{grad(b):>15} {grad(a):>9}")
     return lines
 
@@ -77,18 +85,55 @@ def _change_lines(changed: list[ChangedTensor]) -> list[str]:
             groups[-1].append(c)
         else:
             groups.append([c])
-    width = max([len(c.name) for c in changed] + [10])
+    width = max([len(_shown(c)) for c in changed] + [10])
     lines = []
     for group in groups:
         first = group[0]
         reasons = ", ".join(first.reasons) + (f" (round {first.round})" if first.round > 1 else "")
         if len(group) > 3:
-            names = f"{first.name} .. {group[-1].name} ({len(group)} tensors)"
+            names = f"{_shown(first)} .. {_shown(group[-1])} ({len(group)} tensors)"
             lines.append(f"  {names}")
             lines.append(f"  {'':<{width}} {_scheme_text(first):<40} {reasons}")
         else:
-            lines += [f"  {c.name:<{width}} {_scheme_text(c):<40} {reasons}" for c in group]
+            lines += [f"  {_shown(c):<{width}} {_scheme_text(c):<40} {reasons}" for c in group]
     return lines
+
+
+# Lines of a list shown without --verbose.
+SHORT_LIST = 10
+
+
+def _shown(c: ChangedTensor) -> str:
+    """The tensor as the user's code names it, with the file's name when that differs."""
+    if c.expr and not c.expr.startswith("model.get_parameter"):
+        return f"{c.expr.removeprefix('model.')} ({c.name})" if is_exporter_name(c.name) else c.name
+    return c.name
+
+
+def is_exporter_name(name: str) -> bool:
+    return "::" in name or name.startswith(("val_", "_val_"))
+
+
+def _left_alone_summary(lines: list[str], shown: int = 3) -> list[str]:
+    """Eight `onnx::Conv_199: deliberate (zero-weights, info)` lines -> one line with the count
+    (a reason with at most `shown` tensors keeps its lines)."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        _, sep, why = line.partition(": ")
+        groups.setdefault(why if sep else line, []).append(line)
+    out = []
+    for why, members in groups.items():
+        if len(members) <= shown:
+            out += [f"  {line}" for line in members]
+        else:
+            out.append(f"  {len(members)} tensor(s): {why} (--verbose lists them)")
+    return out
+
+
+def _new_findings(before: Report, after: Report) -> list[Finding]:
+    # By rule and layer: saving may rename a layer's tensors (untied shared initializers).
+    known = {(f.rule, f.layer) for f in before.findings}
+    return [f for f in after.findings if (f.rule, f.layer) not in known]
 
 
 def _counts(report: Report) -> str:
@@ -96,7 +141,7 @@ def _counts(report: Report) -> str:
     return f"{s.error} error(s), {s.warning} warning(s), {s.info} info"
 
 
-def render_comparison(outcome: RepairOutcome) -> str:
+def render_comparison(outcome: RepairOutcome, *, verbose: bool = False) -> str:
     before, after = outcome.before, outcome.after
     out = [f"{outcome.source} -> {outcome.output}  ({outcome.format}, seed {after.seed}, "
            f"method {outcome.method})"]
@@ -108,16 +153,23 @@ def render_comparison(outcome: RepairOutcome) -> str:
         if unconverged:
             out.append(f"note: LSUV did not reach unit variance at {', '.join(unconverged[:5])}"
                        + (" ..." if len(unconverged) > 5 else ""))
-    out += ["", *_table(outcome), "  (* = layer re-initialised)", ""]
+    if verbose:
+        out += ["", *_table(outcome), "  (* = layer re-initialised)"]
+    out.append("")
 
     if outcome.changed:
         out.append(f"re-initialised ({len(outcome.changed)} tensor(s)):")
-        out += _change_lines(outcome.changed)
+        lines = _change_lines(outcome.changed)
+        if not verbose and len(lines) > SHORT_LIST:
+            rest = sum(1 for line in lines[SHORT_LIST:] if not line.startswith("   "))
+            lines = lines[:SHORT_LIST] + [f"  ... {rest} more line(s) (--verbose lists them)"]
+        out += lines
     else:
         out.append("re-initialised: nothing (no finding asks for a new init)")
     if outcome.left_alone:
         out.append("left as they are:")
-        out += [f"  {line}" for line in outcome.left_alone]
+        out += ([f"  {line}" for line in outcome.left_alone] if verbose
+                else _left_alone_summary(outcome.left_alone))
     if outcome.not_fixable:
         out += ["", "not fixable by re-initialisation:"]
         for f in outcome.not_fixable:
@@ -125,10 +177,20 @@ def render_comparison(outcome: RepairOutcome) -> str:
             if f.fix is not None and f.fix.advice:
                 out.append(f"          instead: {f.fix.advice}")
     out += ["", f"before: {_counts(before)}", f"after:  {_counts(after)}"]
-    if after.findings:
-        out += ["", "remaining findings:"]
-        for f in after.findings:
+    new = _new_findings(before, after)
+    if new:  # the repair uncovered these (a layer that now passes signal shows its own problem)
+        out += ["", "new after the fix (uncovered by it, not there before):"]
+        for f in new:
             out += finding_lines(f)
-    else:
-        out.append("no findings remain: the network looks trainable as initialised")
+    shown = [f for f in after.findings if f not in new
+             and (verbose or f.severity is not Severity.INFO)]
+    if shown:
+        out += ["", "remaining findings:"]
+        for f in shown:
+            out += finding_lines(f)
+    hidden = sum(f.severity is Severity.INFO and f not in new for f in after.findings)
+    if hidden and not verbose:
+        out.append(f"({hidden} info finding(s) unchanged by the fix: --verbose lists them)")
+    if not after.fails("warning"):
+        out.append("no errors or warnings remain: the network looks trainable as initialised")
     return "\n".join(out)

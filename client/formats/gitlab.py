@@ -6,20 +6,28 @@ critical/blocker, and a location with path and begin line."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gradprobe.client.formats._shared import (
     finding_text,
     fingerprinted,
     fix_sentence,
     model_path,
+    relative_path,
+    unlinted_fingerprint,
 )
 from gradprobe.diagnostics.report import Finding, Report, Severity
+
+if TYPE_CHECKING:
+    from gradprobe.client.formats import Unlinted
 
 # A network that cannot learn is a major defect; warnings are minor; info is info.
 SEVERITIES = {Severity.ERROR: "major", Severity.WARNING: "minor", Severity.INFO: "info"}
 
 
-def render(reports: list[Report], *, fail_on: str = "error") -> str:
+def render(reports: list[Report], *, fail_on: str = "error",
+           unlinted: Sequence[Unlinted] = ()) -> str:
     issues = []
     for report in reports:
         model = model_path(report)
@@ -36,6 +44,19 @@ def render(reports: list[Report], *, fail_on: str = "error") -> str:
                 "content": {"body": _body(finding)},
             }
             issues.append(issue)
+    for item in unlinted:  # a file that could not be linted blocks; a skipped one informs
+        path = relative_path(item.path)
+        issues.append({
+            "type": "issue",
+            "engine_name": "gradprobe",
+            "check_name": "gradprobe/load-error" if item.failed else "gradprobe/skipped",
+            "description": (f"gradprobe could not lint this file: {item.reason}" if item.failed
+                            else f"gradprobe skipped this file ({item.kind}): {item.reason}"),
+            "categories": ["Bug Risk"],
+            "severity": "blocker" if item.failed else "info",
+            "fingerprint": unlinted_fingerprint(item),
+            "location": {"path": path, "lines": {"begin": 1}},
+        })
     return json.dumps(issues, indent=2, ensure_ascii=False) + "\n"
 
 

@@ -1,6 +1,8 @@
 """`--html FILE`: one self-contained page per run — for each model, activation variance and
-gradient norm against depth on log axes with the flagged layers marked, the findings with their
-fixes, the layer table, and (after `gradprobe fix`) the curves before and after the fix.
+grad rms (the text table's two columns) against depth on log axes, one curve per kind of layer
+(conv/linear outputs, normalisations, activations: a single curve through all of them would
+zig-zag between kinds), the flagged layers marked and named on the x axis, the findings with
+their fixes, the layer table, and (after `gradprobe fix`) the curves before and after the fix.
 
 The page carries everything inline: CSS and SVG drawn here, no script, no font, no network. A
 Content-Security-Policy forbids any fetch, so it opens the same offline, from a CI artifact or
@@ -17,8 +19,12 @@ from html import escape
 from gradprobe.client.formats._shared import fix_sentence
 from gradprobe.diagnostics.report import Finding, LayerReport, Report, Severity
 
-WIDTH, HEIGHT = 760, 280
-LEFT, RIGHT, TOP, BOTTOM = 64, 20, 30, 46
+WIDTH, HEIGHT = 760, 370
+LEFT, RIGHT, TOP, BOTTOM = 64, 20, 48, 118
+# One curve per kind of layer output; the role names come from the loaders' probe points.
+KINDS = (("linear", "conv/linear", "#2e7d32"), ("norm", "norm", "#00838f"),
+         ("activation", "activation", "#6a1b9a"), ("other", "other", "#5d4037"))
+LABEL_CHARS = 22  # x-axis layer names longer than this are cut (the full name is the tooltip)
 COLORS = {Severity.ERROR: "#c62828", Severity.WARNING: "#ef6c00", Severity.INFO: "#1565c0"}
 AFTER, BEFORE = "#2e7d32", "#9e9e9e"
 
@@ -63,16 +69,11 @@ one seeded synthetic batch at initialisation.</footer>
 def _model_section(index: int, report: Report, before: Report | None) -> str:
     flagged = _flags(report)
     order = _depth_order(report, before)
-    act = [Series("after fix" if before else "activation variance", AFTER,
-                  _values(report, order, "var"))]
-    grad = [Series("after fix" if before else "gradient norm", AFTER,
-                   _values(report, order, "norm"))]
-    if before is not None:
-        act.insert(0, Series("before fix", BEFORE, _values(before, order, "var"), dashed=True))
-        grad.insert(0, Series("before fix", BEFORE, _values(before, order, "norm"), dashed=True))
+    act = _kind_series(report, before, order, "var")
+    grad = _kind_series(report, before, order, "rms")
     earlier = _flags(before) if before is not None else {}
     plots = (_plot("Activation variance by depth", act, order, flagged, earlier)
-             + _plot("Gradient norm by depth", grad, order, flagged, earlier))
+             + _plot("Grad rms by depth", grad, order, flagged, earlier))
     resolved = _resolved(before, report) if before is not None else []
     return f"""<section id="model-{index}">
 <h2>{escape(_label(report))}</h2>
@@ -84,6 +85,25 @@ def _model_section(index: int, report: Report, before: Report | None) -> str:
 {_layer_table(report, flagged, index)}
 </section>
 """
+
+
+def _kind_series(report: Report, before: Report | None, order: list[str],
+                 stat: str) -> list[Series]:
+    """One series per kind of layer present; after a fix, each kind's "before" curve too,
+    dashed and drawn over the "after" one so neither hides the other."""
+    kinds = {layer.name: (layer.role if layer.role in dict((k, k) for k, _, _ in KINDS)
+                          else "other") for r in (report, before) if r for layer in r.layers}
+    series = []
+    for kind, label, color in KINDS:
+        names = {name for name, k in kinds.items() if k == kind}
+        if not names.intersection(order):
+            continue
+        suffix = " (after fix)" if before is not None else ""
+        series.append(Series(label + suffix, color, _values(report, order, stat, names)))
+        if before is not None:
+            series.append(Series(label + " (before fix)", color,
+                                 _values(before, order, stat, names), dashed=True))
+    return series
 
 
 def _label(report: Report) -> str:
@@ -145,7 +165,7 @@ def _findings_table(findings: list[Finding], index: int) -> str:
         fix = ""
         if f.fix is not None:
             scheme = escape(fix_sentence(f.fix.model_copy(update={"code": "", "advice": ""})))
-            code = f"<pre><code>{escape(f.fix.code)}</code></pre>" if f.fix.code else ""
+            code = f"<pre><code>{_breakable(f.fix.code)}</code></pre>" if f.fix.code else ""
             advice = f"<p>{escape(f.fix.advice)}</p>" if f.fix.advice else ""
             fix = (f"<p>{scheme}</p>" if scheme else "") + code + advice
         evidence = ", ".join(f"{escape(k)}={escape(_num_text(v))}" for k, v in f.evidence.items())
@@ -158,6 +178,15 @@ def _findings_table(findings: list[Finding], index: int) -> str:
     return ('<table class="findings"><thead><tr><th>severity</th><th>rule</th><th>layer</th>'
             "<th>finding</th><th>fix</th></tr></thead><tbody>" + "".join(rows)
             + "</tbody></table>")
+
+
+def _breakable(code: str) -> str:
+    """Escaped code with line-break opportunities after `(`, `,` and before `#`, so a long
+    line wraps between arguments, never inside an identifier or a number."""
+    out = escape(code)
+    for mark in ("(", ", "):
+        out = out.replace(mark, mark + "<wbr>")
+    return out.replace("  #", "  <wbr>#")
 
 
 def _resolved(before: Report, after: Report) -> list[Finding]:
@@ -188,10 +217,10 @@ def _layer_table(report: Report, flagged: dict[str, list[Finding]], index: int) 
             f"<td>{escape(layer.role)}</td>"
             f"<td>{_num_text(act.var) if act else '-'}</td>"
             f"<td>{_num_text(act.dead_units) if act else '-'}</td>"
-            f"<td>{_num_text(grad.norm) if grad else '-'}</td><td>{mark}</td></tr>")
+            f"<td>{_num_text(grad.rms) if grad else '-'}</td><td>{mark}</td></tr>")
     return ("<details><summary>Layers</summary><table class=\"layers\"><thead><tr><th>#</th>"
             "<th>layer</th><th>op</th><th>role</th><th>act. variance</th><th>dead units</th>"
-            "<th>grad. norm</th><th>findings</th></tr></thead><tbody>" + "".join(rows)
+            "<th>grad rms</th><th>findings</th></tr></thead><tbody>" + "".join(rows)
             + "</tbody></table></details>")
 
 
@@ -230,13 +259,16 @@ def _measured(layer: LayerReport) -> bool:
     return layer.activation is not None or layer.gradient is not None
 
 
-def _values(report: Report, order: list[str], stat: str) -> list[float | None]:
+def _values(report: Report, order: list[str], stat: str,
+            names: set[str] | None = None) -> list[float | None]:
+    """`stat` of each layer in `order` ("var": activation variance, "rms": grad rms); None
+    where the layer was not measured or is not one of `names`."""
     by_name: dict[str, float] = {}
     for layer in report.layers:
         source = layer.activation if stat == "var" else layer.gradient
         if source is not None and layer.name not in by_name:
             by_name[layer.name] = getattr(source, stat)
-    return [by_name.get(name) for name in order]
+    return [by_name.get(name) if names is None or name in names else None for name in order]
 
 
 def _plot(title: str, series: Sequence[Series], order: list[str],
@@ -255,6 +287,9 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
     hi = math.ceil(math.log10(max(positive)))
     if hi == lo:
         lo, hi = lo - 1, hi + 1
+    zeros = any(v == 0 for s in series for v in s.values if v is not None)
+    if zeros:  # one decade more below: the labelled zero line sits under the lowest value
+        lo -= 1
     count = len(order)
 
     def x_of(i: int) -> float:
@@ -266,15 +301,40 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
     parts = [f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" class="frame"/>']
     step = max(1, math.ceil((hi - lo) / 8))
     for exponent in range(lo, hi + 1, step):  # one grid line per decade (or per few)
+        if zeros and exponent == lo:
+            continue  # that place is the zero line's
         y = y_of(10.0 ** exponent)
         parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" '
                      f'class="grid"/><text x="{LEFT - 6}" y="{y + 4:.1f}" class="ytick">10'
                      f'<tspan dy="-7" font-size="10">{exponent}</tspan></text>')
-    xstep = max(1, math.ceil(count / 20))
-    for i in range(0, count, xstep):
-        parts.append(f'<text x="{x_of(i):.1f}" y="{TOP + plot_h + 14}" class="xtick">{i}</text>')
-    parts.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 8}" class="axis">depth '
-                 f'(measured layer, in graph order)</text>')
+    # The x axis names layers: every flagged one, and the first and last for orientation
+    # (all of them when few enough to stay legible), rotated to fit under the axis.
+    named = ({i for i, name in enumerate(order) if name in flagged or name in earlier}
+             | {0, count - 1})
+    if count <= 24:
+        named = set(range(count))
+    for i in sorted(named):
+        name = order[i]
+        shown = name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "…"
+        cls = "xname flagged" if name in flagged else "xname"
+        fill = f' style="fill:{COLORS[_worst(flagged[name])]}"' if name in flagged else ""
+        x, y = x_of(i), TOP + plot_h + 10
+        parts.append(f'<text x="{x:.1f}" y="{y}" class="{cls}"{fill} transform="rotate(-40 '
+                     f'{x:.1f} {y})">{escape(shown)}<title>{escape(name)} (#{i})</title></text>')
+    parts.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 6}" class="axis">layer, '
+                 f'in graph order ({count} measured)</text>')
+    # Zero cannot sit on a log axis: zeros are drawn on a labelled floor line under the lowest
+    # decade, NaN/Inf on a labelled line above the highest.
+    floor_y, ceiling_y = TOP + plot_h - 6, TOP + 6
+    values = [v for s in series for v in s.values if v is not None]
+    if zeros:
+        parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{floor_y}" y2="{floor_y}" '
+                     f'class="floor"/><text x="{LEFT - 6}" y="{floor_y + 4}" class="ytick">0'
+                     f'</text>')
+    if any(not math.isfinite(v) for v in values):
+        parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{ceiling_y}" '
+                     f'y2="{ceiling_y}" class="floor"/><text x="{LEFT - 6}" y="{ceiling_y + 4}" '
+                     f'class="ytick">nan</text>')
 
     for i, name in enumerate(order):  # flagged layers: a band in the worst severity's colour
         if name in flagged or name in earlier:
@@ -287,12 +347,13 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
                          f'stroke-width="2" stroke-dasharray="4 3"/><path d="M{x_of(i) - 5:.1f},'
                          f'{TOP - 10} h10 l-5,8 z" fill="{color}"/></g>')
 
-    for s in series:
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
+    # "After" (solid, translucent) first, "before" (dashed) over it: both stay visible.
+    for s in sorted(series, key=lambda s: s.dashed):
+        style = (' stroke-width="2.5" stroke-dasharray="6 4" stroke-opacity="0.9"' if s.dashed
+                 else ' stroke-width="2" stroke-opacity="0.75"')
         for run in _runs(s.values):  # a line breaks where a value cannot sit on a log axis
             points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in run)
-            parts.append(f'<polyline points="{points}" fill="none" stroke="{s.color}" '
-                         f'stroke-width="2"{dash}/>')
+            parts.append(f'<polyline points="{points}" fill="none" stroke="{s.color}"{style}/>')
         for i, value in enumerate(s.values):
             if value is None:
                 continue
@@ -300,22 +361,30 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
             if math.isfinite(value) and value > 0:
                 parts.append(f'<circle cx="{x_of(i):.1f}" cy="{y_of(value):.1f}" r="3.2" '
                              f'fill="{s.color}"><title>{tip}</title></circle>')
-            else:  # zero sits below the axis floor, NaN/Inf above its ceiling
-                y = TOP + plot_h - 4 if value == 0 else TOP + 4
+            else:  # zero on the floor line, NaN/Inf on the ceiling line
+                y = floor_y if value == 0 else ceiling_y
                 parts.append(f'<text x="{x_of(i):.1f}" y="{y + 4:.1f}" class="offscale" '
                              f'fill="{s.color}">{"0" if value == 0 else "!"}'
                              f"<title>{tip}</title></text>")
 
     legend_x = LEFT + 8
     for s in series:
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{TOP - 14}" '
-                     f'y2="{TOP - 14}" stroke="{s.color}" stroke-width="2"{dash}/><text '
-                     f'x="{legend_x + 26}" y="{TOP - 10}" class="legend">{escape(s.name)}</text>')
-        legend_x += 44 + 8 * len(s.name)
+        if s.dashed:  # one legend entry per kind; the dash is explained once
+            continue
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{TOP - 36}" '
+                     f'y2="{TOP - 36}" stroke="{s.color}" stroke-width="2"/><text '
+                     f'x="{legend_x + 26}" y="{TOP - 32}" class="legend">'
+                     f'{escape(s.name.removesuffix(" (after fix)"))}</text>')
+        legend_x += 40 + 7 * len(s.name.removesuffix(" (after fix)"))
+    if any(s.dashed for s in series):
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 22}" y1="{TOP - 36}" '
+                     f'y2="{TOP - 36}" stroke="{BEFORE}" stroke-width="2.5" '
+                     f'stroke-dasharray="6 4"/><text x="{legend_x + 26}" y="{TOP - 32}" '
+                     f'class="legend">dashed: before fix</text>')
+        legend_x += 175
     if any(name in flagged or name in earlier for name in order):
-        label = "flagged layer" if not earlier else "flagged layer (grey: before the fix)"
-        parts.append(f'<text x="{legend_x}" y="{TOP - 10}" class="legend">▼ {label}</text>')
+        label = "flagged" if not earlier else "flagged (grey: before the fix)"
+        parts.append(f'<text x="{legend_x}" y="{TOP - 32}" class="legend">▼ {label}</text>')
     aria = escape(f"{title}, log scale, {count} layers")
     return (f'<figure class="plot"><figcaption>{escape(title)} (log scale)</figcaption>'
             f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
@@ -323,9 +392,13 @@ def _plot(title: str, series: Sequence[Series], order: list[str],
 
 
 def _runs(values: list[float | None]) -> list[list[tuple[int, float]]]:
+    """Stretches of drawable values; positions of other kinds (None) are stepped over, a zero
+    or non-finite value breaks the line."""
     runs: list[list[tuple[int, float]]] = [[]]
     for i, value in enumerate(values):
-        if value is not None and math.isfinite(value) and value > 0:
+        if value is None:
+            continue
+        if math.isfinite(value) and value > 0:
             runs[-1].append((i, value))
         elif runs[-1]:
             runs.append([])
@@ -343,7 +416,7 @@ section{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:4px 1
 table{border-collapse:collapse;width:100%;margin:6px 0}th,td{text-align:left;vertical-align:top;padding:4px 8px;border-bottom:1px solid #eee}
 table.meta{width:auto}table.meta th{color:#616161;font-weight:normal}table.meta td{word-break:break-all}
 tr.error td:first-child{border-left:3px solid #c62828}tr.warning td:first-child{border-left:3px solid #ef6c00}tr.info td:first-child{border-left:3px solid #1565c0}
-pre{background:#f5f5f5;padding:6px 8px;border-radius:4px;white-space:pre-wrap;word-break:break-all;margin:4px 0}
+pre{background:#f5f5f5;padding:6px 8px;border-radius:4px;white-space:pre-wrap;word-break:normal;overflow-wrap:normal;overflow-x:auto;margin:4px 0}
 code{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .evidence{color:#616161;font-size:12px}.clean{color:#2e7d32}
 .plots{display:flex;flex-wrap:wrap;gap:12px}figure.plot{margin:0;flex:1 1 480px}
@@ -352,6 +425,8 @@ figcaption{font-weight:600;margin:4px 0}svg{width:100%;height:auto;background:#f
 .ytick{font-size:13px;text-anchor:end;fill:#616161}.xtick{font-size:12px;text-anchor:middle;fill:#757575}
 .axis{font-size:13px;text-anchor:middle;fill:#616161}.legend{font-size:13px;fill:#424242}
 .offscale{font-size:14px;font-weight:700;text-anchor:middle}
+.xname{font-size:11px;text-anchor:end;fill:#757575}.xname.flagged{font-weight:600}
+.floor{stroke:#9e9e9e;stroke-dasharray:2 3}
 details summary{cursor:pointer;margin:10px 0;font-weight:600}
 footer{color:#757575;font-size:12px}
 """

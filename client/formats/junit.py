@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gradprobe.client.formats._shared import (
     at_or_above,
     finding_text,
     fix_sentence,
     model_path,
+    relative_path,
     rule_docs,
 )
 from gradprobe.diagnostics.report import Finding, Report
+
+if TYPE_CHECKING:
+    from gradprobe.client.formats import Unlinted
 
 # Characters XML 1.0 forbids even when escaped; a model may carry them in node names.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
-def render(reports: list[Report], *, fail_on: str = "error") -> str:
+def render(reports: list[Report], *, fail_on: str = "error",
+           unlinted: Sequence[Unlinted] = ()) -> str:
     rules = [doc.name for doc in rule_docs()]
     root = ET.Element("testsuites", name="gradprobe")
-    totals = {"tests": 0, "failures": 0}
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     total_time = 0.0
     for report in reports:
         suite = _suite(report, rules, fail_on)
@@ -34,9 +41,14 @@ def render(reports: list[Report], *, fail_on: str = "error") -> str:
         totals["tests"] += int(suite.get("tests", "0"))
         totals["failures"] += int(suite.get("failures", "0"))
         total_time += report.timing.total_s
+    for item in unlinted:  # a file that failed is an error of its suite; a skipped one, skipped
+        root.append(_unlinted_suite(item))
+        totals["tests"] += 1
+        totals["errors" if item.failed else "skipped"] += 1
     root.set("tests", str(totals["tests"]))
     root.set("failures", str(totals["failures"]))
-    root.set("errors", "0")
+    root.set("errors", str(totals["errors"]))
+    root.set("skipped", str(totals["skipped"]))
     root.set("time", f"{total_time:.3f}")
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, "unicode") + "\n"
@@ -85,6 +97,21 @@ def _suite(report: Report, rules: list[str], fail_on: str) -> ET.Element:
     suite.set("failures", str(failures))
     suite.set("errors", "0")
     suite.set("skipped", "0")
+    return suite
+
+
+def _unlinted_suite(item: Unlinted) -> ET.Element:
+    path = _clean(relative_path(item.path))
+    suite = ET.Element("testsuite", name=path, tests="1", failures="0",
+                       errors="1" if item.failed else "0", skipped="0" if item.failed else "1",
+                       time="0.000")
+    case = ET.SubElement(suite, "testcase", classname=path, name="load" if item.failed
+                         else "skipped", file=path)
+    if item.failed:
+        error = ET.SubElement(case, "error", message=_clean(item.reason), type="load-error")
+        error.text = _clean(item.reason)
+    else:
+        ET.SubElement(case, "skipped", message=_clean(f"{item.kind}: {item.reason}"))
     return suite
 
 

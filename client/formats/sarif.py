@@ -9,6 +9,8 @@ byte-identical files and code scanning tracks alerts by `partialFingerprints`.""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import gradprobe
@@ -17,10 +19,14 @@ from gradprobe.client.formats._shared import (
     fingerprinted,
     json_safe,
     model_path,
+    relative_path,
     rule_docs,
 )
 from gradprobe.diagnostics.report import Finding, Report, Severity
 from gradprobe.diagnostics.rules.base import RuleDoc
+
+if TYPE_CHECKING:
+    from gradprobe.client.formats import Unlinted
 
 SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 FINGERPRINT_KEY = "gradprobeFinding/v1"
@@ -28,7 +34,8 @@ FINGERPRINT_KEY = "gradprobeFinding/v1"
 LEVELS = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
 
 
-def render(reports: list[Report], *, fail_on: str = "error") -> str:
+def render(reports: list[Report], *, fail_on: str = "error",
+           unlinted: Sequence[Unlinted] = ()) -> str:
     # `fail_on` does not change SARIF: levels travel as they are and the consumer decides.
     docs = {doc.name: doc for doc in rule_docs()}
     for report in reports:  # a finding from a rule outside the catalogue still needs an entry
@@ -63,10 +70,29 @@ def render(reports: list[Report], *, fail_on: str = "error") -> str:
             }},
             "artifacts": artifacts,
             "results": results,
-            "invocations": [{"executionSuccessful": True}],
+            "invocations": [_invocation(unlinted)],
         }],
     }
     return json.dumps(log, indent=2, ensure_ascii=False) + "\n"
+
+
+def _invocation(unlinted: Sequence[Unlinted]) -> dict:
+    """A file that could not be linted is a failure of the tool's run on it (SARIF: a
+    toolExecutionNotification, and the run not successful); a skipped file is a note."""
+    notes = []
+    for item in unlinted:
+        path = relative_path(item.path)
+        notes.append({
+            "level": "error" if item.failed else "note",
+            "message": {"text": f"{path}: {item.reason}" if item.failed
+                        else f"{path}: skipped ({item.kind}): {item.reason}"},
+            "locations": [{"physicalLocation": {"artifactLocation": _artifact_location(path)}}],
+            "descriptor": {"id": "gradprobe/load-error" if item.failed else "gradprobe/skipped"},
+        })
+    invocation: dict = {"executionSuccessful": not any(u.failed for u in unlinted)}
+    if notes:
+        invocation["toolExecutionNotifications"] = notes
+    return invocation
 
 
 def _artifact_location(model: str) -> dict:

@@ -8,6 +8,7 @@ from typing import Literal
 from gradprobe.diagnostics.archives import is_pt2_archive
 from gradprobe.diagnostics.errors import ModelLoadError
 from gradprobe.diagnostics.graph import LoadedModel
+from gradprobe.diagnostics.loaders.recognise import what_it_is
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -26,12 +27,14 @@ def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript", "pt2"] 
         if source.is_dir():
             raise ModelLoadError(f"{source} is a directory, not a model file")
         with source.open("rb") as f:
-            head = f.read(8)
+            head = f.read(64)
+        _refuse_non_models(source, head, source.name, str(source))
         if not head:
             raise ModelLoadError(f"{source} is empty")
         name = name or source.name
     else:
-        head = source[:8]
+        head = source[:64]
+        _refuse_non_models(source, head, name, name or "the uploaded model")
         if not head:
             raise ModelLoadError(f"{name or 'the uploaded model'} is empty")
     fmt = fmt or sniff_format(head)
@@ -46,3 +49,9 @@ def load_model(source: Path | bytes, fmt: Literal["onnx", "torchscript", "pt2"] 
     from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
 
     return load_onnx(source, name=name or None, self_contained=self_contained)
+
+
+def _refuse_non_models(source: Path | bytes, head: bytes, name: str, label: str) -> None:
+    mistaken = what_it_is(source, head, name)
+    if mistaken is not None:
+        raise ModelLoadError(f"{label} {mistaken}")

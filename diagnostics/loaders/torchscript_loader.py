@@ -256,13 +256,19 @@ def _input_specs(module: torch.jit.ScriptModule,
     optional ones, which run() fills in."""
     arguments = module.forward.schema.arguments[1:]
     ranges = integer_input_ranges(graph, module)
+    # A half-precision model takes half-precision inputs: float inputs get the one floating
+    # dtype its weights share (None, i.e. float32, when they are float32 or mixed).
+    weight_dtypes = {p.dtype for p in module.parameters() if p.dtype.is_floating_point}
+    float_dtype = weight_dtypes.pop() if len(weight_dtypes) == 1 else None
+    if float_dtype == torch.float32:
+        float_dtype = None
     specs, defaults = [], []
     for position, argument in enumerate(arguments):
         if argument.has_default_value():
             defaults.append(argument.default_value)
             continue
         value_range = ranges.get(position)
-        dtype = torch.int64 if value_range else None
+        dtype = torch.int64 if value_range else float_dtype
         specs.append(InputSpec(argument.name, None, dtype, value_range))
     return specs, defaults
 

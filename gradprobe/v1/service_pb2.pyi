@@ -77,7 +77,7 @@ class Thresholds(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DiagnoseOptions(_message.Message):
-    __slots__ = ("input_shapes", "input_dtypes", "batch_size", "device", "seed", "select", "ignore", "severities", "thresholds", "format")
+    __slots__ = ("input_shapes", "input_dtypes", "batch_size", "device", "seed", "select", "ignore", "severities", "thresholds", "format", "fill_undeclared")
     class SeveritiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class DiagnoseOptions(_message.Message):
     SEVERITIES_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FILL_UNDECLARED_FIELD_NUMBER: _ClassVar[int]
     input_shapes: Shapes
     input_dtypes: _report_pb2.StringList
     batch_size: int
@@ -112,7 +113,8 @@ class DiagnoseOptions(_message.Message):
     severities: _containers.ScalarMap[str, _report_pb2.Severity]
     thresholds: _containers.MessageMap[str, Thresholds]
     format: _report_pb2.ModelFormat
-    def __init__(self, input_shapes: _Optional[_Union[Shapes, _Mapping]] = ..., input_dtypes: _Optional[_Union[_report_pb2.StringList, _Mapping]] = ..., batch_size: _Optional[int] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., select: _Optional[_Union[_report_pb2.StringList, _Mapping]] = ..., ignore: _Optional[_Iterable[str]] = ..., severities: _Optional[_Mapping[str, _report_pb2.Severity]] = ..., thresholds: _Optional[_Mapping[str, Thresholds]] = ..., format: _Optional[_Union[_report_pb2.ModelFormat, str]] = ...) -> None: ...
+    fill_undeclared: bool
+    def __init__(self, input_shapes: _Optional[_Union[Shapes, _Mapping]] = ..., input_dtypes: _Optional[_Union[_report_pb2.StringList, _Mapping]] = ..., batch_size: _Optional[int] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., select: _Optional[_Union[_report_pb2.StringList, _Mapping]] = ..., ignore: _Optional[_Iterable[str]] = ..., severities: _Optional[_Mapping[str, _report_pb2.Severity]] = ..., thresholds: _Optional[_Mapping[str, Thresholds]] = ..., format: _Optional[_Union[_report_pb2.ModelFormat, str]] = ..., fill_undeclared: _Optional[bool] = ...) -> None: ...
 
 class DiagnoseRequest(_message.Message):
     __slots__ = ("sha256", "options", "path_label")
