@@ -188,15 +188,27 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  silent), and the layers after the last normalisation (the head: small logits are a\n'
           '  deliberate start) are not judged for a shrink. Behind BatchNorm only a too-large '
           'weight is\n'
-          '  a defect: its |g|/|w| must be at least `update_factor` (30) times below the median of '
-          'its\n'
-          '  BatchNorm-backed peers (a stage at 10x He std trains ~100x slower and never catches '
-          'up). A\n'
-          '  too-small weight there takes larger relative steps, its norm grows and the step '
-          'shrinks\n'
-          "  back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and\n"
-          '  depthwise convs (torchvision, timm) train fine. Embedding tables (no fan-in) are not\n'
-          '  judged.'},
+          '  a defect: its variance must also be `weight_factor` times the median of its '
+          'BatchNorm-\n'
+          "  backed peers' (relative to their schemes: a library that starts every layer above He, "
+          'as\n'
+          "  timm's Inception does, made one choice), and its |g|/|w| at least `update_factor` "
+          '(30)\n'
+          '  times below the median of those peers (a stage at 10x He std trains ~100x slower and '
+          'never\n'
+          '  catches up). A too-small weight there takes larger relative steps, its norm grows and '
+          'the\n'
+          "  step shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): "
+          'fan-out\n'
+          '  stems and depthwise convs (torchvision, timm) train fine. Depthwise kernels with '
+          'fewer\n'
+          '  than 64 inputs per unit are not compared behind BatchNorm (their |g|/|w| is noise). '
+          'In a\n'
+          '  network with normalisation, the head (the layers after the last norm) is judged for '
+          'a\n'
+          '  blow-up only when the output variance reaches `head_output_var` (100: logits of std '
+          '10\n'
+          '  saturate the softmax). Embedding tables (no fan-in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],
@@ -296,14 +308,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'fewer\n'
           '  than `min_observations` (8) times (samples x positions: a pooled unit on a batch of 2 '
           'is\n'
-          '  silent on both samples by chance one time in four), and when the probe batch barely '
-          'varies\n'
-          '  at this point (variance across samples below `min_sample_share` (1%) of the total\n'
-          '  variance, as behind a global pooling of synthetic noise in a squeeze-excite block): '
-          'there\n'
-          '  the weights, not the data, decide which units are silent, and real inputs '
-          '(`--input`)\n'
-          '  should judge.'},
+          '  silent on both samples by chance one time in four) and less than `error_share` of '
+          'the\n'
+          '  layer is silent, and when the probe batch barely varies at this point (variance '
+          'across\n'
+          '  samples below `min_sample_share` (1%) of the total variance, as behind a global '
+          'pooling of\n'
+          '  synthetic noise in a squeeze-excite block): there the weights, not the data, decide '
+          'which\n'
+          '  units are silent, and real inputs (`--input`) should judge.'},
  {'name': 'saturated-activation',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
@@ -356,22 +369,21 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  residual connections.\n'
           '\n'
           'Thresholds:\n'
-          "  per-entry gradient RMS at each parameterised layer's output (the layers before a "
-          'global\n'
-          '  pool, where there are at least three: the pool scales every entry by 1/HxW), a '
-          'least-\n'
-          '  squares line in log space from the first to the last layer; warning when early/late '
-          '<=\n'
-          "  `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers "
-          '(zero\n'
-          '  head, zero-init residual) set to their textbook init, as after step one. Always a '
-          'warning:\n'
-          '  in our training check a twelve-layer sigmoid stack re-initialised with Xavier learns '
-          'no\n'
-          '  better than before (the remedy is architectural), so the rule cannot promise that a '
-          'fix\n'
-          '  restores training; where the activations themselves collapse, vanishing-activations\n'
-          '  reports the error.'},
+          "  per-entry gradient RMS at each parameterised layer's output (the layers depth_trend "
+          'keeps:\n'
+          '  no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the '
+          'verdict\n'
+          "  depend on the probe's resolution), a least-squares line in log space from the first "
+          'to the\n'
+          "  last layer; warning when early/late <= `ratio` (1e-3, AUTOTRAINER's vanishing "
+          'ratio).\n'
+          '  Measured with deliberate zero layers (zero head, zero-init residual) set to their '
+          'textbook\n'
+          '  init, as after step one. Always a warning: in our training check a twelve-layer '
+          'sigmoid\n'
+          '  stack re-initialised with Xavier learns no better than before (the remedy is\n'
+          '  architectural), so the rule cannot promise that a fix restores training; where the\n'
+          '  activations themselves collapse, vanishing-activations reports the error.'},
  {'name': 'exploding-gradients',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
@@ -394,16 +406,17 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  (`torch.nn.utils.clip_grad_norm_`) as a guard.\n'
           '\n'
           'Thresholds:\n'
-          "  per-entry gradient RMS at each parameterised layer's output (the layers before a "
-          'global\n'
-          '  pool, where there are at least three: the pool scales every entry by 1/HxW), a '
-          'least-\n'
-          '  squares line in log space; warning when early/late >= `ratio` (100; AUTOTRAINER uses '
-          '70\n'
-          '  during training, we allow more at step 0), error from `error_ratio` (1e4).'},
+          "  per-entry gradient RMS at each parameterised layer's output (the layers depth_trend "
+          'keeps:\n'
+          '  no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the '
+          'verdict\n'
+          "  depend on the probe's resolution), a least-squares line in log space; warning when\n"
+          '  early/late >= `ratio` (100; AUTOTRAINER uses 70 during training, we allow more at '
+          'step 0),\n'
+          '  error from `error_ratio` (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
-  'verdicts': ['warning', 'error'],
+  'verdicts': ['info', 'warning', 'error'],
   'summary': 'A parameter receives exactly zero gradient: it will never train.',
   'text': 'dead-gradients (error)\n'
           '\n'
@@ -424,11 +437,14 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  remove the parameter.\n'
           '\n'
           'Thresholds:\n'
-          '  every entry of the gradient exactly 0 on the probe batch. Measured with deliberate '
-          'zero\n'
-          '  layers set to their textbook init (a zero head blocks every gradient at step 0 only), '
-          'and\n'
-          '  not reported where another rule names the cause: the zero/constant weight itself, '
-          'layers\n'
-          '  behind a fully dead ReLU or behind the point where the output stops depending on the\n'
-          '  input, non-finite values.'}]
+          '  every entry of the gradient exactly 0 on the probe batch. A 1-D shift (`*bias`) in a\n'
+          '  network with normalisation is only info: a norm after it subtracts the mean, which '
+          'cancels\n'
+          "  any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured "
+          'with\n'
+          '  deliberate zero layers set to their textbook init (a zero head blocks every gradient '
+          'at\n'
+          '  step 0 only), and not reported where another rule names the cause: the zero/constant\n'
+          '  weight itself, layers behind a fully dead ReLU or behind the point where the output '
+          'stops\n'
+          '  depending on the input, non-finite values.'}]
