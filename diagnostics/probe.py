@@ -59,6 +59,10 @@ class ProbeResult:
     params: dict[str, ParamProbe]
     # Parameters set to their textbook init for the flow pass (deliberate-looking zeros).
     unblocked: list[str] = field(default_factory=list)
+    # False when every sample of the batch gives the same output (first pass): the output no
+    # longer depends on the input, even where no probed value shows where (a zero scale after
+    # the last probe point).
+    output_varies: bool = True
 
     def of_role(self, role: str) -> Iterator[LayerProbe]:
         return (lp for lp in self.layers if lp.point.role == role)
@@ -101,6 +105,14 @@ class ProbeResult:
                 lp.point.index > cut.point.index for lp in self.of_role("linear")):
             return None  # a zero head: constant logits at step 0, trains from the first update
         return cut
+
+    def zero_tensors_outside_layers(self) -> list[str]:
+        """All-zero tensors that no probed layer owns (not biases): a gate or scale multiplied
+        in between probe points or after the last one, the suspects of a signal cut."""
+        owned = {n for lp in self.layers for n in (lp.point.weight, lp.point.bias) if n}
+        return [name for name, p in self.params.items()
+                if p.stats.abs_max == 0 and not p.stats.nonfinite and name not in owned
+                and not name.endswith("bias")]
 
     def normalised_before_next_layer(self, layer: LayerProbe) -> bool:
         """True when a normalisation (BatchNorm, LayerNorm, ...) sits between this layer and the
@@ -284,7 +296,9 @@ def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _
     x = value
     acc = _F64 if x.dtype == _F64 else torch.float32
     single = x.dim() == 0 or x.shape[0] <= 1
-    batch_mean = x.reshape(-1).to(acc, copy=True) if single else x.mean(dim=0, dtype=acc)
+    # One sample (or a value without a batch axis, like BERT's (1, seq, hidden) position
+    # embeddings): the value is its own batch mean, in its own shape so that it broadcasts.
+    batch_mean = x.to(acc, copy=True) if single else x.mean(dim=0, dtype=acc)
     kind = point.nonlinearity if point.role == "activation" else None
     unit_max = None
     if kind == "relu":  # only a ReLU's silent units are dead: elsewhere it would be noise
@@ -600,6 +614,8 @@ class _PassResult:
     gradients: dict[int, dict[str, float]]
     params: dict[str, dict[str, float]]
     unused: set[str]
+    # Whether any output differs across the samples of the batch (see ProbeResult).
+    output_varies: bool = True
 
 
 class _Collector:
@@ -683,6 +699,11 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
             f"the model's outputs ({kinds}) carry no gradient: gradprobe needs a floating-point "
             f"output that depends on the parameters to backpropagate"
         )
+    # Largest difference of any output from the first sample's: 0 when every sample gives the
+    # same output (the network no longer depends on its input).
+    batched = [o.detach() for o in differentiable if o.dim() > 0 and o.shape[0] > 1]
+    spread = sums.add([torch.stack([(o - o[:1]).abs().amax().float() for o in batched]).amax()]
+                      ) if batched else None
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype)
                   for o in differentiable]
@@ -707,8 +728,9 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     unused = {n for n, p in model.parameters.items() if p.grad is None}
     host = sums.fetch()  # the single device-to-host copy of the pass
     params = dict(zip(names, _param_rows(found, [p.numel() for p in tensors], host), strict=True))
+    varies = spread is None or not host[spread.start] == 0  # NaN counts as varying
     result = _PassResult(collector.activation_rows(host), collector.sizes,
-                         collector.gradient_rows(host), params, unused)
+                         collector.gradient_rows(host), params, unused, varies)
     counts = [r["nonfinite"] for r in (*result.activations.values(), *result.gradients.values(),
                                        *result.params.values())]
     counts += [r["nonfinite_grad"] for r in result.params.values()]
@@ -809,4 +831,4 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
         if grad is not None:
             gradient = GradientStats(norm=grad["norm"], rms=grad["rms"], nonfinite=int(grad["nonfinite"]))
         layers.append(LayerProbe(point, activation, gradient))
-    return ProbeResult(model, layers, params, unblocked)
+    return ProbeResult(model, layers, params, unblocked, first.output_varies)

@@ -184,3 +184,23 @@ def test_squeeze_excite_units_seen_twice_are_not_judged_dead_but_a_dead_layer_is
                          tmp_path / "dead.pt")
     assert [f.layer for f in report.findings if f.rule == "dead-relu"
             and f.severity.value == "error"], serious(report)
+
+
+class FinalScale(nn.Module):
+    """A final RMSNorm-like scale after the last layer, as in Llama's `model.norm`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64))
+        self.norm_weight = nn.Parameter(torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+
+
+def test_a_zero_scale_after_the_last_layer_is_found_from_the_output(tmp_path):
+    torch.manual_seed(0)
+    report = lint_traced(FinalScale(), torch.randn(4, 32), tmp_path / "final.pt")
+    assert serious(report) == ["error zero-weights norm_weight"], serious(report)
+    assert report.findings[0].parameters == ["norm_weight"]

@@ -42,6 +42,8 @@ class DeadGradients(Rule):
             # Upstream of where the output stops depending on the input every gradient is zero
             # as a consequence; zero-weights names the cut itself.
             dead_walls.append(cut.point.index)
+        elif not probe.output_varies and probe.zero_tensors_outside_layers():
+            dead_walls.append(len(probe.layers))  # a zero scale after the last probed value
         wall = max(dead_walls) if dead_walls else -1
         judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
         has_norm = any(True for _ in probe.of_role("norm")) or any(

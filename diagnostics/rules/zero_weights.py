@@ -79,20 +79,20 @@ class ZeroWeights(Rule):
                 lp, f"{point.layer}.weight is all zeros and {verdict.reason}: this layer cannot "
                     f"learn. Initialise it with {fix.init} (std {fix.std:.3g}).",
                 evidence=evidence, fix=fix, parameters=[point.weight])
-        if cut is not None and not cut_named:
-            # The zero sits between probe points (a gate or scale multiplied in): name the
-            # all-zero tensors no layer owns as the suspects.
-            owned = {n for lp in probe.layers for n in (lp.point.weight, lp.point.bias) if n}
-            suspects = [name for name, p in probe.params.items()
-                        if p.stats.abs_max == 0 and not p.stats.nonfinite and name not in owned
-                        and not name.endswith("bias")]
-            if suspects:
-                yield self._cut_finding(cut, suspects, {"suspects": len(suspects)})
+        if cut_named or (cut is None and probe.output_varies):
+            return
+        # The zero sits between probe points (a gate or scale multiplied in) or after the last
+        # one (a final RMSNorm's scale): name the all-zero tensors no layer owns as suspects.
+        suspects = probe.zero_tensors_outside_layers()
+        if suspects:
+            where = cut if cut is not None else suspects[0].rsplit(".", 1)[0]
+            yield self._cut_finding(where, suspects, {"suspects": len(suspects)})
 
-    def _cut_finding(self, lp: LayerProbe, zeros: list[str],
+    def _cut_finding(self, lp: LayerProbe | str, zeros: list[str],
                      evidence: dict[str, object]) -> Finding:
         names = ", ".join(zeros[:3]) + (" ..." if len(zeros) > 3 else "")
-        if lp.point.role == "linear" and zeros == [lp.point.weight]:
+        layer = lp if isinstance(lp, str) else lp.point.layer
+        if not isinstance(lp, str) and lp.point.role == "linear" and zeros == [lp.point.weight]:
             fix = recommended_init(lp.point)
         else:
             fix = Fix(code="\n".join(f"nn.init.ones_({param_expr(n, n.rsplit('.', 1)[0])})"
@@ -100,7 +100,7 @@ class ZeroWeights(Rule):
                       advice="initialise the zero scale/gate to ones, or add a residual path "
                              "around it")
         return self.finding(
-            lp, f"the network's output no longer depends on its input from {lp.point.layer} on: "
+            lp, f"the network's output no longer depends on its input from {layer} on: "
                 f"every sample gives the same value there and nothing after it varies again, "
                 f"because {names} {'is' if len(zeros) == 1 else 'are'} all zeros with no path "
                 f"around. Initialise it non-zero{' with ' + fix.init if fix.init else ' (ones for a norm scale or a gate)'}.",
