@@ -22,7 +22,7 @@ behind it and one example message.
 
     python bench/hub_sweep.py --sample 30 --export torchscript onnx_legacy --jobs 1
     python bench/hub_sweep.py --filter 'resnet|bert' --limit 10
-    python bench/hub_sweep.py --report-only          # rebuild scorecard + README from results
+    python bench/hub_sweep.py --sample 30 --export torchscript onnx_legacy --report-only
 
 Results go to a JSON-lines file (`--results`); a rerun skips the (model, export) pairs already
 there, so the sweep resumes after an interruption. The scorecard JSON (`--scorecard`) is what a
@@ -275,10 +275,13 @@ def sweep(args: argparse.Namespace) -> None:
 # Scorecard
 
 
-def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None) -> dict:
+def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None,
+              exports: list[str] | None = None) -> dict:
     """Counts per library and export, false alarms per rule with the models behind each."""
     if models is not None:
         rows = [r for r in rows if (r["library"], r["model"]) in models]
+    if exports is not None:
+        rows = [r for r in rows if r["export"] in exports]
     latest: dict[tuple[str, str, str], dict] = {}
     for r in rows:  # a rerun of the same entry supersedes the earlier one
         latest[(r["library"], r["model"], r["export"])] = r
@@ -380,11 +383,12 @@ def markdown(card: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str, readme: Path) -> None:
+def write_readme(section: str, readme: Path, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between the markers (or append it), so reruns replace it."""
     text = readme.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     readme.write_text(text)
@@ -407,7 +411,9 @@ def main() -> int:
     parser.add_argument("--scorecard", default=str(SCORECARD), help="scorecard JSON to write")
     parser.add_argument("--readme", default=str(README), help="markdown file to update")
     parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild the scorecard")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild the scorecard of the selected models from the results")
+    parser.add_argument("--all", action="store_true", help="scorecard over every stored result")
     parser.add_argument("--worker", nargs=2, metavar=("LIBRARY", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -420,8 +426,9 @@ def main() -> int:
     if not args.report_only:
         sweep(args)
     rows = load_results(Path(args.results))
-    selected = None if args.report_only else set(choose(args))
-    card = scorecard(rows, selected)
+    # The scorecard covers what this command line selects (--report-only --all: every result).
+    selected = None if args.all else set(choose(args))
+    card = scorecard(rows, selected, None if args.all else args.export)
     Path(args.scorecard).parent.mkdir(parents=True, exist_ok=True)
     Path(args.scorecard).write_text(json.dumps(card, indent=1) + "\n")
     how = (f"{'--sample ' + str(args.sample) + ' per library, ' if args.sample else ''}"
