@@ -81,6 +81,27 @@ class ProbeResult:
                    and producer.point.index < lp.point.index < activation.point.index]
         return between[-1] if between else None
 
+    def signal_cut(self) -> LayerProbe | None:
+        """Where the network's output stops depending on its input: the first probed value that
+        is identical for every sample of the batch while nothing after it varies again. None when
+        the output still varies across the batch (a zero-init residual branch, LoRA's B or a
+        ControlNet zero conv go flat on one path while the skip path carries the signal on), and
+        when the cut is the last layer (a zero head).
+
+        Table lookups are never the cut: position and token-type embeddings are the same for
+        every sample by construction."""
+        varying = [lp for lp in self.layers if lp.activation is not None
+                   and not lp.point.is_embedding and lp.activation.nonfinite == 0]
+        cut = None
+        for lp in reversed(varying):
+            if lp.activation.sample_var != 0:  # type: ignore[union-attr]
+                break
+            cut = lp
+        if cut is not None and cut.point.role == "linear" and not any(
+                lp.point.index > cut.point.index for lp in self.of_role("linear")):
+            return None  # a zero head: constant logits at step 0, trains from the first update
+        return cut
+
     @property
     def folded_batchnorm(self) -> bool:
         return any(lp.point.folded_batchnorm for lp in self.layers)

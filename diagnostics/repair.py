@@ -57,7 +57,7 @@ MAX_ROUNDS = 3
 class ChangedTensor:
     name: str
     layer: str
-    scheme: str  # an init scheme, 'zeros', or 'lsuv' (orthogonal rescaled to unit output variance)
+    scheme: str  # an init scheme, 'zeros', 'ones', or 'lsuv' (orthogonal rescaled to unit output variance)
     std: float | None = None
     bound: float | None = None
     gain: float | None = None  # lsuv: the factor applied to the orthogonal start
@@ -192,6 +192,13 @@ class _Plan:
 
     def _weight_finding(self, finding: Finding) -> bool:
         handled = False
+        if finding.rule == "zero-weights" and "sample_var" in finding.evidence \
+                and (finding.fix is None or finding.fix.init is None):
+            # The zero scale or gate where the output stopped depending on the input: named as
+            # the cause, so the protection of norm layers gives way.
+            for name in finding.parameters:
+                handled |= self._set_ones(name, finding.layer or name, finding.rule)
+            return handled
         for name in finding.parameters:
             point = self._owner.get(name)
             if point is not None and name == point.bias:
@@ -259,13 +266,22 @@ class _Plan:
                                            [rule], self._round)
         return True
 
+    def _set_ones(self, name: str, layer: str, rule: str) -> bool:
+        if name not in self.model.parameters or self.protected.get(name, "").startswith("deliberate"):
+            return False
+        if name not in self.changed:
+            self.changed[name] = ChangedTensor(name, layer, "ones", reasons=[rule],
+                                               round=self._round)
+        return True
+
     def values(self, names: list[str], seed: int) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
             change = self.changed[name]
             param = self.model.parameters[name]
             value = draw(change.scheme, param.shape, std=change.std, bound=change.bound,
-                         gain=change.gain or 1.0, layout=self._owner[name].weight_layout,
+                         gain=change.gain or 1.0,
+                         layout=owner.weight_layout if (owner := self._owner.get(name)) else "out_in",
                          gen=generator_for(seed, name))
             out[name] = value.to(device=param.device, dtype=param.dtype)
         return out

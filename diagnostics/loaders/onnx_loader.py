@@ -35,6 +35,7 @@ from gradprobe.diagnostics.errors import (
     ProbeError,
 )
 from gradprobe.diagnostics.graph import InputSpec, LoadedModel, ProbePoint, Tap
+from gradprobe.diagnostics.loaders.onnx_folded_norm import FOLDABLE, batch_renormalised
 from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, is_anonymous
 from gradprobe.diagnostics.loaders.onnx_points import GraphNode, GraphView, PointPlan, build_points
 from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
@@ -315,8 +316,8 @@ class _Builder:
             ops = sorted({p.op for p in folded})
             self.notes.append(
                 f"BatchNorm folded into {len(folded)} {'/'.join(ops)} layer(s) at export (eval "
-                "mode): the probe cannot run them on batch statistics; their scale is the "
-                "export's running statistics, not what training will see")
+                "mode): the probe re-normalises their outputs with batch statistics (scale 1, "
+                "folded shift kept), as training-mode BatchNorm would")
         eval_bn = [n for n in nodes if n.op_type == "BatchNormalization"
                    and not n.attrs.get("training_mode", 0)]
         if eval_bn:
@@ -577,6 +578,9 @@ def _compile(nodes: list[GraphNode], fns: list[OpFn], opset: int, plans: list[Po
         unread = [s for s in outs if s not in last_use and s not in keep]
         ctx = OpContext(node=node.name, op_type=node.op_type, opset=opset,
                         num_outputs=len(node.outputs), training=True)
+        if node.op_type in FOLDABLE and any(point.folded_batchnorm
+                                            for point, _ in taps.get(node.index, ())):
+            fn = batch_renormalised(fn)
         steps.append((fn, ctx, node.attrs, tuple(slot_of(v) for v in node.inputs), outs,
                       tuple(taps.get(node.index, ())),
                       tuple(dict.fromkeys(frees.get(node.index, []) + unread))))

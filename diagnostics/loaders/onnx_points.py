@@ -27,6 +27,7 @@ import onnx
 import torch
 
 from gradprobe.diagnostics.graph import ProbePoint
+from gradprobe.diagnostics.loaders.onnx_folded_norm import FOLDABLE
 from gradprobe.diagnostics.loaders.onnx_naming import (
     class_hierarchy,
     is_anonymous,
@@ -170,7 +171,9 @@ def build_points(view: GraphView) -> list[PointPlan]:
             nonlinearity=d.kind if d.role == "activation" else d.nonlinearity,
             parameters=d.parameters, weight=d.weight, bias=d.bias, fan_in=d.fan_in,
             fan_out=d.fan_out, weight_layout=d.layout, channel_axis=d.channel_axis,
-            feeds=d.feeds, folded_batchnorm=d.folded, followed_by_norm=d.followed_by_norm,
+            feeds=d.feeds, folded_batchnorm=d.folded,
+            # the interpreter re-normalises a folded conv on batch statistics (onnx_folded_norm)
+            followed_by_norm=d.followed_by_norm or (d.folded and d.node.op_type in FOLDABLE),
         )
         plans.append(PointPlan(point=point, value=d.value, step=d.step))
     return plans

@@ -19,7 +19,8 @@ class DeadGradients(Rule):
     Thresholds: every entry of the gradient exactly 0 on the probe batch. Measured with deliberate
     zero layers set to their textbook init (a zero head blocks every gradient at step 0 only), and
     not reported where another rule names the cause: the zero/constant weight itself, layers behind
-    a fully dead ReLU, non-finite values.
+    a fully dead ReLU or behind the point where the output stops depending on the input,
+    non-finite values.
     """
 
     name = "dead-gradients"
@@ -34,6 +35,11 @@ class DeadGradients(Rule):
                 index_of_layer.setdefault(name, lp.point.index)
         dead_walls = [lp.point.index for lp in probe.activations("relu")
                       if lp.activation and lp.activation.dead_units >= 0.999]
+        cut = probe.signal_cut()
+        if cut is not None:
+            # Upstream of where the output stops depending on the input every gradient is zero
+            # as a consequence; zero-weights names the cut itself.
+            dead_walls.append(cut.point.index)
         wall = max(dead_walls) if dead_walls else -1
         judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
         # A weight whose layer output no longer depends on the input gets a zero gradient

@@ -12,7 +12,7 @@ class ExplodingGradients(GradientTrendRule):
     Example: 40 linear layers with W = 1.5 * I: the gradient grows 1.5x per layer going backwards.
     Fix: rescale the init (He/Xavier for the nonlinearity), add normalisation; clip gradients
     (`torch.nn.utils.clip_grad_norm_`) as a guard.
-    Thresholds: per-entry gradient RMS at each parameterised layer's output, a least-squares line
+    Thresholds: per-entry gradient RMS at each parameterised layer's output, the median layer-to-layer step
     in log space; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 during training,
     we allow more at step 0), error from `error_ratio` (1e4).
     """

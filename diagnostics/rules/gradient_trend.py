@@ -45,7 +45,7 @@ class GradientTrendRule(Rule):
                       code="# after replacing nn.Sigmoid/nn.Tanh with nn.ReLU:\n" + fix.code)
         yield self.finding(
             first, f"the gradient reaching {first.point.layer} is {early_to_late:.3g}x that at "
-                   f"{last.point.layer} (per-entry RMS, fitted over {len(trend.layers)} layers: "
+                   f"{last.point.layer} (per-entry RMS, median step over {len(trend.layers)} layers: "
                    f"x{1 / trend.per_layer:.3g} per layer going backwards) — early layers get a "
                    f"{word} update than late ones by that factor.",
             evidence={"early_to_late": early_to_late, "per_layer_factor": 1 / trend.per_layer,

@@ -30,11 +30,14 @@ class InitScale(Rule):
     times off the second moment of its input (a He layer after a ReLU gives ~2), in the same
     direction, and the distortion must reach what the following layers are fed: for a blow-up,
     every later layer's input (or, for the last layer, the output); for a shrink, no later layer's
-    input may recover (a LayerNorm or residual path that restores the scale keeps the rule
-    silent, and a small head is a deliberate start); behind BatchNorm, its |g|/|w| must differ from the median of its BatchNorm-backed peers
-    by at least `update_factor` (30): a stage at 10x He std trains ~100x slower, while
-    torchvision's fan-out init of depthwise convs (~8x faster updates) trains fine. Layers whose
-    BatchNorm was folded at export and embedding tables (no fan-in) are not judged.
+    input and no later normalisation's output may recover (a LayerNorm or residual path that
+    restores the scale keeps the rule silent), and the layers after the last normalisation (the
+    head: small logits are a deliberate start) are not judged for a shrink. Behind BatchNorm only
+    a too-large weight is a defect: its |g|/|w| must be at least `update_factor` (30) times below
+    the median of its BatchNorm-backed peers (a stage at 10x He std trains ~100x slower and never
+    catches up). A too-small weight there takes larger relative steps, its norm grows and the step
+    shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and
+    depthwise convs (torchvision, timm) train fine. Embedding tables (no fan-in) are not judged.
     """
 
     name = "init-scale"
@@ -47,16 +50,21 @@ class InitScale(Rule):
         if not judged:
             return
         peers = [probe.params[lp.point.weight].stats.grad_to_weight for lp in judged
-                 if lp.point.followed_by_norm and not lp.point.folded_batchnorm]
+                 if lp.point.followed_by_norm]
         peer_median = statistics.median(peers) if len(peers) >= 3 else None
         powers = _input_powers(probe)
         output_var = judged[-1].activation.var  # type: ignore[union-attr]
+        # Normalisation outputs: what a residual stream is restored to (the power each norm
+        # emits), and where the head begins (layers after the last norm make the logits).
+        norm_powers = {lp.point.index: lp.activation.var + lp.activation.mean**2
+                       for lp in probe.of_role("norm") if lp.activation is not None}
+        head_from = max(norm_powers, default=None)
         wf, ff, uf = self.t["weight_factor"], self.t["flow_factor"], self.t["update_factor"]
         for lp in judged:
             point = lp.point
             stats = probe.params[point.weight].stats  # type: ignore[index]
             target = target_variance(point)
-            if target is None or stats.constant or stats.nonfinite or point.folded_batchnorm:
+            if target is None or stats.constant or stats.nonfinite:
                 continue
             k = stats.std**2 / target
             if 1 / wf < k < wf:
@@ -65,7 +73,10 @@ class InitScale(Rule):
                 if peer_median is None or not peer_median > 0:
                     continue
                 rel = stats.grad_to_weight / peer_median
-                if (k >= wf and rel <= 1 / uf) or (k <= 1 / wf and rel >= uf):
+                # Only the slow direction is a defect: a small weight behind BatchNorm takes
+                # larger relative steps, its norm grows and the step shrinks back (Arora, Li &
+                # Lyu, ICLR 2019); a large one takes tiny steps and stays slow.
+                if k >= wf and rel <= 1 / uf:
                     yield self._finding(lp, k, evidence={"relative_update": rel}, how=(
                         f"behind BatchNorm its relative update |g|/|w| is {rel:.2g}x the median of "
                         f"its peers: it trains ~{max(rel, 1 / rel):.0f}x "
@@ -84,8 +95,12 @@ class InitScale(Rule):
                 if carried >= ff:
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
                                         how=self._how(jump, var_out, power, carried, bool(later)))
-            elif k <= 1 / wf and jump <= 1 / ff and later:
-                # Small logits from a small head are a deliberate start (BERT, ViT): not judged.
+            elif k <= 1 / wf and jump <= 1 / ff and later \
+                    and (head_from is None or point.index < head_from):
+                # Small logits from a small head (the layers after the last norm, or the last
+                # layer) are a deliberate start (BERT, ViT, torchvision's classifiers): not
+                # judged. A later norm that restores the scale undoes the shrink.
+                later += [v / power for i, v in norm_powers.items() if i > point.index]
                 carried = max(later)
                 if carried <= 1 / ff:
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},

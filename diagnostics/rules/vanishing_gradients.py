@@ -12,7 +12,7 @@ class VanishingGradients(GradientTrendRule):
     Example: ten sigmoid layers with default init: each passes at most 1/4 of the gradient.
     Fix: ReLU-family activations with He init instead of sigmoid/tanh stacks; normalisation;
     residual connections.
-    Thresholds: per-entry gradient RMS at each parameterised layer's output, a least-squares line
+    Thresholds: per-entry gradient RMS at each parameterised layer's output, the median layer-to-layer step
     in log space from the first to the last layer; warning when early/late <= `ratio` (1e-3,
     AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers (zero head, zero-init
     residual) set to their textbook init, as after step one. Always a warning: in our training

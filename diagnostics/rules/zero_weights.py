@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from gradprobe.diagnostics.init_schemes import recommended_init
-from gradprobe.diagnostics.probe import ProbeResult
-from gradprobe.diagnostics.report import Finding, Severity
+from gradprobe.diagnostics.init_schemes import param_expr, recommended_init
+from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
+from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
 from gradprobe.diagnostics.rules.symmetry import judge
 
@@ -15,22 +15,29 @@ class ZeroWeights(Rule):
     Why it matters: units with identical (zero) weights compute the same value and, if they also
     receive the same gradient, get the same update at every step: the layer never learns more
     than one feature. A zero weight that blocks the gradient (e.g. the first conv of a residual
-    branch, in front of a ReLU) never moves at all. Deliberate zeros are judged by their gradient:
-    a zero classification head, LoRA's B, ControlNet zero convs and zero-init residual scales
-    receive a distinct gradient per unit and train from the first step; they are reported as info.
-    Example: `nn.init.zeros_(model.net[0].weight)` on a hidden layer of an MLP.
+    branch, in front of a ReLU) never moves at all. A zero that leaves no path around it — a
+    zeroed LayerNorm scale under the embeddings, a gate stuck at 0 in a block without a skip —
+    makes the network's output the same for every input. Deliberate zeros keep a path: a zero
+    classification head, LoRA's B, ControlNet zero convs and zero-init residual scales receive a
+    distinct gradient per unit, the input still reaches the output around them, and they are
+    reported as info.
+    Example: `nn.init.zeros_(model.net[0].weight)` on a hidden layer of an MLP;
+    `model.embeddings.LayerNorm.weight.data.zero_()` in BERT.
     Fix: initialise the weight with the scheme that matches the nonlinearity that follows (He for
-    the ReLU family, Xavier for tanh/sigmoid/linear, LeCun for SELU); the finding carries the std,
-    bound and the PyTorch line.
+    the ReLU family, Xavier for tanh/sigmoid/linear, LeCun for SELU; ones for a norm scale or a
+    multiplicative gate); the finding carries the std, bound and the PyTorch line.
     Thresholds: every entry exactly 0. Error when the gradient is zero or identical across output
-    units (relative spread <= 1e-6), info otherwise. Biases are never reported: zero is their
-    standard init.
+    units (relative spread <= 1e-6), or when the output no longer varies across the probe batch
+    from this point on (the zero is where the across-batch variance first collapses, before the
+    last layer); info otherwise. Biases are never reported: zero is their standard init.
     """
 
     name = "zero-weights"
     severity = Severity.ERROR
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
+        cut = probe.signal_cut()
+        cut_named = False
         for lp in probe.layers:
             point = lp.point
             if point.role not in ("linear", "norm") or not point.weight:
@@ -42,6 +49,11 @@ class ZeroWeights(Rule):
             evidence = {"grad_norm": param.stats.grad_norm, "shape": param.stats.shape}
             if param.unit_spread is not None:
                 evidence["unit_grad_spread"] = param.unit_spread
+            cut_here = cut is not None and cut.point.index == point.index
+            cut_named |= cut_here
+            if cut_here and (verdict.can_train or point.role == "norm"):
+                yield self._cut_finding(lp, [point.weight], evidence)
+                continue
             if verdict.can_train or point.role == "norm":
                 what = "a zero scale" if point.role == "norm" else "a zero weight"
                 yield self.finding(
@@ -54,3 +66,30 @@ class ZeroWeights(Rule):
                 lp, f"{point.layer}.weight is all zeros and {verdict.reason}: this layer cannot "
                     f"learn. Initialise it with {fix.init} (std {fix.std:.3g}).",
                 evidence=evidence, fix=fix, parameters=[point.weight])
+        if cut is not None and not cut_named:
+            # The zero sits between probe points (a gate or scale multiplied in): name the
+            # all-zero tensors no layer owns as the suspects.
+            owned = {n for lp in probe.layers for n in (lp.point.weight, lp.point.bias) if n}
+            suspects = [name for name, p in probe.params.items()
+                        if p.stats.abs_max == 0 and not p.stats.nonfinite and name not in owned
+                        and not name.endswith("bias")]
+            if suspects:
+                yield self._cut_finding(cut, suspects, {"suspects": len(suspects)})
+
+    def _cut_finding(self, lp: LayerProbe, zeros: list[str],
+                     evidence: dict[str, object]) -> Finding:
+        names = ", ".join(zeros[:3]) + (" ..." if len(zeros) > 3 else "")
+        if lp.point.role == "linear" and zeros == [lp.point.weight]:
+            fix = recommended_init(lp.point)
+        else:
+            fix = Fix(code="\n".join(f"nn.init.ones_({param_expr(n, n.rsplit('.', 1)[0])})"
+                                     for n in zeros[:3]),
+                      advice="initialise the zero scale/gate to ones, or add a residual path "
+                             "around it")
+        return self.finding(
+            lp, f"the network's output no longer depends on its input from {lp.point.layer} on: "
+                f"every sample gives the same value there and nothing after it varies again, "
+                f"because {names} {'is' if len(zeros) == 1 else 'are'} all zeros with no path "
+                f"around. Initialise it non-zero{' with ' + fix.init if fix.init else ' (ones for a norm scale or a gate)'}.",
+            evidence={**evidence, "sample_var": 0.0}, fix=fix, parameters=list(zeros))
+
