@@ -116,9 +116,8 @@ def worker(family_name: str, wanted: list[str], exports: list[str]) -> None:
                     continue
                 planted = zoo.Built(healthy.library, healthy.name, copy.deepcopy(healthy.module),
                                     healthy.inputs, healthy.parameters)
-                changed = defects.plant(planted.module.model, defect, site)
+                defects.plant(planted.module.model, defect, site)
                 paths = defects.site_layers(family, defect)
-                params = ["model." + c for c in changed]
                 start = time.perf_counter()
                 path, report = lint(planted, how, directory)
                 if path is None:
@@ -127,7 +126,7 @@ def worker(family_name: str, wanted: list[str], exports: list[str]) -> None:
                 expected = defects.EXPECTED[defect]
                 new = [f for f in serious(report) if (f.rule, f.layer) not in baseline]
                 hits = [f for f in new if expected is None or f.rule in expected]
-                located = [f for f in hits if defects.at_site(f.layer, f.parameters, paths, params)]
+                located = [f for f in hits if defects.at_site(f.layer, paths)]
                 row = {"status": "done", "site": f"model.{site}", "detected": bool(hits),
                        "right_layer": bool(located),
                        "errors": sum(f.severity.value == "error" for f in hits),
@@ -194,6 +193,12 @@ def scorecard(rows: list[dict]) -> dict:
         latest[(r["family"], r["defect"], r["export"])] = r
     rows = sorted(latest.values(), key=lambda r: (r["family"], r["export"],
                                                   (["healthy", *defects.DEFECTS]).index(r["defect"])))
+    for r in rows:  # right layer = a detected finding's layer is the site (the stored findings)
+        if r["status"] == "done" and r["defect"] != "healthy":
+            family = defects.family_named(r["family"])
+            layers = defects.site_layers(family, r["defect"])
+            r["right_layer"] = bool(r["detected"]) and any(
+                defects.at_site(f["layer"], layers) for f in r["findings"])
     per_defect: dict[str, dict] = {}
     for r in rows:
         if r["defect"] == "healthy":

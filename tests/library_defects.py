@@ -215,11 +215,9 @@ def site_layers(family: Family, defect: str) -> list[str]:
     return ["model." + p for p in (family.sites[defect], *family.also.get(defect, ()))]
 
 
-def at_site(layer: str | None, parameters: list[str], layers: list[str],
-            planted_parameters: list[str]) -> bool:
-    """A finding is at the planted site when its layer is the site (or a node inside it) or
-    it names a planted parameter."""
+def at_site(layer: str | None, layers: list[str]) -> bool:
+    """A finding is at the planted site when its layer is the site or a node inside it. The
+    parameters a finding lists do not count: a depth-trend finding lists every layer of the
+    trend, the planted one among them."""
     layer = layer or ""
-    if any(layer == p or layer.startswith((p + ".", p + ":")) for p in layers):
-        return True
-    return any(p in planted_parameters for p in parameters)
+    return any(layer == p or layer.startswith((p + ".", p + ":")) for p in layers)
