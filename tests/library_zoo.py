@@ -147,7 +147,7 @@ def _construct(library: str, name: str) -> nn.Module:
     if library == "torchvision":
         import torchvision
 
-        return torchvision.models.get_model(name, weights=None)
+        return torchvision.models.get_model(name, weights=None, **_no_backbone_download(name))
     from transformers import AutoModel
 
     return AutoModel.from_config(tiny_config(name))
@@ -212,6 +212,18 @@ TORCHVISION_NOT_APPLICABLE = {
 }
 
 
+def _no_backbone_download(name: str) -> dict:
+    """Segmentation and detection builders default to an ImageNet backbone, which they would
+    download: ask for none."""
+    import inspect
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    return {"weights_backbone": None} if "weights_backbone" in inspect.signature(
+        builder).parameters else {}
+
+
 def _build_torchvision(name: str) -> Built:
     import torchvision
 
@@ -220,6 +232,7 @@ def _build_torchvision(name: str) -> Built:
     if area in TORCHVISION_NOT_APPLICABLE:
         raise NotApplicable(TORCHVISION_NOT_APPLICABLE[area])
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+    kwargs.update(_no_backbone_download(name))
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     wrapped = FirstTensor(model).eval()
     if area == "video":
@@ -242,7 +255,7 @@ TINY = {
     "decoder_attention_heads": 2, "num_key_value_heads": 2,
     "intermediate_size": 64, "ffn_dim": 64, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
     "n_inner": 64, "d_ff": 64, "hidden_dim": 64, "d_kv": 16, "head_dim": 16,
-    "vocab_size": 256, "image_size": 64, "max_source_positions": 16,
+    "vocab_size": 256, "image_size": 64, "rotary_dim": 8, "max_source_positions": 16,
     "num_mel_bins": 16,
 }
 
