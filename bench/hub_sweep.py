@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import library_zoo as zoo  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "hub_sweep.jsonl"
-SCORECARD = ROOT / "bench" / "results" / "hub_scorecard.json"
+SCORECARD = ROOT / "bench" / "scorecards" / "hub_sweep.json"  # committed: diff it
 README = ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- hub-sweep:begin -->", "<!-- hub-sweep:end -->"
 LINTED, UNSUPPORTED, LINT_ERROR, CRASHED = "linted", "unsupported", "lint-error", "crashed"

@@ -48,7 +48,7 @@ import library_defects as defects  # noqa: E402  (tests/ is on the path via hub_
 import library_zoo as zoo  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "planted_sweep.jsonl"
-SCORECARD = ROOT / "bench" / "results" / "planted_scorecard.json"
+SCORECARD = ROOT / "bench" / "scorecards" / "planted_sweep.json"  # committed: diff it
 BEGIN, END = "<!-- planted-sweep:begin -->", "<!-- planted-sweep:end -->"
 
 
@@ -331,6 +331,7 @@ def main() -> int:
     rows = [r for r in load_results(results) if r["family"] in names
             and r["export"] in args.export and r["defect"] in ("healthy", *args.defects)]
     card = scorecard(rows)
+    Path(args.scorecard).parent.mkdir(parents=True, exist_ok=True)
     Path(args.scorecard).write_text(json.dumps(card, indent=1) + "\n")
     meta = (f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {card['families']} "
             f"families, exports {', '.join(args.export)}. A case counts once per export.")
