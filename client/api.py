@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradprobe.diagnostics.errors import ConfigError
+from gradprobe.diagnostics.errors import ConfigError, ModelLoadError
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Report
 from gradprobe.server import convert
@@ -111,6 +111,17 @@ def _hash_file(path: Path) -> tuple[str, int]:
             digest.update(block)
             size += len(block)
     return digest.hexdigest(), size
+
+
+def _require_file_source(model: object) -> None:
+    """The server probes files; a live model is linted locally or saved first. (Exporting it
+    here would pull torch into a client that is torch-free by design.)"""
+    if not isinstance(model, (str, Path, bytes)):
+        raise ModelLoadError(
+            f"Client.diagnose sends a model file (a path or bytes), not a {type(model).__name__}:"
+            " lint a live model locally with gradprobe.diagnose(model, example_inputs), or save "
+            "it with torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')"
+            " and send that file")
 
 
 def _model_payload(source: ModelSource) -> _Payload:
@@ -219,6 +230,7 @@ class Client:
                timeout_s: float | None = None) -> str:
         """Make sure the server holds `model` (a path or the file's bytes); return the sha256
         it is stored under. Nothing is sent when the server already has it."""
+        _require_file_source(model)
         payload = _model_payload(model)
         self._upload(payload, model, options, self._deadline(timeout_s))
         return payload.sha256
@@ -245,6 +257,7 @@ class Client:
         """Upload `model` if needed and probe it on the server: the report (and any error) of
         the local `diagnose(model, options, path_label=...)`. `path_label` is what the report
         shows as model.path; default: the path as given, None for bytes."""
+        _require_file_source(model)
         options = options or DiagnoseOptions()
         wire_options = convert.options_to_proto(options)  # ConfigError before any traffic
         deadline = self._deadline(timeout_s)

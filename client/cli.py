@@ -54,7 +54,7 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="where to run the probe (default auto: a GPU when there is one)")
     p.add_argument("--seed", type=int, default=None, help="seed of the probe batch (default 0)")
-    p.add_argument("--format-of-model", dest="model_format", choices=("onnx", "torchscript"),
+    p.add_argument("--format-of-model", dest="model_format", choices=("onnx", "torchscript", "pt2"),
                    default=None, help="read the file as this format instead of detecting it")
     p.add_argument("--config", type=Path, metavar="FILE", help="configuration file (default: "
                    "nearest gradprobe.toml, or pyproject.toml with [tool.gradprobe])")
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write a self-contained HTML report with plots")
     lint.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                       help="at most N models in parallel (default: as cores and memory allow)")
+    lint.add_argument("--mlflow", action="store_true",
+                      help="log the reports, counts and verdict to MLflow (MLFLOW_TRACKING_URI, "
+                           "MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID; needs gradprobe[mlflow])")
     lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
     lint.add_argument("--token", help="bearer token for --server (or GRADPROBE_TOKEN)")
     lint.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify --server's TLS")
@@ -147,14 +150,19 @@ def run_lint(args: argparse.Namespace) -> int:
     from gradprobe.client.progress import Progress
 
     config = load_config(args.config, Path.cwd()).with_overrides(**overrides_from_args(args))
+    options_for, triton_versions = _with_triton_inputs(args.models, config)
     paths = expand_paths(args.models)
     remote = None
     if args.server:  # the server does the work; files go to it one by one
         def remote(path: Path, options: DiagnoseOptions, hook: object) -> object:
             return _diagnose_one(path, options, args)
     with Progress(len(paths)) as progress:
-        outcomes = lint_files(paths, config.options_for, jobs=args.jobs, progress=progress,
+        outcomes = lint_files(paths, options_for, jobs=args.jobs, progress=progress,
                               diagnose=remote)
+    for outcome in outcomes:
+        version = triton_versions.get(outcome.path.resolve())
+        if version is not None and outcome.report is not None:
+            outcome.report.model.notes.append(version.note)
     for failed in (o for o in outcomes if not o.ok):  # one line each; the others still count
         if failed.detail and os.environ.get("GRADPROBE_DEBUG"):
             print(failed.detail, file=sys.stderr)
@@ -177,6 +185,8 @@ def run_lint(args: argparse.Namespace) -> int:
         from gradprobe.client.formats.html import render_html
 
         _write(render_html(reports), args.html)
+    if args.mlflow and reports:
+        _log_to_mlflow(reports, config.fail_on)
     if any(o.internal for o in outcomes):
         return EXIT_INTERNAL
     if any(not o.ok for o in outcomes):
@@ -184,6 +194,34 @@ def run_lint(args: argparse.Namespace) -> int:
     if args.write_baseline:
         return EXIT_CLEAN
     return EXIT_FINDINGS if any(r.fails(config.fail_on) for r in reports) else EXIT_CLEAN
+
+
+def _with_triton_inputs(arguments: list[Path], config: object) -> tuple:
+    """Options per file, with the inputs of Triton model versions taken from their
+    config.pbtxt (unless the user gave shapes); and file -> its Triton version."""
+    from gradprobe.client import triton
+
+    base = config.options_for  # type: ignore[attr-defined]
+    batch = getattr(config, "batch_size", None) or DiagnoseOptions().batch_size
+    versions = {path.resolve(): v
+                for path, v in triton.scan([p for p in arguments if p.is_dir()], batch).items()}
+
+    def options_for(path: Path) -> DiagnoseOptions:
+        options = base(path)
+        version = versions.get(path.resolve())
+        if version is None or options.input_shapes is not None:
+            return options
+        return version.options(options)
+    return options_for, versions
+
+
+def _log_to_mlflow(reports: list, fail_on: str) -> None:
+    try:
+        from gradprobe.integrations.mlflow import log_reports
+    except ImportError:
+        raise UsageError("--mlflow needs MLflow: pip install 'gradprobe[mlflow]'") from None
+    run_id = log_reports(reports, fail_on=fail_on)
+    print(f"gradprobe: logged {len(reports)} report(s) to MLflow run {run_id}", file=sys.stderr)
 
 
 def _write(text: str, output: Path | None) -> None:

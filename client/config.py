@@ -78,7 +78,7 @@ class LintConfig(BaseModel):
     root: Path = Field(default_factory=Path.cwd, exclude=True)
     forced_shapes: list[Shape] | None = Field(None, exclude=True)
     input_file: str | None = Field(None, exclude=True)
-    model_format: Literal["onnx", "torchscript"] | None = Field(None, exclude=True)
+    model_format: Literal["onnx", "torchscript", "pt2"] | None = Field(None, exclude=True)
 
     @field_validator("input_dtype", mode="before")
     @classmethod

@@ -13,10 +13,12 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from gradprobe.diagnostics.archives import is_pt2_archive
 from gradprobe.diagnostics.errors import ModelLoadError
 
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".ptl")
+EXPORT_SUFFIXES = (".pt2",)  # torch.export.save archives
 # Folders that never hold the user's models but can be huge: don't walk them.
 SKIPPED_DIRS = {"__pycache__", "node_modules", "site-packages"}
 
@@ -34,6 +36,8 @@ def is_model_file(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return True
+    if suffix in EXPORT_SUFFIXES:
+        return is_pt2_archive(path)
     return suffix in TORCHSCRIPT_SUFFIXES and is_torchscript_archive(path)
 
 

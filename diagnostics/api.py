@@ -6,10 +6,17 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 
-from gradprobe.diagnostics.errors import ConfigError, GradprobeError, ProbeError
+from gradprobe.diagnostics.errors import (
+    ConfigError,
+    GradprobeError,
+    InputSpecError,
+    ProbeError,
+)
 from gradprobe.diagnostics.graph import LoadedModel
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
@@ -17,6 +24,8 @@ from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.probe import ProbeResult, probe
 from gradprobe.diagnostics.report import InputInfo, LayerReport, ModelInfo, Report, Summary, Timing
 from gradprobe.diagnostics.rule_runner import run_rules, selected_rules
+from gradprobe.diagnostics.synthetic_images import NOTE as IMAGE_NOTE
+from gradprobe.diagnostics.synthetic_images import looks_like_images
 
 Progress = Callable[[str, float], None]
 VERSION = "0.1.0"
@@ -46,16 +55,36 @@ def _sha256(source: Path | bytes) -> tuple[str, int]:
 
 
 def diagnose(
-    source: str | Path | bytes,
+    source: str | Path | bytes | Any,
+    example_inputs: Any = None,
     options: DiagnoseOptions | None = None,
     *,
     progress: Progress | None = None,
     path_label: str | None = None,
+    self_contained: bool = False,
+    **option_fields: Any,
 ) -> Report:
-    """Probe one model file (path or bytes) and return its report.
+    """Probe one model and return its report.
+
+    `source` is a model file (path or bytes: ONNX, TorchScript, torch.export `.pt2`) or a live
+    model: an `nn.Module` with `example_inputs` (a tensor, a tuple, or a dict of keyword
+    inputs), a `torch.jit.ScriptModule` or a `torch.export.ExportedProgram`. A live model is
+    left exactly as it was. Options come as a `DiagnoseOptions` (the second positional argument
+    is taken as one, as before) or as its fields by keyword (`seed=1, select=[...]`).
+    `self_contained` refuses model files that read other files (ONNX external data): what a
+    server wants of an upload.
 
     Raises a `GradprobeError` subclass for anything wrong with the input."""
-    options = options or DiagnoseOptions()
+    if isinstance(example_inputs, DiagnoseOptions) and options is None:
+        options, example_inputs = example_inputs, None
+    options = merged_options(options, option_fields)
+    if not isinstance(source, (str, Path, bytes)):
+        from gradprobe.diagnostics.live import diagnose_live
+
+        return diagnose_live(source, example_inputs, options, progress=progress)
+    if example_inputs is not None:
+        raise InputSpecError("example_inputs are for live models; for a model file, give real "
+                             "data as DiagnoseOptions(input_file=...)")
     notify = progress or (lambda stage, fraction: None)
     src: Path | bytes = Path(source) if isinstance(source, str) else source
     rules = selected_rules(options)  # config errors before any work
@@ -63,7 +92,7 @@ def diagnose(
     start = time.perf_counter()
 
     notify("load", 0.0)
-    model = load_model(src, options.format, name=path_label or "")
+    model = load_model(src, options.format, name=path_label or "", self_contained=self_contained)
     sha, size = _sha256(src)
     model.to(device)
     torch.manual_seed(options.seed)
@@ -71,9 +100,20 @@ def diagnose(
         inputs, input_infos = file_inputs(model.inputs, Path(options.input_file), device)
     else:
         inputs, input_infos = synthetic_inputs(model.inputs, options, device)
-    loaded = time.perf_counter()
     notify("load", 1.0)
+    label = path_label if path_label is not None else (str(src) if isinstance(src, Path) else None)
+    return probe_and_report(model, inputs, input_infos, options, rules, notify=notify,
+                            identity=(label, sha, size), start=start)
 
+
+def probe_and_report(model: LoadedModel, inputs: list[torch.Tensor], input_infos: list[InputInfo],
+                     options: DiagnoseOptions, rules: list, *, notify: Progress,
+                     identity: tuple[str | None, str, int], start: float) -> Report:
+    """Probe a loaded model on its inputs, run the rules and build the report (the stages
+    every door shares once a model is loaded). `identity` is (label, sha256, size in bytes)."""
+    label, sha, size = identity
+    device = model.device
+    loaded = time.perf_counter()
     notify("probe", 0.0)
     result = _probe(model, inputs, options.seed, input_infos)
     probed = time.perf_counter()
@@ -87,11 +127,10 @@ def diagnose(
     summary = Summary()
     for f in findings:
         setattr(summary, f.severity.value, getattr(summary, f.severity.value) + 1)
-    label = path_label if path_label is not None else (str(src) if isinstance(src, Path) else None)
     return Report(
         version=VERSION,
         model=ModelInfo(path=label, format=model.format, sha256=sha, size_bytes=size,
-                        inputs=input_infos, notes=_notes(model.notes, result),
+                        inputs=input_infos, notes=_notes(model.notes, result, input_infos),
                         shared_parameters=model.shared_parameters),
         device=str(device), seed=options.seed, findings=findings,
         layers=[LayerReport(name=lp.point.layer, op=lp.point.op, node=lp.point.node,
@@ -103,6 +142,20 @@ def diagnose(
                       total_s=done - start),
         summary=summary,
     )
+
+
+def merged_options(options: DiagnoseOptions | None, fields: dict[str, Any]) -> DiagnoseOptions:
+    """`options` with `fields` (DiagnoseOptions field names) laid over it; a bad name or value
+    is a ConfigError naming it."""
+    base = options or DiagnoseOptions()
+    if not fields:
+        return base
+    try:
+        return DiagnoseOptions.model_validate({**base.model_dump(exclude_unset=True), **fields})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"bad diagnose option: {problems}") from None
 
 
 def _probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
@@ -121,8 +174,13 @@ def _probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
         raise ProbeError(f"the model failed on the probe batch ({given}): {first}") from None
 
 
-def _notes(model_notes: list[str], result: ProbeResult) -> list[str]:
+def _notes(model_notes: list[str], result: ProbeResult, infos: list[InputInfo]) -> list[str]:
     notes = list(model_notes)
+    images = [i.name for i in infos if i.source in ("declared", "flag", "default")
+              and i.dtype.startswith(("float", "bfloat"))
+              and looks_like_images(i.shape)]
+    if images:
+        notes.append(f"{', '.join(images)}: {IMAGE_NOTE}")
     if result.unblocked:
         notes.append(
             f"gradient flow measured with {len(result.unblocked)} zero-initialised tensor(s) set to "

@@ -26,10 +26,17 @@ class UnsupportedOperator(GradprobeError):
     """The graph uses an operator (or an attribute of one) the interpreter does not implement."""
 
     def __init__(self, op_type: str, node: str, detail: str = "") -> None:
+        # names come from the model file: bounded, so that a 100 KB operator name cannot
+        # overflow a gRPC status (the message is all the caller would get)
+        op_type, node, detail = _bounded(op_type), _bounded(node), _bounded(detail, 400)
         self.op_type = op_type
         self.node = node
         extra = f": {detail}" if detail else ""
         super().__init__(f"unsupported operator {op_type} at node '{node}'{extra}")
+
+
+def _bounded(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class InputSpecError(GradprobeError):
@@ -42,3 +49,12 @@ class ProbeError(GradprobeError):
 
 class ConfigError(GradprobeError):
     """Bad configuration: unknown keys, bad values, unknown rule names."""
+
+
+class InitError(GradprobeError):
+    """`gradprobe.check`: the model's findings reach the severity that fails the check.
+    `report` is the full report."""
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(message)
+        self.report = report

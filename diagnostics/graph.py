@@ -87,7 +87,7 @@ Tap = Callable[[ProbePoint, torch.Tensor], None]
 class LoadedModel(ABC):
     """A model ready to probe. Subclasses: OnnxModel, TorchScriptModel."""
 
-    format: Literal["onnx", "torchscript"]
+    format: Literal["onnx", "torchscript", "pt2", "pytorch"]
     path: str | None
     # Trainable tensors (requires_grad) under user-facing names. TorchScript's are the module's
     # own tensors, not nn.Parameter wrappers, so that backward fills their .grad.

@@ -29,6 +29,8 @@ def module_expr(layer: str) -> str:
 
 
 def param_expr(param: str, layer: str) -> str:
+    if "." not in param and re.fullmatch(r"[A-Za-z_]\w*", param):
+        return f"model.{param}"  # a parameter of the top-level module itself
     suffix = param[len(layer) + 1:] if param.startswith(layer + ".") else ""
     if suffix and re.fullmatch(r"[A-Za-z_]\w*", suffix):
         return f"{module_expr(layer)}.{suffix}"

@@ -19,6 +19,7 @@ from gradprobe.diagnostics.graph import InputSpec
 from gradprobe.diagnostics.options import DTYPES as ACCEPTED_DTYPES
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import InputInfo
+from gradprobe.diagnostics.synthetic_images import image_batch, looks_like_images
 
 # The names the options accept are torch's own dtype names: one list, in options.py.
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in ACCEPTED_DTYPES}
@@ -122,7 +123,9 @@ def synthetic_inputs(
     gen = torch.Generator().manual_seed(options.seed)
     tensors, infos = [], []
     for spec, (shape, source), dtype in zip(specs, shapes, dtypes):
-        if dtype.is_floating_point:
+        if dtype.is_floating_point and looks_like_images(shape):
+            value = image_batch(shape, gen).to(dtype)
+        elif dtype.is_floating_point:
             value = torch.randn(shape, generator=gen).to(dtype)
         elif dtype == torch.bool:
             value = torch.rand(shape, generator=gen) < 0.5

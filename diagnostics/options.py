@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from gradprobe.diagnostics.report import Severity
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+# A dimension of an input shape: at least 1, and small enough that torch can index it.
+Dim = Annotated[int, Field(ge=1, le=2**40)]
 
 
 class DiagnoseOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # One shape per model input, in order; overrides or supplies what the file declares.
-    input_shapes: list[list[int]] | None = None
+    input_shapes: list[list[Dim]] | None = None
     # One dtype for every input, or one per input in order.
     input_dtypes: list[Literal[DTYPES]] | None = None  # type: ignore[valid-type]
     # Real data instead of the synthetic batch (.npy, .npz, .pt).
@@ -28,6 +30,6 @@ class DiagnoseOptions(BaseModel):
     select: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
     severities: dict[str, Severity] = Field(default_factory=dict)
-    thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
+    thresholds: dict[str, dict[str, FiniteFloat]] = Field(default_factory=dict)  # no NaN/inf
     # How the file should be read; None: from the file's content.
-    format: Literal["onnx", "torchscript"] | None = None
+    format: Literal["onnx", "torchscript", "pt2"] | None = None

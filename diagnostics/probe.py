@@ -102,6 +102,21 @@ class ProbeResult:
             return None  # a zero head: constant logits at step 0, trains from the first update
         return cut
 
+    def starves_next_layer(self, layer: LayerProbe) -> bool:
+        """True when every value probed between this layer and the next parameterised one is
+        identical across the batch: the next layer is fed nothing (a zeroed first layer of a
+        residual branch, in front of GELU, norm or ReLU). A deliberate zero at the end of a
+        branch is followed by the residual add, whose activation still varies."""
+        between = []
+        for lp in self.layers:
+            if lp.point.index <= layer.point.index:
+                continue
+            if lp.point.role == "linear":
+                return bool(between) and all(
+                    b.activation is not None and b.activation.sample_var == 0 for b in between)
+            between.append(lp)
+        return False
+
     @property
     def folded_batchnorm(self) -> bool:
         return any(lp.point.folded_batchnorm for lp in self.layers)

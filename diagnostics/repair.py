@@ -306,9 +306,12 @@ class _Plan:
 
 
 def _apply_lsuv(model: LoadedModel, options: DiagnoseOptions, plan: _Plan,
-                report: Report) -> list[LsuvLayer]:
+                report: Report, inputs: list[torch.Tensor] | None = None) -> list[LsuvLayer]:
+    """LSUV on `inputs` (a live model's batch), else on the batch `diagnose` draws."""
     device = model.device
-    if options.input_file:
+    if inputs is not None:
+        pass
+    elif options.input_file:
         inputs, _ = file_inputs(model.inputs, Path(options.input_file), device)
     else:
         inputs, _ = synthetic_inputs(model.inputs, options, device)

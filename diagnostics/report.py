@@ -128,12 +128,15 @@ class InputInfo(_Model):
     name: str
     shape: list[int]
     dtype: str
-    source: Literal["declared", "flag", "default", "file"]
+    # "example": the caller's own tensors given to diagnose(model, example_inputs)
+    source: Literal["declared", "flag", "default", "file", "example"]
 
 
 class ModelInfo(_Model):
     path: str | None
-    format: Literal["onnx", "torchscript"]
+    # "pytorch": a live nn.Module/ScriptModule (sha256 of its structure, not a file);
+    # "pt2": a torch.export ExportedProgram or its .pt2 archive
+    format: Literal["onnx", "torchscript", "pt2", "pytorch"]
     sha256: str
     size_bytes: int
     inputs: list[InputInfo]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +19,10 @@ from grpc_reflection.v1alpha import reflection
 
 from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.server.interceptors import AuthInterceptor, ErrorMapInterceptor
+from gradprobe.server.limits import StreamLimitInterceptor, channel_options
 from gradprobe.server.servicer import CHUNK_BYTES, GradprobeServicer, ServiceLimits
 from gradprobe.server.store import ModelStore
+from gradprobe.server.worker_limits import default_worker_memory_mb
 from gradprobe.server.workers import WorkerPool
 from gradprobe.v1 import service_pb2, service_pb2_grpc
 
@@ -52,6 +56,18 @@ class ServeConfig:
     device: str = "auto"
     store_dir: Path | None = None
     grace_s: float = 30.0  # how long SIGTERM waits for in-flight calls
+    # Stream and connection limits (server/limits.py, docs/security.md).
+    max_open_streams: int = 128  # health Watch + reflection streams, no token needed
+    max_uploads: int = 64  # uploads receiving bytes at once (each holds a temp file)
+    max_calls: int = 2048  # concurrent calls of any kind, server-wide
+    upload_idle_s: float = 30.0  # an upload with no message for this long is cancelled
+    streams_per_connection: int = 32
+    max_connection_age_s: float = 1800.0
+    reflection: bool = False  # server reflection is opt-in (and needs the token when set)
+    worker_memory_mb: int | None = None  # per worker; None: from the machine's memory
+    store_max_gb: float | None = None  # store quota, LRU eviction; None: no quota
+    sandbox: bool = True  # confine workers (server/sandbox.py) where the kernel allows
+    worker_user: str | None = None  # workers setuid to this user (server started as root)
 
     @property
     def max_model_bytes(self) -> int:
@@ -99,6 +115,8 @@ class RunningServer:
         self.pool.drain()
         await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
         await self.pool.close()
+        if self.pool.scratch_root:
+            shutil.rmtree(self.pool.scratch_root, ignore_errors=True)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -108,10 +126,14 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
     """Bind the port, start the workers, then serve. Raises ConfigError for bad settings
     (files, port) before any worker is started."""
     credentials = _credentials(config)
-    store = ModelStore(config.store_dir or default_store_dir(), config.max_model_bytes)
+    store = ModelStore(config.store_dir or default_store_dir(), config.max_model_bytes,
+                       max_receiving=config.max_uploads,
+                       max_bytes=None if config.store_max_gb is None
+                       else int(config.store_max_gb * (1 << 30)))
     interceptors: list[aio.ServerInterceptor] = []
     if config.token:
         interceptors.append(AuthInterceptor(config.token))
+    interceptors.append(StreamLimitInterceptor(max_open_streams=config.max_open_streams))
     interceptors.append(ErrorMapInterceptor())
     server = aio.server(
         interceptors=interceptors,
@@ -119,9 +141,16 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+            *channel_options(
+                streams_per_connection=config.streams_per_connection,
+                max_connection_age_s=config.max_connection_age_s,
+                # a probe admitted just before the connection's end may still finish
+                connection_age_grace_s=(config.timeout_s or 600.0) + 60.0),
         ],
-        # Guard against floods of cheap calls; Diagnose has its own queue limit.
-        maximum_concurrent_rpcs=256 + 4 * (config.workers + config.max_queue),
+        # Guard against floods of cheap calls. Streams anyone may open have their own, lower
+        # cap (StreamLimitInterceptor), idle uploads end after --upload-idle-s, Diagnose is
+        # bounded by the queue: so that no class starves the rest, health Check included.
+        maximum_concurrent_rpcs=max(config.max_calls, config.max_open_streams + 256),
     )
     target = f"[{config.host}]:{config.port}" if ":" in config.host \
         else f"{config.host}:{config.port}"
@@ -133,7 +162,14 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {target}: {exc}") from None
 
-    pool = WorkerPool(config.workers, config.max_queue)
+    memory_mb = config.worker_memory_mb or default_worker_memory_mb(config.workers)
+    # workers write only below here (never the store): one folder each, emptied after a job
+    scratch_root = tempfile.mkdtemp(prefix="gradprobe-scratch-")
+    if config.worker_user:
+        os.chmod(scratch_root, 0o711)  # the workers' user must reach its own folder
+    pool = WorkerPool(config.workers, config.max_queue, memory_mb=memory_mb,
+                      scratch_root=scratch_root, store_dir=str(store.root),
+                      sandbox=config.sandbox, user=config.worker_user)
     await pool.start()
     try:
         devices = [d.name for d in pool.about.devices] if pool.about else []
@@ -144,19 +180,22 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
             store, pool, pool.about, ServiceLimits(
                 max_model_bytes=config.max_model_bytes, workers=config.workers,
                 max_queue=config.max_queue, timeout_s=config.timeout_s or None,
-                max_message_bytes=MAX_RECEIVE_BYTES),
+                max_message_bytes=MAX_RECEIVE_BYTES, upload_idle_s=config.upload_idle_s,
+                worker_memory_bytes=memory_mb << 20),
             version=version, default_device=config.device, auth_required=bool(config.token))
         service_pb2_grpc.add_GradprobeServicer_to_server(servicer, server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), server)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         await pool.close()
+        shutil.rmtree(scratch_root, ignore_errors=True)
         raise
     return RunningServer(server, pool, health, port, config)
 
@@ -171,6 +210,9 @@ async def serve(config: ServeConfig, *, version: str,
              "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
              "token" if config.token else "off", config.device,
              ",".join(d.name for d in about.devices) if about else "?")
+    log.info("workers confined by: %s (memory cap %s MB each)",
+             ", ".join(about.confinement) if about and about.confinement else "nothing",
+             running.pool.memory_mb)
     stop_event = stop_event or asyncio.Event()
     await stop_event.wait()
     log.info("shutting down: draining in-flight calls for up to %.0fs", config.grace_s)

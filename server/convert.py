@@ -42,6 +42,8 @@ _FORMAT_TO_PB = {
     None: pb.MODEL_FORMAT_UNSPECIFIED,
     "onnx": pb.MODEL_FORMAT_ONNX,
     "torchscript": pb.MODEL_FORMAT_TORCHSCRIPT,
+    "pt2": pb.MODEL_FORMAT_PT2,
+    "pytorch": pb.MODEL_FORMAT_PYTORCH,
 }
 _FORMAT_FROM_PB = {v: k for k, v in _FORMAT_TO_PB.items()}
 
@@ -58,10 +60,10 @@ def format_to_proto(fmt: str | None) -> int:
 
 
 def format_from_proto(value: int) -> str | None:
-    try:
-        return _FORMAT_FROM_PB[value]
-    except KeyError:
-        raise ConfigError(f"unknown model format {value} in request") from None
+    fmt = _FORMAT_FROM_PB.get(value)
+    if fmt is None and value != pb.MODEL_FORMAT_UNSPECIFIED or fmt == "pytorch":
+        raise ConfigError(f"unknown model format {value} in request")  # pytorch: no file
+    return fmt
 
 
 def rebuild_error(class_name: str, message: str) -> GradprobeError:

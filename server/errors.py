@@ -30,8 +30,24 @@ class WorkerCrashed(Exception):
     """The worker process died while probing (killed, out of memory, a crash in native code)."""
 
 
+class WorkerOutOfMemory(Exception):
+    """The probe needs (or would need) more than --worker-memory-mb."""
+
+
 class ProbeTimedOut(Exception):
     """The probe ran past --timeout-s or the client's deadline; its worker was replaced."""
+
+
+class StoreFull(Exception):
+    """The store's quota (--store-max-gb) is reached and nothing in it can be evicted."""
+
+
+class UploadsBusy(Exception):
+    """--max-uploads uploads are already receiving data."""
+
+
+class UploadStalled(Exception):
+    """No upload message arrived for --upload-idle-s: the upload was cancelled and cleaned."""
 
 
 class ShuttingDown(Exception):

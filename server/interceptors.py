@@ -2,8 +2,8 @@
 
 - `ErrorMapInterceptor`: the one place where exceptions become gRPC status codes, and where
   each call leaves its one log line (method, model sha, rules fired, duration, status).
-- `AuthInterceptor`: bearer-token check; health and reflection stay open so probes and
-  grpcurl work without the token.
+- `AuthInterceptor`: bearer-token check; health stays open so that probes work without the
+  token. Reflection (opt-in, `--reflection`) needs the token like any other call.
 """
 
 from __future__ import annotations
@@ -26,14 +26,20 @@ from gradprobe.server.errors import (
     ProbeTimedOut,
     QueueFull,
     ShuttingDown,
+    StoreFull,
+    UploadsBusy,
+    UploadStalled,
     WorkerCrashed,
+    WorkerOutOfMemory,
 )
 from gradprobe.server.workers import WorkerFault
 
 log = logging.getLogger("gradprobe.server.access")
 
 SERVICE_PREFIX = "/gradprobe.v1.Gradprobe/"
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Longest status message sent; parts of a message may come from the model file.
+MAX_MESSAGE_CHARS = 2000
 # Trailing metadata that names the GradprobeError class, so a client can raise the same one.
 ERROR_CLASS_KEY = "gradprobe-error-class"
 
@@ -41,9 +47,13 @@ ERROR_CLASS_KEY = "gradprobe-error-class"
 STATUS_MAP: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ModelTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UploadsBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WorkerOutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (GradprobeError, grpc.StatusCode.INVALID_ARGUMENT),
     (ProbeTimedOut, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UploadStalled, grpc.StatusCode.DEADLINE_EXCEEDED),
     (WorkerCrashed, grpc.StatusCode.INTERNAL),
     (WorkerFault, grpc.StatusCode.INTERNAL),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
@@ -163,7 +173,12 @@ def _status(exc: Exception, method: str, notes: dict[str, Any]
     if code is None:
         log.error("internal error in %s", method, exc_info=exc)
         return grpc.StatusCode.INTERNAL, "internal error in gradprobe (see the server log)", ()
+    if isinstance(exc, WorkerFault):  # its text may quote the model's code: log it only
+        log.error("internal error in %s: %s", method, exc)
+        return code, "internal error in gradprobe (see the server log)", ()
     message = str(exc)
+    if len(message) > MAX_MESSAGE_CHARS:  # gRPC metadata has a size limit; never lose a status
+        message = message[:MAX_MESSAGE_CHARS] + "..."
     notes["error"] = repr(message[:200])
     if isinstance(exc, GradprobeError):
         return code, message, ((ERROR_CLASS_KEY, type(exc).__name__),)
@@ -179,7 +194,7 @@ def _cancel_code(context: aio.ServicerContext) -> grpc.StatusCode:
 
 
 class AuthInterceptor(aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every call except health and reflection."""
+    """Requires `authorization: Bearer <token>` on every call except health."""
 
     def __init__(self, token: str) -> None:
         if not token:

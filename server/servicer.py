@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gradprobe.server import convert
-from gradprobe.server.errors import UploadError
+from gradprobe.server.errors import UploadError, UploadStalled, WorkerOutOfMemory
 from gradprobe.server.interceptors import annotate
 from gradprobe.server.store import ModelStore, check_sha256
+from gradprobe.server.worker_limits import estimate_input_bytes
 from gradprobe.server.worker_process import About, Job
 from gradprobe.server.workers import WorkerPool
 from gradprobe.v1 import service_pb2 as spb
@@ -26,6 +27,8 @@ class ServiceLimits:
     max_queue: int
     timeout_s: float | None  # per probe; None: no limit
     max_message_bytes: int
+    upload_idle_s: float = 30.0  # no upload message for this long: cancelled and cleaned
+    worker_memory_bytes: int = 0  # 0: no limit
 
 
 class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
@@ -53,8 +56,9 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
     async def UploadModel(self, request_iterator: AsyncIterator[spb.UploadModelRequest],
                           context) -> spb.UploadModelResponse:
         messages = request_iterator.__aiter__()
+        idle_s = self.limits.upload_idle_s
         try:
-            first = await messages.__anext__()
+            first = await _next_message(messages, idle_s)
         except StopAsyncIteration:
             raise UploadError("empty upload: the first message must carry the metadata") from None
         if first.WhichOneof("part") != "metadata":
@@ -69,7 +73,8 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
             return spb.UploadModelResponse(sha256=header.sha256,
                                            size_bytes=existing.stat().st_size,
                                            already_present=True)
-        await self.store.receive(header, _chunks(messages))
+        await self.store.receive(header, _chunks(messages, idle_s))
+        annotate(store_bytes=self.store.used_bytes)  # the store's size, in the access log
         return spb.UploadModelResponse(sha256=header.sha256, size_bytes=header.size_bytes)
 
     async def Diagnose(self, request: spb.DiagnoseRequest, context
@@ -79,6 +84,7 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
         path = self.store.path_of(sha)
         options = convert.options_from_proto(request.options, default_device=self.default_device)
         label = request.path_label if request.HasField("path_label") else None
+        self._check_memory(options)
         job = Job(sha256=sha, model_path=str(path), options=options, path_label=label)
 
         events: asyncio.Queue[tuple[str, float] | None] = asyncio.Queue()
@@ -87,8 +93,10 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
             progress=lambda stage, fraction: events.put_nowait((stage, fraction))))
         probe.add_done_callback(lambda _: events.put_nowait(None))
         try:
-            while (event := await events.get()) is not None:
-                yield spb.DiagnoseEvent(progress=spb.Progress(stage=event[0], fraction=event[1]))
+            with self.store.hold(sha):  # not evicted while queued or probed
+                while (event := await events.get()) is not None:
+                    yield spb.DiagnoseEvent(progress=spb.Progress(stage=event[0],
+                                                                  fraction=event[1]))
             report = probe.result()
         finally:
             probe.cancel()  # no-op when done; else the pool kills the worker
@@ -97,6 +105,15 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
         for finding in report.findings:
             yield spb.DiagnoseEvent(finding=convert.finding_to_proto(finding))
         yield spb.DiagnoseEvent(report=convert.report_to_proto(report, with_findings=False))
+
+    def _check_memory(self, options) -> None:  # noqa: ANN001  (DiagnoseOptions)
+        """Refuse before any work a probe whose inputs alone exceed a worker's memory."""
+        limit = self.limits.worker_memory_bytes
+        needed = estimate_input_bytes(options.input_shapes, options.input_dtypes)
+        if limit and needed > limit:
+            raise WorkerOutOfMemory(
+                f"the probe batch alone needs about {needed >> 20} MB, over this server's "
+                f"{limit >> 20} MB per worker (--worker-memory-mb)")
 
     async def ListRules(self, request: spb.ListRulesRequest, context) -> spb.ListRulesResponse:
         return spb.ListRulesResponse(rules=self._rules)
@@ -116,8 +133,22 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
         )
 
 
-async def _chunks(messages: AsyncIterator[spb.UploadModelRequest]) -> AsyncIterator[bytes]:
-    async for message in messages:
+async def _next_message(messages: AsyncIterator[spb.UploadModelRequest],
+                        idle_s: float) -> spb.UploadModelRequest:
+    try:
+        return await asyncio.wait_for(messages.__anext__(), idle_s)
+    except asyncio.TimeoutError:
+        raise UploadStalled(f"no upload message for {idle_s:g}s (--upload-idle-s): the upload "
+                            "was cancelled") from None
+
+
+async def _chunks(messages: AsyncIterator[spb.UploadModelRequest],
+                  idle_s: float) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            message = await _next_message(messages, idle_s)
+        except StopAsyncIteration:
+            return
         if message.WhichOneof("part") != "chunk":
             raise UploadError("upload metadata may only come in the first message")
         yield message.chunk

@@ -6,16 +6,23 @@ Messages, child -> parent, each a tuple:
   ("progress", stage, fraction)      throttled
   ("report", Report)                 the job's result
   ("error", class name, message)     a GradprobeError: the user's input is at fault
+  ("memory", message)                 an allocation failed (--worker-memory-mb): the parent
+                                      answers RESOURCE_EXHAUSTED and replaces this worker
   ("internal", message)              anything else: a fault of gradprobe itself
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,17 @@ class Job:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    threads: int
+    parent_pid: int
+    memory_mb: int | None = None  # RLIMIT_DATA; None: no limit
+    scratch_root: str | None = None  # each worker writes only below <root>/worker-<pid>
+    store_dir: str | None = None  # never readable from a confined worker
+    sandbox: bool = True  # Landlock/seccomp/no_new_privs where the kernel has them
+    user: str | None = None  # setuid to this user after set-up (server started as root)
+
+
+@dataclass(frozen=True)
 class DeviceInfo:
     name: str
     description: str
@@ -44,6 +62,7 @@ class About:
     # Serialized gradprobe.v1.RuleDoc messages: unpickling RuleDoc objects would import the
     # rules, and torch with them, into the server process, which has no other use for it.
     rules: list[bytes] = field(default_factory=list)
+    confinement: list[str] = field(default_factory=list)  # what holds (sandbox.confine)
 
 
 def _devices() -> list[DeviceInfo]:
@@ -80,22 +99,31 @@ def _scrub(message: str, job: Job) -> str:
             .replace(Path(job.model_path).name, Path(label).name if label else job.sha256))
 
 
-def run_job(job: Job, conn: Connection) -> tuple:
-    """The same engine call the client would make locally: diagnose(path, path_label=its name)
-    for a file, diagnose(bytes) for bytes, so reports and error messages match."""
+def run_job(job: Job, conn: Connection, model: int | None = None) -> tuple:
+    """The engine call the client would make locally, on the model's bytes labelled with the
+    client's name for it, so reports and error messages match. Bytes, never the store's path:
+    the store is not a model's folder, and an upload may read no other file."""
     from gradprobe.diagnostics.api import diagnose
     from gradprobe.diagnostics.errors import GradprobeError
 
-    path = Path(job.model_path)
+    from gradprobe.server.worker_limits import is_out_of_memory
+
     try:
-        if job.path_label is None:
-            report = diagnose(path.read_bytes(), job.options, progress=_Progress(conn))
-        else:
-            report = diagnose(path, job.options, progress=_Progress(conn),
-                              path_label=job.path_label)
-    except GradprobeError as exc:
-        return ("error", type(exc).__name__, _scrub(str(exc), job))
-    except Exception as exc:  # a fault of ours; the parent logs it and answers INTERNAL
+        if model is None:
+            data = Path(job.model_path).read_bytes()
+        else:  # a descriptor the server opened: a confined worker cannot open the store
+            with os.fdopen(model, "rb") as file:
+                data = file.read()
+        report = diagnose(data, job.options, progress=_Progress(conn),
+                          path_label=job.path_label, self_contained=True)
+    except MemoryError:
+        return ("memory", "the probe ran out of the worker's memory (--worker-memory-mb)")
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            return ("memory", "the probe ran out of the worker's memory (--worker-memory-mb)")
+        if isinstance(exc, GradprobeError):
+            return ("error", type(exc).__name__, _scrub(str(exc), job))
+        # a fault of ours; the parent logs it and answers INTERNAL
         return ("internal", _scrub(f"{type(exc).__name__}: {exc}", job))
     report.model.path = job.path_label
     return ("report", report)
@@ -142,15 +170,63 @@ def _warm_up() -> None:
         logging.getLogger("gradprobe.server").warning("worker warm-up failed: %s", exc)
 
 
-def worker_main(conn: Connection, threads: int, describe: bool) -> None:
+def _confine(settings: WorkerSettings) -> tuple[Path | None, list[str]]:
+    """Per-worker scratch folder (TMPDIR), another user, then the sandbox: irreversible."""
+    from gradprobe.server.sandbox import confine, drop_privileges, readable_paths
+
+    scratch = None
+    if settings.scratch_root:
+        scratch = Path(settings.scratch_root) / f"worker-{os.getpid()}"
+        scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(scratch)
+        tempfile.tempdir = str(scratch)
+    held = []
+    if settings.user:
+        import pwd
+
+        if scratch is not None:
+            entry = pwd.getpwnam(settings.user)
+            os.chown(scratch, entry.pw_uid, entry.pw_gid)
+        held.append(f"user={drop_privileges(settings.user)}")
+    if settings.sandbox and scratch is not None:
+        never = Path(settings.store_dir) if settings.store_dir else None
+        devices = []
+        import torch
+
+        if torch.cuda.is_available():  # open the driver's devices before they are out of reach
+            torch.cuda.init()
+            devices = sorted(Path("/dev").glob("nvidia*"))
+        held += confine(scratch, readable_paths(never), devices)
+    return scratch, held
+
+
+def _empty(folder: Path) -> None:
+    for entry in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+
+
+def worker_main(conn: Connection, settings: WorkerSettings, describe: bool,
+                lifeline: Connection | None = None) -> None:
     """Entry point of a worker process."""
+    from gradprobe.server.worker_limits import die_with_parent, limit_memory
+
+    die_with_parent(settings.parent_pid, lifeline)  # never outlive the server
     # The parent decides when workers stop: a Ctrl-C or SIGTERM sent to the whole process group
     # must not kill a probe the server is still draining. Workers exit when their pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
 
-    torch.set_num_threads(max(1, threads))
+    # The CUDA driver maps large private regions of its own: on a CUDA worker RLIMIT_DATA
+    # could refuse the context itself, so there the parent's watchdog on resident memory
+    # (workers.py) is the cap, and GPU allocations fail with torch's own out-of-memory error.
+    if settings.memory_mb and not torch.cuda.is_available():
+        limit_memory(settings.memory_mb)
+    torch.set_num_threads(max(1, settings.threads))
     # Import the engine once, before the first job, so that no request pays for it.
     import gradprobe.diagnostics.api  # noqa: F401
     import gradprobe.diagnostics.loaders.onnx_loader  # noqa: F401
@@ -159,23 +235,29 @@ def worker_main(conn: Connection, threads: int, describe: bool) -> None:
     from gradprobe.server.convert import rule_doc_to_proto
 
     _warm_up()
+    scratch, confinement = _confine(settings)
 
     about = About(_devices(), [rule_doc_to_proto(rule.doc()).SerializeToString()
-                               for rule in all_rules()]) if describe else None
+                               for rule in all_rules()], confinement) if describe else None
     conn.send(("ready", about))
     while True:
         try:
             job = conn.recv()
+            model = recv_handle(conn) if job is not None else None
         except (EOFError, OSError):
             return
         if job is None:
             return
-        result = run_job(job, conn)
+        result = run_job(job, conn, model)
+        if scratch is not None:
+            _empty(scratch)  # each job starts with an empty scratch folder
         try:
             conn.send(result)
         except (BrokenPipeError, OSError):
             return
         except Exception as exc:  # the result did not pickle
             conn.send(("internal", f"cannot send the result: {type(exc).__name__}: {exc}"))
+        if result[0] == "memory":
+            return  # the parent replaces this worker: its heap may be left fragmented
         del result
         gc.collect()

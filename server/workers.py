@@ -21,12 +21,20 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from multiprocessing.reduction import send_handle
 from dataclasses import dataclass
 
 from gradprobe.diagnostics.report import Report
 from gradprobe.server.convert import rebuild_error
-from gradprobe.server.errors import ProbeTimedOut, QueueFull, ShuttingDown, WorkerCrashed
-from gradprobe.server.worker_process import About, Job, worker_main
+from gradprobe.server.errors import (
+    ModelNotFound,
+    ProbeTimedOut,
+    QueueFull,
+    ShuttingDown,
+    WorkerCrashed,
+    WorkerOutOfMemory,
+)
+from gradprobe.server.worker_process import About, Job, WorkerSettings, worker_main
 
 log = logging.getLogger("gradprobe.server")
 
@@ -35,6 +43,8 @@ Progress = Callable[[str, float], None]
 # Delay before replacing a worker that died before it was ready (a broken install would
 # otherwise respawn in a tight loop).
 _RESPAWN_BACKOFF_S = 2.0
+# How often busy workers' resident memory is compared with --worker-memory-mb.
+_MEMORY_POLL_S = 0.5
 
 
 class WorkerFault(Exception):
@@ -65,14 +75,24 @@ class Worker:
         ctx = multiprocessing.get_context("spawn")
         self.pool = pool
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=worker_main, args=(child, pool.threads, describe),
+        # The worker watches `lifeline` for end-of-file: only this process holds the other
+        # end, so it closes when the server dies, however it dies.
+        lifeline, self._lifeline = ctx.Pipe(duplex=False)
+        settings = WorkerSettings(threads=pool.threads, parent_pid=os.getpid(),
+                                  memory_mb=pool.memory_mb, scratch_root=pool.scratch_root,
+                                  store_dir=pool.store_dir, sandbox=pool.sandbox,
+                                  user=pool.user)
+        self.process = ctx.Process(target=worker_main,
+                                   args=(child, settings, describe, lifeline),
                                    name="gradprobe-worker", daemon=True)
         self.process.start()
         child.close()  # else end-of-file never comes when the worker dies
+        lifeline.close()
         self.pid = self.process.pid
         self.ready: asyncio.Future = pool.loop.create_future()
         self.running: _Running | None = None
         self.dead = False
+        self.over_memory = False  # killed by the memory watchdog
         self.reader = threading.Thread(target=self._read, name=f"gradprobe-pipe-{self.pid}",
                                        daemon=True)
         self.reader.start()
@@ -87,6 +107,7 @@ class Worker:
         self.process.join()
         code = self.process.exitcode
         self.conn.close()
+        self._lifeline.close()
         self._deliver(("died", code))
 
     def _deliver(self, message: tuple) -> None:
@@ -94,7 +115,16 @@ class Worker:
             self.pool.loop.call_soon_threadsafe(self.pool.on_message, self, message)
 
     def send(self, job: Job | None) -> None:
-        self.conn.send(job)
+        if job is None:
+            self.conn.send(None)
+            return
+        # The model goes as an open descriptor: a confined worker cannot open the store.
+        model = os.open(job.model_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.conn.send(job)
+            send_handle(self.conn, model, self.pid)
+        finally:
+            os.close(model)
 
     def kill(self) -> None:
         self.dead = True
@@ -105,10 +135,17 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, size: int, max_queue: int, *, threads_per_worker: int | None = None,
-                 start_timeout_s: float = 300.0) -> None:
+                 start_timeout_s: float = 300.0, memory_mb: int | None = None,
+                 scratch_root: str | None = None, store_dir: str | None = None,
+                 sandbox: bool = True, user: str | None = None) -> None:
         if size < 1:
             raise ValueError("a pool needs at least one worker")
         self.size = size
+        self.memory_mb = memory_mb
+        self.scratch_root = scratch_root
+        self.store_dir = store_dir
+        self.sandbox = sandbox
+        self.user = user
         self.max_queue = max_queue
         self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // size)
         self.start_timeout_s = start_timeout_s
@@ -133,6 +170,30 @@ class WorkerPool:
             await self.close()
             raise
         self.about = ready[0]
+        if self.memory_mb:
+            self._watchdog = self.loop.create_task(self._watch_memory())
+
+    async def _watch_memory(self) -> None:
+        """Second memory wall, for what RLIMIT_DATA does not see (CUDA workers run without
+        it, native libraries that map memory themselves): a busy worker whose resident memory
+        passes --worker-memory-mb is killed, and its request gets RESOURCE_EXHAUSTED."""
+        limit = self.memory_mb << 20
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._closing:
+            await asyncio.sleep(_MEMORY_POLL_S)
+            for worker in list(self._workers):
+                if worker.running is None or worker.dead:
+                    continue
+                try:
+                    with open(f"/proc/{worker.pid}/statm") as statm:
+                        resident = int(statm.read().split()[1]) * page
+                except (OSError, ValueError, IndexError):
+                    continue  # gone, or no /proc: RLIMIT_DATA is the only wall
+                if resident > limit:
+                    log.warning("worker %d uses %d MB, over --worker-memory-mb %d: killed",
+                                worker.pid, resident >> 20, self.memory_mb)
+                    worker.over_memory = True
+                    worker.kill()
 
     def _spawn(self, describe: bool = False) -> Worker:
         worker = Worker(self, describe)
@@ -155,6 +216,8 @@ class WorkerPool:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop every worker: politely (end of jobs) then, after `timeout_s`, by SIGKILL."""
         self._closing = True
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.cancel()
         workers = list(self._workers)
         for worker in workers:
             if worker.running is not None:
@@ -256,12 +319,20 @@ class WorkerPool:
         worker.running = _Running(future, progress)
         try:
             worker.send(job)
+        except FileNotFoundError:  # evicted from the store: nothing was sent
+            worker.running = None
+            self._idle.put_nowait(worker)
+            raise ModelNotFound(f"model {job.sha256} is no longer in the store: upload it "
+                                "again") from None
         except OSError:  # the pipe broke: the worker is gone
             self._replace(worker)
             raise WorkerCrashed(f"worker crashed while probing {job.sha256}") from None
         try:
             result = await asyncio.wait_for(future, timeout_s)
         except WorkerCrashed as exc:  # the pool has replaced it already
+            if worker.over_memory:
+                raise WorkerOutOfMemory("the probe ran out of the worker's memory "
+                                        "(--worker-memory-mb)") from None
             raise WorkerCrashed(f"worker crashed while probing {job.sha256} ({exc})") from None
         except asyncio.TimeoutError:
             self._replace(worker)
@@ -272,7 +343,7 @@ class WorkerPool:
             self._replace(worker)
             raise
         worker.running = None
-        if self._closing:
+        if self._closing or result[0] == "memory":  # that worker exits; start another
             self._replace(worker)
         elif not worker.dead:
             self._idle.put_nowait(worker)
@@ -285,4 +356,6 @@ def _unpack(result: tuple) -> Report:
         return result[1]
     if kind == "error":
         raise rebuild_error(result[1], result[2])
+    if kind == "memory":
+        raise WorkerOutOfMemory(result[1])
     raise WorkerFault(str(result[1]))

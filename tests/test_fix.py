@@ -92,9 +92,10 @@ def mlp_weights(*indices: int) -> set[str]:
 # parameter (the chains' trend findings re-initialise all 40 layers).
 WEIGHT_DEFECTS = {
     "zero_hidden": (mlp_weights(2), ["zero-weights"]),
-    # net.0 is the constant error; the dead-relu warning at net.5 re-draws net.4 (its bias was
-    # already zero); net.2's constant start is deliberate (info) and stays.
-    "constant_hidden": (mlp_weights(0, 4), ["constant-weights", "dead-relu"]),
+    # net.0 is the constant error; net.2 is a constant matrix too (a rank-1 start, a warning
+    # even though its units get distinct gradients); the dead-relu warning at net.5 re-draws
+    # net.4 (its bias was already zero).
+    "constant_hidden": (mlp_weights(0, 2, 4), ["constant-weights", "dead-relu"]),
     "nan_weight": (mlp_weights(2), ["nonfinite-weights"]),
     "large_init": (mlp_weights(2), ["init-scale"]),
     "dead_relu": ({"net.2.weight", "net.2.bias"}, ["dead-relu"]),
@@ -158,13 +159,16 @@ def test_deliberate_zero_head_is_left_byte_for_byte(exported, tmp_path, fmt, cap
     assert changed_names(params(src), params(out)) == set()
 
 
-def test_info_tensor_stays_while_its_neighbours_are_fixed(exported, tmp_path):
-    src, shapes = exported("constant_hidden", "onnx")
+def test_info_tensor_stays_while_its_neighbours_are_fixed(tmp_path):
+    model, args = DEFECTS["zero_head"]()  # net.6: a deliberate zero head (info)
+    with torch.no_grad():
+        model.net[2].weight.mul_(10.0)  # and an oversized hidden layer (init-scale)
+    src = export_onnx(model, args, tmp_path / "model.onnx")
     out = tmp_path / "fixed.onnx"
-    assert run_fix(src, out, "onnx", shapes) == 0
+    assert run_fix(src, out, "onnx", []) == 0
     before, after = params(src), params(out)
-    assert same_bytes(before["net.2.weight"], after["net.2.weight"])
-    assert not same_bytes(before["net.0.weight"], after["net.0.weight"])
+    assert same_bytes(before["net.6.weight"], after["net.6.weight"])
+    assert not same_bytes(before["net.2.weight"], after["net.2.weight"])
 
 
 @pytest.mark.slow

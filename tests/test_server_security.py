@@ -1,5 +1,6 @@
 """Bearer token, TLS and mutual TLS against real servers, with certificates made by the test.
-Health and reflection stay open without the token (Kubernetes probes, grpcurl)."""
+Health stays open without the token (Kubernetes probes); reflection is opt-in and needs the
+token like any other call."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def certs(tmp_path_factory):
 def tls_server(tmp_path_factory, certs):
     """TLS plus a bearer token."""
     running = start_test_server(tmp_path_factory.mktemp("tls-server"), token=TOKEN,
-                                tls_cert=certs["server.pem"], tls_key=certs["server.key"])
+                                tls_cert=certs["server.pem"], tls_key=certs["server.key"],
+                                reflection=True)
     yield running
     running.stop()
 
@@ -82,7 +84,7 @@ def test_calls_without_the_token_are_unauthenticated(tls_server, certs, metadata
     channel.close()
 
 
-def test_health_and_reflection_stay_open(tls_server, certs):
+def test_health_stays_open_and_reflection_needs_the_token(tls_server, certs):
     channel = _tls_channel(tls_server, certs)
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "gradprobe.v1.Gradprobe"):
@@ -90,8 +92,11 @@ def test_health_and_reflection_stay_open(tls_server, certs):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert healthcheck.check(tls_server.address, tls_ca=certs["ca.pem"]) == "SERVING"
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = [reflection_pb2.ServerReflectionRequest(list_services="")]
+    assert _code(lambda: list(reflection.ServerReflectionInfo(iter(request), timeout=10))) \
+        == grpc.StatusCode.UNAUTHENTICATED
     replies = list(reflection.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        iter(request), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),)))
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"gradprobe.v1.Gradprobe", "grpc.health.v1.Health"} <= names
     channel.close()

@@ -33,6 +33,7 @@ from gradprobe.diagnostics.errors import (
     InputSpecError,
     ModelLoadError,
     ProbeError,
+    UnsupportedOperator,
 )
 from gradprobe.diagnostics.graph import InputSpec, LoadedModel, ProbePoint, Tap
 from gradprobe.diagnostics.loaders.onnx_folded_norm import FOLDABLE, batch_renormalised
@@ -65,21 +66,24 @@ _EXTERNAL_DATA_LIMIT = 1 << 30  # write weights beside the file above ~1 GiB of 
 
 
 def load_onnx(source: Path | bytes, *, base_dir: Path | None = None,
-              name: str | None = None) -> OnnxModel:
+              name: str | None = None, self_contained: bool = False) -> OnnxModel:
     """Read an ONNX model (a path, or the file's bytes) and prepare it for probing.
 
     External data is read from `base_dir` (default: the file's folder); bytes that refer to
-    external data need `base_dir`. Raises ModelLoadError for anything that is not a readable,
-    consistent ONNX model and UnsupportedOperator for an operator the interpreter lacks.
+    external data need `base_dir`. `self_contained` refuses external data outright (the server:
+    an upload that points at a file would read whatever the server's folder holds). Raises
+    ModelLoadError for anything that is not a readable, consistent ONNX model and
+    UnsupportedOperator for an operator outside the default domain or the interpreter.
     """
-    label, model, base_dir, path = _read(source, base_dir, name)
+    label, model, base_dir, path = _read(source, None if self_contained else base_dir, name,
+                                         self_contained)
     return _Builder(label, model, base_dir, path).build()
 
 
 # --- reading --------------------------------------------------------------------------------
 
-def _read(source: Path | bytes, base_dir: Path | None,
-          name: str | None) -> tuple[str, onnx.ModelProto, Path | None, str | None]:
+def _read(source: Path | bytes, base_dir: Path | None, name: str | None,
+          self_contained: bool = False) -> tuple[str, onnx.ModelProto, Path | None, str | None]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = name or "uploaded model"
@@ -96,7 +100,8 @@ def _read(source: Path | bytes, base_dir: Path | None,
             data = file.read_bytes()
         except OSError as err:
             raise ModelLoadError(f"{label}: cannot read the file ({err.strerror})") from None
-        base_dir = base_dir if base_dir is not None else file.parent
+        if not self_contained:
+            base_dir = base_dir if base_dir is not None else file.parent
     if not data:
         raise ModelLoadError(f"{label} is empty, not an ONNX model")
     model = onnx.ModelProto()
@@ -116,13 +121,83 @@ def _read(source: Path | bytes, base_dir: Path | None,
     if not any(op.domain in ("", "ai.onnx") for op in model.opset_import):
         raise ModelLoadError(
             f"{label}: no opset for the default ONNX domain (truncated or not an ONNX model)")
+    if self_contained:
+        _refuse_external_data(model, label)
     if model.functions:
+        _check_function_size(model, label)
         try:
             model = onnx.inliner.inline_local_functions(model)
         except Exception as err:
             raise ModelLoadError(f"{label}: cannot inline its local functions ({_line(err)})") \
                 from None
+    _check_domains(model.graph, label)
     return label, model, base_dir, path
+
+
+def _refuse_external_data(model: onnx.ModelProto, label: str) -> None:
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            raise ModelLoadError(
+                f"{label}: tensor '{_short(tensor.name)}' is stored in external data "
+                f"('{_short(location)}'); this server takes self-contained models only "
+                "(the gradprobe client inlines external data before it uploads)")
+
+
+def _all_tensors(model: onnx.ModelProto):  # noqa: ANN202  (a generator of TensorProto)
+    graph = model.graph
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in [*graph.node, *(n for f in model.functions for n in f.node)]:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield attribute.sparse_tensor.values
+                yield attribute.sparse_tensor.indices
+
+
+# Inlining model-local functions multiplies nodes (a function that calls another twice, ten
+# levels deep, is a thousand nodes): bound the result before building it.
+_MAX_INLINED_NODES = 1_000_000
+
+
+def _check_function_size(model: onnx.ModelProto, label: str) -> None:
+    functions = {(f.domain, f.name): f for f in model.functions}
+    sizes: dict[tuple[str, str], int] = {}
+
+    def expanded(key: tuple[str, str], depth: int) -> int:
+        if key in sizes:
+            return sizes[key]
+        if depth > len(functions):  # recursion: the inliner names it
+            return 0
+        total = sum(expanded((n.domain, n.op_type), depth + 1)
+                    if (n.domain, n.op_type) in functions else 1 for n in functions[key].node)
+        sizes[key] = min(total, _MAX_INLINED_NODES + 1)
+        return sizes[key]
+
+    total = sum(expanded((n.domain, n.op_type), 0) if (n.domain, n.op_type) in functions else 1
+                for n in model.graph.node)
+    if total > _MAX_INLINED_NODES:
+        raise ModelLoadError(f"{label}: its local functions expand to more than "
+                             f"{_MAX_INLINED_NODES} nodes")
+
+
+def _check_domains(graph: onnx.GraphProto, label: str) -> None:
+    """Only the default ONNX domain runs: a custom domain is somebody's library."""
+    for index, node in enumerate(graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedOperator(f"{_short(node.domain)}::{_short(node.op_type)}",
+                                      _short(node.name or f"{node.op_type}_{index}"),
+                                      "only operators of the default ONNX domain run")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """Names from the file reach error messages: keep them bounded."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _starts_like_onnx(data: bytes) -> bool:

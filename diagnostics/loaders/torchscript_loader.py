@@ -9,6 +9,7 @@ are the module's own and backward fills their `.grad`.
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from gradprobe.diagnostics.loaders.torchscript_passes import (
     return_observed_values,
 )
 from gradprobe.diagnostics.loaders.torchscript_points import discover_points, integer_input_ranges
+from gradprobe.diagnostics.op_allowlist import check_torchscript_archive, check_torchscript_module
 
 _FUNCTION_NAME = "gradprobe_observed_forward"
 
@@ -44,12 +46,14 @@ def _read_module(source: Path | str | bytes, label: str) -> torch.jit.ScriptModu
             what = "is a directory" if source.is_dir() else "does not exist"
             raise ModelLoadError(f"{label}: {what}; expected a TorchScript file (.pt)")
     _check_archive(source, label)
+    check_torchscript_archive(source, label)  # loading runs __setstate__: refuse it first
     try:
         target = io.BytesIO(source) if isinstance(source, bytes) else str(source)
         module = torch.jit.load(target, map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError/ValueError with multi-line texts
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"{label}: not a loadable TorchScript archive: {first_line}") from exc
+    check_torchscript_module(module, label)  # untrusted code: nothing runs before this
     if not isinstance(module, torch.jit.ScriptModule) or not module._c._has_method("forward"):
         raise ModelLoadError(f"{label}: the TorchScript archive has no forward method")
     if not module._c.hasattr("training"):  # torch.jit.freeze drops attributes and parameters
@@ -154,6 +158,10 @@ class TorchScriptModel(LoadedModel):
             # the plain interpreter: no profiling runs, no fusion, eager autograd on every value
             with torch.jit.optimized_execution(False):
                 output, observed = self._function(self.module._c, *arguments)
+        except torch.jit.Error as exc:  # a `raise` in the model's code: its text is the model's
+            raise ProbeError(f"forward failed: the model's code raised {_raised_class(exc)} "
+                             "(its message is not shown: it comes from the model file)") \
+                from None
         except RuntimeError as exc:  # TorchScript puts its own traceback before the cause
             lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
             raise ProbeError(f"forward failed: {lines[-1] if lines else type(exc).__name__}") \
@@ -207,6 +215,14 @@ class TorchScriptModel(LoadedModel):
             for name in self._frozen:
                 self.parameters[name].requires_grad_(True)
             self.module.eval()
+
+
+def _raised_class(exc: BaseException) -> str:
+    """`builtins.ValueError` from the last line of a TorchScript exception, if it reads as a
+    class name; the rest of that line is the model's own text."""
+    lines = str(exc).strip().splitlines()
+    name = lines[-1].split(":", 1)[0].strip() if lines else ""
+    return name if re.fullmatch(r"[A-Za-z_][\w.]{0,63}", name) else "an exception"
 
 
 def _shared_parameters(points: list[ProbePoint]) -> dict[str, list[str]]:

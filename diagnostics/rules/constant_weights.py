@@ -19,8 +19,9 @@ class ConstantWeights(Rule):
     Fix: use a random init matched to the following nonlinearity (He, Xavier or LeCun); the finding
     gives the exact std and the PyTorch line.
     Thresholds: standard deviation exactly 0 with a non-zero mean, on tensors with more than one
-    entry. Error when the gradient is zero or identical across output units; info when each unit
-    gets its own gradient (symmetry breaks through the layers around it).
+    entry. Error when the gradient is zero or identical across output units; otherwise a warning
+    for a matrix or kernel (2-D or more: it starts rank-1 even though symmetry breaks through the
+    layers around it) and info for a 1-D weight.
     """
 
     name = "constant-weights"
@@ -42,6 +43,17 @@ class ConstantWeights(Rule):
                 evidence["unit_grad_spread"] = param.unit_spread
             fix = recommended_init(point)
             if verdict.can_train:
+                if len(s.shape) >= 2:
+                    # Whatever the gradient does later, the layer starts rank-1: every output
+                    # unit computes the same function (fill_(0.02) where normal_(0, 0.02) was meant).
+                    yield self.finding(
+                        lp, f"{point.layer}.weight is constant ({s.mean:.3g} everywhere): the layer "
+                            f"starts rank-1 and all its {s.shape[0]} output units compute the same "
+                            f"function, although {verdict.reason}. Initialise it with {fix.init} "
+                            f"(std {fix.std:.3g}).",
+                        evidence=evidence, fix=fix, severity=Severity.WARNING,
+                        parameters=[point.weight])
+                    continue
                 yield self.finding(
                     lp, f"{point.layer}.weight is constant ({s.mean:.3g}) but {verdict.reason}.",
                     evidence=evidence, fix=fix, severity=Severity.INFO, parameters=[point.weight])

@@ -21,7 +21,9 @@ class DeadRelu(Rule):
     of the batch (with a batch of 8 a healthy unit is silent by chance with p = 2^-8). Warning
     when `share` (0.5) of the layer is dead — SageMaker Debugger's DeadRelu uses 50% of the layer;
     error from `error_share` (0.9). Not reported when the layer feeding it has zero, constant or
-    non-finite weights (those rules name the cause). Only info when the probe batch barely varies
+    non-finite weights (those rules name the cause). Only info when a unit is seen fewer than
+    `min_observations` (8) times (samples x positions: a pooled unit on a batch of 2 is silent on
+    both samples by chance one time in four), and when the probe batch barely varies
     at this point (variance across samples below `min_sample_share` (1%) of the total variance, as
     behind a global pooling of synthetic noise in a squeeze-excite block): there the weights, not
     the data, decide which units are silent, and real inputs (`--input`) should judge.
@@ -29,7 +31,8 @@ class DeadRelu(Rule):
 
     name = "dead-relu"
     severity = Severity.ERROR
-    defaults = {"share": 0.5, "error_share": 0.9, "min_sample_share": 0.01}
+    defaults = {"share": 0.5, "error_share": 0.9, "min_sample_share": 0.01,
+                "min_observations": 8}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         for lp in probe.activations("relu"):
@@ -52,6 +55,18 @@ class DeadRelu(Rule):
             severity = Severity.ERROR if share >= self.t["error_share"] else Severity.WARNING
             pre = producer.activation if producer is not None and producer.activation else act
             uninformative = pre.var > 0 and pre.sample_var < self.t["min_sample_share"] * pre.var
+            observations = act.numel / max(act.units, 1)  # samples x positions per unit
+            if observations < self.t["min_observations"]:
+                # A pooled unit (squeeze-excite) seen on two samples is silent on both by chance
+                # one time in four: too few values to tell a dead unit from a quiet one.
+                yield self.finding(
+                    lp, f"{share:.0%} of the {act.units} units after {name} are silent on the probe "
+                        f"batch, but each unit is seen only {observations:.0f} time(s) (samples x "
+                        f"positions): too few to tell a dead unit from chance; probe with a batch "
+                        f"of {self.t['min_observations']:.0f} or more to judge.",
+                    evidence={**evidence, "observations": observations},
+                    severity=Severity.INFO, parameters=[])
+                continue
             cause = ""
             if bias_mean is not None and shift and bias_mean < -0.1:
                 cause = f" {shift} averages {bias_mean:.3g}."

@@ -1,18 +1,13 @@
 """Geometric trends across depth, shared by the vanishing/exploding rules.
 
-A signal that is multiplied by the same factor at every layer is a straight line in log space.
-The factor per layer is the median of the layer-to-layer steps in log10: a geometric trend
-moves every step, while a one-off jump is one step whatever its size and does not move the
-median. That matters because some jumps scale with the probe, not with the network: through a
-global average pool the per-entry gradient shrinks by the number of positions pooled (H x W),
-so a least-squares line over a small CNN called the same weights healthy at 8x8 and vanishing
-at 64x64. The median step does not change with the input resolution.
+A signal that is multiplied by the same factor at every layer is a straight line in log space;
+a least-squares line through log10 of the per-layer values measures that factor while ignoring
+one-off bumps (a pooling layer, a projection) that a first/last ratio would over-weight.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,9 +35,11 @@ def fit(layers: Sequence[LayerProbe], values: Sequence[float]) -> Trend | None:
     if len(pairs) < 3:
         return None
     ys = [math.log10(min(max(v, TINY), 1e300)) for _, v in pairs]
-    slope = statistics.median(b - a for a, b in zip(ys, ys[1:]))
-    return Trend([lp for lp, _ in pairs], [v for _, v in pairs], 10**slope,
-                 10 ** (slope * (len(ys) - 1)))
+    n = len(ys)
+    xm, ym = (n - 1) / 2, sum(ys) / n
+    sxx = sum((i - xm) ** 2 for i in range(n))
+    slope = sum((i - xm) * (y - ym) for i, y in enumerate(ys)) / sxx
+    return Trend([lp for lp, _ in pairs], [v for _, v in pairs], 10**slope, 10 ** (slope * (n - 1)))
 
 
 def first_beyond(trend: Trend, factor: float) -> LayerProbe:
@@ -84,3 +81,22 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
         blocked = [i for i, lp in enumerate(out) if lp.gradient and lp.gradient.rms == 0]
         out = out[blocked[-1] + 1:] if blocked else out
     return out
+
+
+def before_global_pool(layers: list[LayerProbe]) -> list[LayerProbe]:
+    """The layers that see every position (pixel, token), without the head after a global pool.
+
+    Through a global average pool the per-entry gradient shrinks by the number of positions
+    pooled (H x W): a factor set by the probe's resolution, not by the network, and common to
+    every layer before the pool. A trend measured across the pool called one small CNN healthy
+    at 8x8, vanishing at 16x16 and worse at 64x64. Within the body the factor cancels, so the
+    trend is measured there when the body has enough layers for one; an MLP (one position
+    throughout) keeps every layer."""
+    positions = [lp.activation.numel / max(lp.activation.units, 1) if lp.activation else None
+                 for lp in layers]
+    known = [p for p in positions if p is not None]
+    if not known:
+        return layers
+    fewest = min(known)
+    body = [lp for lp, p in zip(layers, positions) if p is not None and p > fewest]
+    return body if len(body) >= 3 and body[-1] is not layers[-1] else layers

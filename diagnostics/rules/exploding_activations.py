@@ -13,7 +13,7 @@ class ExplodingActivations(ActivationTrendRule):
     Example: 40 linear layers with W = 1.5 * I: variance grows 2.25x per layer, ~1e14 at the end.
     Fix: initialise each layer for its nonlinearity (He for ReLU, Xavier for tanh/sigmoid/linear,
     LeCun for SELU); for very deep stacks add normalisation or scale residual branches down.
-    Thresholds: the median layer-to-layer step in log10 of each parameterised layer's output variance
+    Thresholds: a least-squares line through log10 of each parameterised layer's output variance
     rises by at least `decades` (3, i.e. 1000x) from the first to the last layer; error from
     `error_decades` (8). A fresh ResNet-18 exported in inference mode grows ~10x, which stays
     silent. Only info when BatchNorm was folded at export.

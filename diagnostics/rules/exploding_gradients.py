@@ -12,9 +12,10 @@ class ExplodingGradients(GradientTrendRule):
     Example: 40 linear layers with W = 1.5 * I: the gradient grows 1.5x per layer going backwards.
     Fix: rescale the init (He/Xavier for the nonlinearity), add normalisation; clip gradients
     (`torch.nn.utils.clip_grad_norm_`) as a guard.
-    Thresholds: per-entry gradient RMS at each parameterised layer's output, the median layer-to-layer step
-    in log space; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 during training,
-    we allow more at step 0), error from `error_ratio` (1e4).
+    Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers before a
+    global pool, where there are at least three: the pool scales every entry by 1/HxW), a
+    least-squares line in log space; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70
+    during training, we allow more at step 0), error from `error_ratio` (1e4).
     """
 
     name = "exploding-gradients"

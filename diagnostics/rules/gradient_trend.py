@@ -8,7 +8,7 @@ from gradprobe.diagnostics.probe import ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.activation_trend import whole_model_fix
 from gradprobe.diagnostics.rules.base import Rule
-from gradprobe.diagnostics.rules.depth_trend import depth_layers, fit
+from gradprobe.diagnostics.rules.depth_trend import before_global_pool, depth_layers, fit
 
 
 class GradientTrendRule(Rule):
@@ -18,7 +18,7 @@ class GradientTrendRule(Rule):
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         if probe.has_nonfinite:
             return  # nonfinite-* rules say what happened; a trend through NaN means nothing
-        layers = depth_layers(probe, "gradient")
+        layers = before_global_pool(depth_layers(probe, "gradient"))
         trend = fit(layers, [lp.gradient.rms for lp in layers])  # type: ignore[union-attr]
         if trend is None or trend.total <= 0:
             return
@@ -45,7 +45,7 @@ class GradientTrendRule(Rule):
                       code="# after replacing nn.Sigmoid/nn.Tanh with nn.ReLU:\n" + fix.code)
         yield self.finding(
             first, f"the gradient reaching {first.point.layer} is {early_to_late:.3g}x that at "
-                   f"{last.point.layer} (per-entry RMS, median step over {len(trend.layers)} layers: "
+                   f"{last.point.layer} (per-entry RMS, fitted over {len(trend.layers)} layers: "
                    f"x{1 / trend.per_layer:.3g} per layer going backwards) — early layers get a "
                    f"{word} update than late ones by that factor.",
             evidence={"early_to_late": early_to_late, "per_layer_factor": 1 / trend.per_layer,

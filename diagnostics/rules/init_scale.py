@@ -25,7 +25,10 @@ class InitScale(Rule):
     Example: `nn.init.normal_(model.net[2].weight, std=1.0)` in a 256-wide ReLU MLP (He std 0.088).
     Fix: re-initialise with the scheme for the following nonlinearity (He/Xavier/LeCun); the
     finding carries the std, bound and the PyTorch line.
-    Thresholds: weight variance at least `weight_factor` (10) times above or below the scheme's;
+    Thresholds: weight variance at least `weight_factor` (10) times above the scheme's, or
+    `shrink_factor` (100) times below it (a uniform shrink in a ReLU network rescales everything
+    after it by one constant factor: torchvision's fan-out init of VGG's 3-channel stem, 0.05x He,
+    starts with small logits and trains);
     without a norm behind it, the layer's output variance must also be at least `flow_factor` (5)
     times off the second moment of its input (a He layer after a ReLU gives ~2), in the same
     direction, and the distortion must reach what the following layers are fed: for a blow-up,
@@ -42,7 +45,8 @@ class InitScale(Rule):
 
     name = "init-scale"
     severity = Severity.WARNING
-    defaults = {"weight_factor": 10.0, "flow_factor": 5.0, "update_factor": 30.0}
+    defaults = {"weight_factor": 10.0, "shrink_factor": 100.0, "flow_factor": 5.0,
+                "update_factor": 30.0}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         judged = [lp for lp in probe.of_role("linear")
@@ -95,7 +99,7 @@ class InitScale(Rule):
                 if carried >= ff:
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
                                         how=self._how(jump, var_out, power, carried, bool(later)))
-            elif k <= 1 / wf and jump <= 1 / ff and later \
+            elif k <= 1 / self.t["shrink_factor"] and jump <= 1 / ff and later \
                     and (head_from is None or point.index < head_from):
                 # Small logits from a small head (the layers after the last norm, or the last
                 # layer) are a deliberate start (BERT, ViT, torchvision's classifiers): not

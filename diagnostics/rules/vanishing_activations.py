@@ -14,7 +14,7 @@ class VanishingActivations(ActivationTrendRule):
     Fix: initialise each layer for its nonlinearity so that fan_in * Var(W) * gain^2 = 1 (He for
     ReLU, Xavier for tanh/sigmoid/linear, LeCun for SELU); add normalisation or residual paths for
     very deep stacks.
-    Thresholds: the median layer-to-layer step in log10 of each parameterised layer's output variance
+    Thresholds: a least-squares line through log10 of each parameterised layer's output variance
     falls by at least `decades` (3, i.e. 1000x) from the first to the last layer; error from
     `error_decades` (8). A healthy ResNet drifts by ~10x; the seed examples move 1e14 and more.
     Only info when BatchNorm was folded into the weights at export (inference statistics).

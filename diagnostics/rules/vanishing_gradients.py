@@ -12,8 +12,9 @@ class VanishingGradients(GradientTrendRule):
     Example: ten sigmoid layers with default init: each passes at most 1/4 of the gradient.
     Fix: ReLU-family activations with He init instead of sigmoid/tanh stacks; normalisation;
     residual connections.
-    Thresholds: per-entry gradient RMS at each parameterised layer's output, the median layer-to-layer step
-    in log space from the first to the last layer; warning when early/late <= `ratio` (1e-3,
+    Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers before a
+    global pool, where there are at least three: the pool scales every entry by 1/HxW), a
+    least-squares line in log space from the first to the last layer; warning when early/late <= `ratio` (1e-3,
     AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers (zero head, zero-init
     residual) set to their textbook init, as after step one. Always a warning: in our training
     check a twelve-layer sigmoid stack re-initialised with Xavier learns no better than before

@@ -27,9 +27,11 @@ class ZeroWeights(Rule):
     the ReLU family, Xavier for tanh/sigmoid/linear, LeCun for SELU; ones for a norm scale or a
     multiplicative gate); the finding carries the std, bound and the PyTorch line.
     Thresholds: every entry exactly 0. Error when the gradient is zero or identical across output
-    units (relative spread <= 1e-6), or when the output no longer varies across the probe batch
-    from this point on (the zero is where the across-batch variance first collapses, before the
-    last layer); info otherwise. Biases are never reported: zero is their standard init.
+    units (relative spread <= 1e-6), when every value between it and the next layer is the same
+    for every sample (a zeroed first layer of a branch: the next layer is fed nothing, unlike a
+    zeroed last layer, whose residual add still varies), or when the output no longer varies
+    across the probe batch from this point on (the zero is where the across-batch variance first
+    collapses, before the last layer); info otherwise. Biases are never reported: zero is their standard init.
     """
 
     name = "zero-weights"
@@ -53,6 +55,17 @@ class ZeroWeights(Rule):
             cut_named |= cut_here
             if cut_here and (verdict.can_train or point.role == "norm"):
                 yield self._cut_finding(lp, [point.weight], evidence)
+                continue
+            if verdict.can_train and point.role == "linear" and probe.starves_next_layer(lp):
+                fix = recommended_init(point)
+                yield self.finding(
+                    lp, f"{point.layer}.weight is all zeros and the layer after it is fed nothing "
+                        f"(every value up to the next layer is the same for every sample): the "
+                        f"path through {point.layer} carries no signal and the layers behind it get "
+                        f"no gradient at step 0. Initialise it with {fix.init} (std {fix.std:.3g}); "
+                        f"to start a residual branch at zero, zero its last layer instead.",
+                    evidence={**evidence, "starves_next_layer": True}, fix=fix,
+                    parameters=[point.weight])
                 continue
             if verdict.can_train or point.role == "norm":
                 what = "a zero scale" if point.role == "norm" else "a zero weight"

@@ -19,6 +19,8 @@ class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_FORMAT_UNSPECIFIED: _ClassVar[ModelFormat]
     MODEL_FORMAT_ONNX: _ClassVar[ModelFormat]
     MODEL_FORMAT_TORCHSCRIPT: _ClassVar[ModelFormat]
+    MODEL_FORMAT_PT2: _ClassVar[ModelFormat]
+    MODEL_FORMAT_PYTORCH: _ClassVar[ModelFormat]
 SEVERITY_UNSPECIFIED: Severity
 SEVERITY_INFO: Severity
 SEVERITY_WARNING: Severity
@@ -26,6 +28,8 @@ SEVERITY_ERROR: Severity
 MODEL_FORMAT_UNSPECIFIED: ModelFormat
 MODEL_FORMAT_ONNX: ModelFormat
 MODEL_FORMAT_TORCHSCRIPT: ModelFormat
+MODEL_FORMAT_PT2: ModelFormat
+MODEL_FORMAT_PYTORCH: ModelFormat
 
 class DoubleList(_message.Message):
     __slots__ = ("values",)

@@ -1,0 +1,158 @@
+"""What reaches the output decides: the verdicts issue 10 changed, on models built here.
+
+- A zero that leaves no path around it (a zeroed LayerNorm scale under BERT's embeddings, a gate
+  stuck at 0 in a block without a skip) is an error at the first point where the across-batch
+  variance collapses — not info, and not a dead-gradients finding on the layers before it.
+- vanishing-gradients does not depend on the probe's resolution (the global pool's 1/HxW).
+- Folded eval-mode BatchNorm (legacy ONNX export) is re-normalised on batch statistics: a
+  healthy torchvision ResNet-18 stays silent and a stage planted at 10x is found at that stage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradprobe.diagnostics.api import diagnose
+from gradprobe.diagnostics.options import DiagnoseOptions
+from gradprobe.diagnostics.report import Report
+from zoo import export_torchscript
+
+
+def serious(report: Report) -> list[str]:
+    return [f"{f.severity.value} {f.rule} {f.layer}" for f in report.findings
+            if f.severity.value != "info"]
+
+
+def lint_traced(model: nn.Module, example: torch.Tensor, path: Path) -> Report:
+    with torch.no_grad():
+        export_torchscript(model, (example,), path)
+    return diagnose(str(path), DiagnoseOptions(input_shapes=[list(example.shape)]))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.gate = nn.Parameter(torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) * self.gate)))
+
+
+def test_a_gate_stuck_at_zero_is_one_error_where_the_signal_stops(tmp_path):
+    torch.manual_seed(0)
+    report = lint_traced(GatedMLP(), torch.randn(4, 32), tmp_path / "gate.pt")
+    assert serious(report) == ["error zero-weights b"]
+    finding = report.findings[0]
+    assert finding.parameters == ["gate"] and "no longer depends on its input" in finding.message
+    assert "nn.init.ones_(model.gate)" in finding.fix.code
+
+
+def test_the_same_gate_open_is_clean(tmp_path):
+    torch.manual_seed(0)
+    model = GatedMLP()
+    with torch.no_grad():
+        model.gate.fill_(1.0)
+    assert serious(lint_traced(model, torch.randn(4, 32), tmp_path / "open.pt")) == []
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=1000)
+    torch.manual_seed(0)
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def lint_bert(model: nn.Module, ids: torch.Tensor, path: Path) -> Report:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, (ids,), strict=False).save(str(path))
+    return diagnose(str(path), DiagnoseOptions(input_shapes=[list(ids.shape)],
+                                               input_dtypes=["int64"]))
+
+
+def test_bert_with_a_zeroed_embedding_layernorm_is_an_error_there(tmp_path):
+    model = tiny_bert()
+    ids = torch.randint(0, 1000, (2, 16))
+    assert serious(lint_bert(model, ids, tmp_path / "bert.pt")) == []
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight.zero_()
+    report = lint_bert(model, ids, tmp_path / "bert0.pt")
+    assert serious(report) == ["error zero-weights embeddings.LayerNorm"]
+    assert report.findings[0].parameters == ["embeddings.LayerNorm.weight"]
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_vanishing_gradients_does_not_depend_on_the_probe_resolution(tmp_path):
+    model = small_cnn()
+    verdicts = {size: serious(lint_traced(model, torch.randn(2, 3, size, size),
+                                          tmp_path / f"cnn{size}.pt"))
+                for size in (8, 16, 64)}
+    # Before: nothing at 8x8, "0.000434x" at 16x16, "2.78e-05x" at 64x64.
+    assert verdicts == {8: [], 16: [], 64: []}
+
+
+def test_a_sigmoid_cnn_still_vanishes_at_any_resolution(tmp_path):
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1), nn.Sigmoid()]
+    for _ in range(9):
+        layers += [nn.Conv2d(16, 16, 3, padding=1), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    for size in (8, 32):
+        report = lint_traced(model, torch.randn(2, 3, size, size), tmp_path / f"s{size}.pt")
+        assert any(f.rule == "vanishing-gradients" for f in report.findings), size
+
+
+def export_legacy_eval(model: nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(2, 3, 64, 64),), str(path), dynamo=False)
+    return path
+
+
+@pytest.mark.slow
+def test_folded_batchnorm_is_renormalised_like_training(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    healthy = diagnose(str(export_legacy_eval(torchvision.models.resnet18(), tmp_path / "r.onnx")))
+    assert serious(healthy) == []
+    assert any("re-normalises" in note for note in healthy.model.notes)
+    planted = torchvision.models.resnet18()
+    with torch.no_grad():
+        for module in planted.layer3.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.mul_(10)
+    report = diagnose(str(export_legacy_eval(planted, tmp_path / "r10.onnx")))
+    layers = {f.layer for f in report.findings if f.rule == "init-scale"}
+    assert layers and all(layer.startswith("layer3.") for layer in layers), serious(report)
+    assert not [f for f in report.findings if f.rule.startswith("exploding")]
+
+
+def test_a_zeroed_first_layer_of_a_gelu_branch_is_an_error_and_the_last_is_deliberate(tmp_path):
+    model = tiny_bert()
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight.zero_()  # the FFN's last layer: deliberate
+    report = lint_bert(model, ids, tmp_path / "last.pt")
+    assert serious(report) == []
+    assert [f.layer for f in report.findings if f.rule == "zero-weights"] == [
+        "encoder.layer.0.output.dense"]
+    model = tiny_bert()
+    with torch.no_grad():
+        model.encoder.layer[0].intermediate.dense.weight.zero_()  # its first layer
+    report = lint_bert(model, ids, tmp_path / "first.pt")
+    assert serious(report) == ["error zero-weights encoder.layer.0.intermediate.dense"]
+    assert "fed nothing" in report.findings[0].message
