@@ -52,7 +52,8 @@ class Family:
     name: str
     sites: dict[str, str]
     # Other layers a finding may name for a defect and still be at the right place: the ReLU
-    # right after a shifted BatchNorm (dead-relu reports the activation).
+    # right after a shifted BatchNorm (dead-relu reports the activation), the gate's sigmoid
+    # right after a shut gate projection.
     also: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -88,14 +89,17 @@ FAMILIES: list[Family] = [
                 "trunk_output.block3", "trunk_output.block2.block2-0.proj.0", "stem.1",
                 bn="trunk_output.block1.block1-0.f.a.1",
                 gate="trunk_output.block2.block2-1.f.se.fc2"),
-           also={"bn_shift": ("trunk_output.block1.block1-0.f.a.2",)}),
+           also={"bn_shift": ("trunk_output.block1.block1-0.f.a.2",),
+                 "gate_zero": ("trunk_output.block2.block2-1.f.se.scale_activation",)}),
     Family("efficientnet", "torchvision", "efficientnet_b0",
            _cnn("features.2.1.block.0.0", "features.3.0.block.1.0", "features.4", "features.8.0",
-                "features.0.1", gate="features.2.0.block.2.fc2")),
+                "features.0.1", gate="features.2.0.block.2.fc2"),
+           also={"gate_zero": ("features.2.0.block.2.scale_activation",)}),
     Family("mobilenetv3", "torchvision", "mobilenet_v3_small",
            _cnn("features.5.block.0.0", "features.6.block.1.0", "features.9", "features.12.0",
                 "features.0.1", bn="features.1.block.0.1", gate="features.1.block.1.fc2"),
-           also={"bn_shift": ("features.1.block.0.2",)}),
+           also={"bn_shift": ("features.1.block.0.2",),
+                 "gate_zero": ("features.1.block.1.scale_activation",)}),
     Family("densenet", "torchvision", "densenet121",
            _cnn("features.denseblock1.denselayer1.conv1", "features.denseblock2.denselayer1.conv1",
                 "features.denseblock3.denselayer1", "features.transition1.conv", "features.norm0",
@@ -113,10 +117,12 @@ FAMILIES: list[Family] = [
                 bn="layer1.1.bn1"), also={"bn_shift": ("layer1.1.act1",)}),
     Family("regnety-timm", "timm", "regnety_002",
            _cnn("s3.b2.conv1.conv", "s4.b1.conv2.conv", "s3", "s2.b1.downsample.conv", "stem.bn",
-                bn="s1.b1.conv1.bn", gate="s3.b2.se.fc2"), also={"bn_shift": ("s1.b1.conv1.bn.act",)}),
+                bn="s1.b1.conv1.bn", gate="s3.b2.se.fc2"),
+           also={"bn_shift": ("s1.b1.conv1.bn.act",), "gate_zero": ("s3.b2.se.gate",)}),
     Family("efficientnet-timm", "timm", "efficientnet_b0",
            _cnn("blocks.2.1.conv_pw", "blocks.3.0.conv_dw", "blocks.4", "conv_head", "bn1",
-                gate="blocks.1.0.se.conv_expand")),
+                gate="blocks.1.0.se.conv_expand"),
+           also={"gate_zero": ("blocks.1.0.se.gate",)}),
     Family("convnext", "timm", "convnext_atto",
            _cnn("stages.1.blocks.0.conv_dw", "stages.2.blocks.0.mlp.fc1", "stages.2",
                 "stages.2.downsample.1", "stem.1")),
