@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # exist'). The project's own `torch>=` requirement is then already met when `pip install -e` runs.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast bench scorecard proto rule-catalog examples clean
+.PHONY: setup demo test test-fast bench scorecard sweep planted-sweep proto rule-catalog examples clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ bench: setup
 
 scorecard: setup
 	$(BIN)/python bench/zoo_scorecard.py
+
+# The real libraries as the corpus (bench/README.md, "Hub sweep"): every timm / torchvision /
+# transformers architecture at its default init, exported three ways, linted. Hours on 2 cores;
+# resumable. E.g. make sweep SWEEP_ARGS="--sample 30 --export torchscript onnx_dynamo".
+SWEEP_ARGS ?=
+sweep: setup
+	$(BIN)/python bench/hub_sweep.py $(SWEEP_ARGS)
+
+planted-sweep: setup
+	$(BIN)/python bench/planted_sweep.py $(PLANTED_ARGS)
 
 proto: setup
 	$(BIN)/python scripts/gen_proto.py

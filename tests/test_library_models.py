@@ -1,0 +1,115 @@
+"""Healthy and planted models from the real libraries (timm, torchvision, transformers).
+
+Every healthy-model claim rests on these: one model per family, built by the library at its own
+default init (tiny configs, no downloads), exported as users do (TorchScript trace for most, the
+legacy and dynamo ONNX exporters for a few). A healthy model must get no warning and no error;
+a planted defect (tests/library_defects.py) must be found by its rule at the planted layer.
+The full measurement over hundreds of architectures is bench/hub_sweep.py and
+bench/planted_sweep.py; this file is the slice CI runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import library_defects as defects
+import library_zoo as zoo
+import pytest
+
+from gradprobe.diagnostics.api import diagnose
+
+pytestmark = pytest.mark.slow
+
+HEALTHY = [
+    # (library, model, export)
+    ("torchvision", "resnet18", "torchscript"),
+    ("torchvision", "resnet18", "onnx_legacy"),
+    ("torchvision", "mobilenet_v3_small", "torchscript"),
+    ("torchvision", "efficientnet_b0", "torchscript"),
+    ("torchvision", "regnet_y_400mf", "torchscript"),
+    ("torchvision", "shufflenet_v2_x0_5", "torchscript"),
+    ("torchvision", "squeezenet1_1", "torchscript"),
+    ("timm", "resnet18", "torchscript"),
+    ("timm", "regnety_002", "torchscript"),
+    ("timm", "convnext_atto", "torchscript"),
+    ("timm", "vit_tiny_patch16_224", "torchscript"),
+    ("timm", "efficientnet_b0", "onnx_legacy"),
+    ("transformers", "bert", "torchscript"),
+    ("transformers", "bert", "onnx_dynamo"),
+    ("transformers", "distilbert", "torchscript"),
+    ("transformers", "roberta", "onnx_legacy"),
+    ("transformers", "gpt2", "torchscript"),
+    ("transformers", "t5", "torchscript"),
+    ("transformers", "whisper", "torchscript"),
+    ("transformers", "wav2vec2", "torchscript"),
+    ("transformers", "llama", "torchscript"),
+    ("transformers", "llama", "onnx_dynamo"),
+    ("transformers", "vit", "torchscript"),
+]
+
+PLANTED = [
+    # (family, defect, export)
+    ("resnet18", "zero_branch", "torchscript"),
+    ("resnet18", "nan_weight", "torchscript"),
+    ("resnet18", "stage_10x", "torchscript"),
+    ("resnet18", "bn_shift", "torchscript"),
+    ("resnet18", "constant", "onnx_legacy"),
+    ("mobilenetv3", "gate_zero", "torchscript"),
+    ("efficientnet", "gate_zero", "torchscript"),
+    ("convnext", "zero_branch", "torchscript"),
+    ("vit", "constant", "torchscript"),
+    ("vit", "zero_norm", "torchscript"),
+    ("bert", "zero_norm", "torchscript"),
+    ("bert", "zero_branch", "torchscript"),
+    ("bert", "nan_weight", "onnx_legacy"),
+    ("gpt2", "constant", "torchscript"),
+    ("t5-encoder", "zero_norm", "torchscript"),
+    ("whisper-encoder", "stage_10x", "torchscript"),
+    ("wav2vec2", "zero_norm", "torchscript"),
+    ("llama", "gate_zero", "torchscript"),
+]
+
+
+@functools.lru_cache(maxsize=4)
+def _built(library: str, name: str) -> zoo.Built:
+    return zoo.build(library, name)
+
+
+def _serious(report) -> list:
+    return [f for f in report.findings if f.severity.value in ("error", "warning")]
+
+
+def _show(findings) -> str:
+    return "\n".join(f"{f.severity.value} {f.rule} @ {f.layer}: {f.message}" for f in findings)
+
+
+@pytest.mark.parametrize(("library", "name", "how"), HEALTHY,
+                         ids=[f"{lib}-{n}-{h}" for lib, n, h in HEALTHY])
+def test_healthy_library_model_is_clean(tmp_path, library, name, how):
+    built = _built(library, name)
+    report = diagnose(zoo.export(built, how, tmp_path), zoo.lint_options(built, how))
+    assert report.layers, "the probe measured no layer"
+    assert not _serious(report), f"false alarm on a healthy {library} {name}:\n" + _show(
+        _serious(report))
+
+
+@pytest.mark.parametrize(("family_name", "defect", "how"), PLANTED,
+                         ids=[f"{f}-{d}-{h}" for f, d, h in PLANTED])
+def test_planted_defect_is_found_at_its_layer(tmp_path, family_name, defect, how):
+    family = defects.family_named(family_name)
+    healthy = _built(family.library, family.name)
+    planted = zoo.Built(healthy.library, healthy.name, copy.deepcopy(healthy.module),
+                        healthy.inputs, healthy.parameters)
+    changed = defects.plant(planted.module.model, defect, family.sites[defect])
+    report = diagnose(zoo.export(planted, how, tmp_path), zoo.lint_options(planted, how))
+    expected = defects.EXPECTED[defect]
+    hits = [f for f in _serious(report) if expected is None or f.rule in expected]
+    layers = defects.site_layers(family, defect)
+    located = [f for f in hits if defects.at_site(f.layer, layers)]
+    assert located, (f"{defect} planted at {layers[0]} ({', '.join(changed)}) not reported there "
+                     f"by {sorted(expected) if expected else 'any rule'}; findings:\n"
+                     + _show(_serious(report)))
+    if defect in ("zero_norm", "gate_zero", "nan_weight", "zero_branch"):
+        # The output stops depending on the input, a branch dies for good, or NaN spreads.
+        assert any(f.severity.value == "error" for f in located), _show(located)
