@@ -320,10 +320,10 @@ CATALOG = [{'name': 'nonfinite-weights',
  {'name': 'saturated-activation',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
-  'summary': 'Most outputs of a sigmoid or tanh layer sit on its flat tails.',
+  'summary': 'Most outputs of a sigmoid, tanh or hard-sigmoid layer sit on its flat tails.',
   'text': 'saturated-activation (warning)\n'
           '\n'
-          'Most outputs of a sigmoid or tanh layer sit on its flat tails.\n'
+          'Most outputs of a sigmoid, tanh or hard-sigmoid layer sit on its flat tails.\n'
           '\n'
           'Why it matters:\n'
           '  on the tails the derivative is nearly zero, so almost no gradient passes the layer: '
@@ -343,11 +343,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'Thresholds:\n'
           '  an entry is saturated when its local derivative is below 1% of the peak (sigmoid |x| '
           '>\n'
-          '  ~4.6, tanh |x| > ~3.0). Warning when more than `share` (0.5) of the entries are '
-          'saturated\n'
-          '  (DeepDiagnosis uses > 50% beyond +-5); error from `error_share` (0.99), where '
-          'effectively\n'
-          '  no gradient passes.'},
+          '  ~4.6, tanh |x| > ~3.0; a hard sigmoid at 0 or 1, where it is exactly flat). Warning '
+          'when\n'
+          '  more than `share` (0.5) of the entries are saturated (DeepDiagnosis uses > 50% '
+          'beyond\n'
+          '  +-5); error from `error_share` (0.99), where effectively no gradient passes. Where '
+          'the\n'
+          '  layer before carries a bias averaging beyond +-1 (a gate shut by its bias), the fix '
+          'resets\n'
+          '  that bias to 0 as well.'},
  {'name': 'vanishing-gradients',
   'severity': 'warning',
   'verdicts': ['warning'],
@@ -416,7 +420,7 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  error from `error_ratio` (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
-  'verdicts': ['info', 'warning', 'error'],
+  'verdicts': ['info', 'error'],
   'summary': 'A parameter receives exactly zero gradient: it will never train.',
   'text': 'dead-gradients (error)\n'
           '\n'
@@ -437,14 +441,17 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  remove the parameter.\n'
           '\n'
           'Thresholds:\n'
-          '  every entry of the gradient exactly 0 on the probe batch. A 1-D shift (`*bias`) in a\n'
-          '  network with normalisation is only info: a norm after it subtracts the mean, which '
-          'cancels\n'
-          "  any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured "
-          'with\n'
-          '  deliberate zero layers set to their textbook init (a zero head blocks every gradient '
-          'at\n'
-          '  step 0 only), and not reported where another rule names the cause: the zero/constant\n'
-          '  weight itself, layers behind a fully dead ReLU or behind the point where the output '
-          'stops\n'
-          '  depending on the input, non-finite values.'}]
+          '  every entry of the gradient exactly 0 on the probe batch. A parameter the exported '
+          'forward\n'
+          '  never reads (no gradient at all) is info: an eval-mode export leaves out '
+          'training-only\n'
+          "  parameters (wav2vec2's masked_spec_embed) and branches it did not take. A 1-D shift\n"
+          '  (`*bias`) in a network with normalisation is only info: a norm after it subtracts '
+          'the\n'
+          "  mean, which cancels any shift (a conv bias before BatchNorm, timm's learnable affine\n"
+          '  before BN). Measured with deliberate zero layers set to their textbook init (a zero '
+          'head\n'
+          '  blocks every gradient at step 0 only), and not reported where another rule names the\n'
+          '  cause: the zero/constant weight itself, layers behind a fully dead ReLU or behind '
+          'the\n'
+          '  point where the output stops depending on the input, non-finite values.'}]

@@ -313,6 +313,8 @@ def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _
         low = (xf * (1 - xf)) < 0.25 * SATURATION_DERIVATIVE if kind == "sigmoid" \
             else (1 - xf * xf) < SATURATION_DERIVATIVE
         saturated = low.float().mean()
+    elif kind == "hardsigmoid":  # flat, derivative exactly 0, at and beyond 0 and 1
+        saturated = ((x <= 0) | (x >= 1)).float().mean()
     return _PendingActivation(index, x, x._version, batch_mean, single, unit_max, saturated)
 
 

@@ -16,7 +16,9 @@ class DeadGradients(Rule):
     Example: `y = x + 0 * self.proj(x)`, or a layer whose output goes through `.detach()`.
     Fix: find why no gradient flows to it (detach, integer cast, zero mask, unused branch) or
     remove the parameter.
-    Thresholds: every entry of the gradient exactly 0 on the probe batch. A 1-D shift (`*bias`)
+    Thresholds: every entry of the gradient exactly 0 on the probe batch. A parameter the
+    exported forward never reads (no gradient at all) is info: an eval-mode export leaves out
+    training-only parameters (wav2vec2's masked_spec_embed) and branches it did not take. A 1-D shift (`*bias`)
     in a network with normalisation is only info: a norm after it subtracts the mean, which
     cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured with deliberate
     zero layers set to their textbook init (a zero head blocks every gradient at step 0 only), and
@@ -73,12 +75,13 @@ class DeadGradients(Rule):
                     evidence={"unused": False, "grad_norm": s.grad_norm},
                     severity=Severity.INFO, parameters=[name])
                 continue
-            why = "no path from the output reaches it" if param.unused else \
-                "its gradient is exactly zero on the probe batch"
+            why = ("the exported forward never reads it (a training-only parameter, such as "
+                   "wav2vec2's masked_spec_embed, or a branch the export did not take)"
+                   if param.unused else "its gradient is exactly zero on the probe batch")
             yield self.finding(
                 param.layer, f"{name} will never train: {why}.",
                 evidence={"unused": param.unused, "grad_norm": s.grad_norm},
                 fix=Fix(advice="find the detach()/integer cast/zero mask that cuts the gradient, "
                                "or remove the parameter"),
-                severity=Severity.WARNING if param.unused else None, parameters=[name],
+                severity=Severity.INFO if param.unused else None, parameters=[name],
                 nodes=[lp.point.node for lp in probe.layers if name in lp.point.parameters][:5])

@@ -9,7 +9,7 @@ from gradprobe.diagnostics.rules.base import Rule
 
 
 class SaturatedActivation(Rule):
-    """Most outputs of a sigmoid or tanh layer sit on its flat tails.
+    """Most outputs of a sigmoid, tanh or hard-sigmoid layer sit on its flat tails.
 
     Why it matters: on the tails the derivative is nearly zero, so almost no gradient passes the
     layer: the weights before it stop learning, and stacks of saturated layers vanish the gradient.
@@ -18,9 +18,10 @@ class SaturatedActivation(Rule):
     Fix: initialise the layer before with Xavier (tanh gain 5/3); normalise its input (LayerNorm /
     BatchNorm); or use ReLU-family activations with He init.
     Thresholds: an entry is saturated when its local derivative is below 1% of the peak (sigmoid
-    |x| > ~4.6, tanh |x| > ~3.0). Warning when more than `share` (0.5) of the entries are
+    |x| > ~4.6, tanh |x| > ~3.0; a hard sigmoid at 0 or 1, where it is exactly flat). Warning when more than `share` (0.5) of the entries are
     saturated (DeepDiagnosis uses > 50% beyond +-5); error from `error_share` (0.99), where
-    effectively no gradient passes.
+    effectively no gradient passes. Where the layer before carries a bias averaging beyond
+    +-1 (a gate shut by its bias), the fix resets that bias to 0 as well.
     """
 
     name = "saturated-activation"
@@ -28,7 +29,7 @@ class SaturatedActivation(Rule):
     defaults = {"share": 0.5, "error_share": 0.99}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
-        for lp in probe.activations("sigmoid", "tanh"):
+        for lp in probe.activations("sigmoid", "tanh", "hardsigmoid"):
             act = lp.activation
             if act is None or act.nonfinite or act.saturation <= self.t["share"]:
                 continue
@@ -37,7 +38,12 @@ class SaturatedActivation(Rule):
                 w = probe.params[producer.point.weight].stats
                 if w.nonfinite:
                     continue
-            fix = recommended_init(producer.point) if producer is not None else Fix()
+            # A gate shut by its bias (a squeeze-excite fc2 at -200) stays shut whatever the
+            # weight: the fix resets the bias too.
+            shut = producer is not None and producer.point.bias is not None and abs(
+                probe.params[producer.point.bias].stats.mean) >= 1.0
+            fix = recommended_init(producer.point, reset_bias=shut) if producer is not None \
+                else Fix()
             fix = fix.model_copy(update={"advice": "Xavier init for the layer before, normalise "
                                                    "its input, or use ReLU + He init"})
             severity = Severity.ERROR if act.saturation >= self.t["error_share"] else Severity.WARNING
