@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from zoo import export_torchscript
 
 from gradprobe.diagnostics.api import diagnose
 from gradprobe.diagnostics.options import DiagnoseOptions
 from gradprobe.diagnostics.report import Report
-from zoo import export_torchscript
 
 
 def serious(report: Report) -> list[str]:

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_training_labels import Teacher
 from torch import nn
+from zoo import export_torchscript
 
 from gradprobe.diagnostics.api import diagnose
 from gradprobe.diagnostics.options import DiagnoseOptions
-from test_training_labels import Teacher
-from zoo import export_torchscript
 
 pytestmark = pytest.mark.training
 

@@ -87,7 +87,8 @@ _EXTERNAL_DATA_LIMIT = 1 << 30  # write weights beside the file above ~1 GiB of 
 
 
 def load_onnx(source: Path | bytes, *, base_dir: Path | None = None,
-              name: str | None = None, self_contained: bool = False) -> OnnxModel:
+              name: str | None = None, self_contained: bool = False,
+              as_exported: bool = False) -> OnnxModel:
     """Read an ONNX model (a path, or the file's bytes) and prepare it for probing.
 
     External data is read from `base_dir` (default: the file's folder); bytes that refer to
@@ -95,10 +96,13 @@ def load_onnx(source: Path | bytes, *, base_dir: Path | None = None,
     an upload that points at a file would read whatever the server's folder holds). Raises
     ModelLoadError for anything that is not a readable, consistent ONNX model and
     UnsupportedOperator for an operator outside the default domain or the interpreter.
+    `as_exported` runs convolutions with a folded BatchNorm exactly as the file says, instead of
+    re-normalising them on batch statistics as training would (onnx_folded_norm): what a
+    comparison with onnxruntime needs.
     """
     label, model, base_dir, path = _read(source, None if self_contained else base_dir, name,
                                          self_contained)
-    return _Builder(label, model, base_dir, path).build()
+    return _Builder(label, model, base_dir, path, renormalise_folded=not as_exported).build()
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -255,8 +259,9 @@ class _Plan:
 
 class _Builder:
     def __init__(self, label: str, model: onnx.ModelProto, base_dir: Path | None,
-                 path: str | None) -> None:
+                 path: str | None, renormalise_folded: bool = True) -> None:
         self.label = label
+        self.renormalise_folded = renormalise_folded
         self.model = model
         self.graph = model.graph
         self.base_dir = base_dir
@@ -303,7 +308,8 @@ class _Builder:
                 raise ModelLoadError(f"{self.label}: graph output '{out}' is never computed "
                                      "(truncated or broken file)")
         plan = _compile(nodes, [fns[i] for i in run_order], self.opset, plans, params,
-                        constants, [vi.name for vi in inputs], outputs)
+                        constants, [vi.name for vi in inputs], outputs,
+                        renormalise_folded=self.renormalise_folded)
         self._note_exports(plans, nodes, bindings)
         return OnnxModel(
             path=self.path, parameters=params, inputs=specs,
@@ -639,7 +645,7 @@ def _index_range(view: GraphView, name: str) -> int | None:
 
 def _compile(nodes: list[GraphNode], fns: list[OpFn], opset: int, plans: list[PointPlan],
              params: Mapping[str, torch.Tensor], constants: Mapping[str, torch.Tensor],
-             inputs: list[str], outputs: list[str]) -> _Plan:
+             inputs: list[str], outputs: list[str], *, renormalise_folded: bool = True) -> _Plan:
     """Steps over integer slots: (fn, ctx, attrs, input slots, output slots, taps, frees).
     Slot 0 always holds None (omitted optional inputs); slot 1 takes unnamed outputs."""
     slots: dict[str, int] = {}
@@ -681,7 +687,7 @@ def _compile(nodes: list[GraphNode], fns: list[OpFn], opset: int, plans: list[Po
                 num_outputs -= 1
         ctx = OpContext(node=node.name, op_type=node.op_type, opset=opset,
                         num_outputs=num_outputs, training=True)
-        if node.op_type in FOLDABLE and any(point.folded_batchnorm
+        if renormalise_folded and node.op_type in FOLDABLE and any(point.folded_batchnorm
                                             for point, _ in taps.get(node.index, ())):
             fn = batch_renormalised(fn)
         steps.append((fn, ctx, node.attrs, tuple(slot_of(v) for v in node.inputs), outs,

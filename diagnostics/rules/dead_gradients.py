@@ -18,9 +18,11 @@ class DeadGradients(Rule):
     remove the parameter.
     Thresholds: every entry of the gradient exactly 0 on the probe batch. A parameter the
     exported forward never reads (no gradient at all) is info: an eval-mode export leaves out
-    training-only parameters (wav2vec2's masked_spec_embed) and branches it did not take. A 1-D shift (`*bias`)
+    training-only parameters (wav2vec2's masked_spec_embed) and branches it did not take. A 1-D
+    shift (`*bias`)
     in a network with normalisation is only info: a norm after it subtracts the mean, which
-    cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured with deliberate
+    cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured
+    with deliberate
     zero layers set to their textbook init (a zero head blocks every gradient at step 0 only), and
     not reported where another rule names the cause: the zero/constant weight itself, layers behind
     a fully dead ReLU or behind the point where the output stops depending on the input,

@@ -14,7 +14,8 @@ class ExplodingGradients(GradientTrendRule):
     (`torch.nn.utils.clip_grad_norm_`) as a guard.
     Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers depth_trend
     keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the
-    verdict depend on the probe's resolution), a least-squares line in log space; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70
+    verdict depend on the probe's resolution), a least-squares line in log space; warning when
+    early/late >= `ratio` (100; AUTOTRAINER uses 70
     during training, we allow more at step 0), error from `error_ratio` (1e4).
     """
 

@@ -9,7 +9,6 @@ from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.report import Finding, Severity
 from gradprobe.diagnostics.rules.base import Rule
 
-
 # Fewer inputs per unit than this (depthwise kernels) and |g|/|w| behind BatchNorm is noise.
 MIN_FAN_IN_BEHIND_BN = 64
 
@@ -43,7 +42,8 @@ class InitScale(Rule):
     a too-large weight is a defect: its variance must also be `weight_factor` times the median of
     its BatchNorm-backed peers' (relative to their schemes: a library that starts every layer
     above He, as timm's Inception does, made one choice), and its |g|/|w| at least
-    `update_factor` (30) times below the median of those peers (a stage at 10x He std trains ~100x slower and never
+    `update_factor` (30) times below the median of those peers (a stage at 10x He std trains ~100x
+    slower and never
     catches up). A too-small weight there takes larger relative steps, its norm grows and the step
     shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and
     depthwise convs (torchvision, timm) train fine. Depthwise kernels with fewer than 64 inputs

@@ -18,7 +18,8 @@ class SaturatedActivation(Rule):
     Fix: initialise the layer before with Xavier (tanh gain 5/3); normalise its input (LayerNorm /
     BatchNorm); or use ReLU-family activations with He init.
     Thresholds: an entry is saturated when its local derivative is below 1% of the peak (sigmoid
-    |x| > ~4.6, tanh |x| > ~3.0; a hard sigmoid at 0 or 1, where it is exactly flat). Warning when more than `share` (0.5) of the entries are
+    |x| > ~4.6, tanh |x| > ~3.0; a hard sigmoid at 0 or 1, where it is exactly flat). Warning when
+    more than `share` (0.5) of the entries are
     saturated (DeepDiagnosis uses > 50% beyond +-5); error from `error_share` (0.99), where
     effectively no gradient passes. Where the layer before carries a bias averaging beyond
     +-1 (a gate shut by its bias), the fix resets that bias to 0 as well.

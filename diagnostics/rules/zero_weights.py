@@ -31,7 +31,8 @@ class ZeroWeights(Rule):
     for every sample (a zeroed first layer of a branch: the next layer is fed nothing, unlike a
     zeroed last layer, whose residual add still varies), or when the output no longer varies
     across the probe batch from this point on (the zero is where the across-batch variance first
-    collapses, before the last layer); info otherwise. Biases are never reported: zero is their standard init.
+    collapses, before the last layer); info otherwise. Biases are never reported: zero is their
+    standard init.
     """
 
     name = "zero-weights"
@@ -81,6 +82,9 @@ class ZeroWeights(Rule):
                 evidence=evidence, fix=fix, parameters=[point.weight])
         if cut_named or (cut is None and probe.output_varies):
             return
+        heads = [lp for lp in probe.of_role("linear") if lp.point.weight]
+        if cut is None and heads and probe.params[heads[-1].point.weight].stats.abs_max == 0:
+            return  # a zero head makes every output the same at step 0, deliberately
         # The zero sits between probe points (a gate or scale multiplied in) or after the last
         # one (a final RMSNorm's scale): name the all-zero tensors no layer owns as suspects.
         suspects = probe.zero_tensors_outside_layers()
@@ -99,10 +103,11 @@ class ZeroWeights(Rule):
                                      for n in zeros[:3]),
                       advice="initialise the zero scale/gate to ones, or add a residual path "
                              "around it")
+        how = f" with {fix.init}" if fix.init else " (ones for a norm scale or a gate)"
         return self.finding(
             lp, f"the network's output no longer depends on its input from {layer} on: "
                 f"every sample gives the same value there and nothing after it varies again, "
                 f"because {names} {'is' if len(zeros) == 1 else 'are'} all zeros with no path "
-                f"around. Initialise it non-zero{' with ' + fix.init if fix.init else ' (ones for a norm scale or a gate)'}.",
+                f"around. Initialise it non-zero{how}.",
             evidence={**evidence, "sample_var": 0.0}, fix=fix, parameters=list(zeros))
 
