@@ -24,6 +24,24 @@ def check_fail_on(fail_on: str) -> str:
     return fail_on
 
 
+class CallbackSettings:
+    """What every framework callback is configured with; a callback class lists this first
+    among its bases. Further keywords are diagnose options (`thresholds`, `seed`, ...); the
+    report is kept as `.report`."""
+
+    def __init__(self, fail_on: str = "error", *, select: list[str] | None = None,
+                 ignore: list[str] | None = None, input_fn: InputFn | None = None,
+                 raise_on_fail: bool = True, print_report: bool = True,
+                 **options: Any) -> None:
+        self.fail_on = check_fail_on(fail_on)
+        self.options = {**options, **({"select": select} if select is not None else {}),
+                        **({"ignore": ignore} if ignore is not None else {})}
+        self.input_fn = input_fn
+        self.raise_on_fail = raise_on_fail
+        self.print_report = print_report
+        self.report: Report | None = None
+
+
 def model_inputs(batch: Any, input_fn: InputFn | None = None) -> Any:
     """The part of a training batch the model's forward takes: `input_fn(batch)` when given;
     else a dict without its label keys (keyword inputs), the first item of a tuple/list

@@ -17,10 +17,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from gradprobe.diagnostics.errors import ConfigError
-from gradprobe.diagnostics.report import Report
 from gradprobe.integrations._verdict import (
-    InputFn,
-    check_fail_on,
+    CallbackSettings,
     failing,
     init_error,
     layer_metrics,
@@ -30,22 +28,10 @@ from gradprobe.integrations._verdict import (
 )
 
 
-class GradprobeCallback(pl.Callback):
+class GradprobeCallback(CallbackSettings, pl.Callback):
     """`input_fn(batch)` picks the forward's inputs from a batch (default: `batch[0]` of a
     tuple, a dict without its label keys, or the batch). Further keywords are diagnose
     options (`select`, `ignore`, `thresholds`, `seed`, ...). The report is kept as `.report`."""
-
-    def __init__(self, fail_on: str = "error", *, select: list[str] | None = None,
-                 ignore: list[str] | None = None, input_fn: InputFn | None = None,
-                 raise_on_fail: bool = True, print_report: bool = True,
-                 **options: Any) -> None:
-        self.fail_on = check_fail_on(fail_on)
-        self.options = {**options, **({"select": select} if select is not None else {}),
-                        **({"ignore": ignore} if ignore is not None else {})}
-        self.input_fn = input_fn
-        self.raise_on_fail = raise_on_fail
-        self.print_report = print_report
-        self.report: Report | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from gradprobe.diagnostics.api import diagnose

@@ -18,10 +18,8 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gradprobe.diagnostics.errors import ConfigError
-from gradprobe.diagnostics.report import Report
 from gradprobe.integrations._verdict import (
-    InputFn,
-    check_fail_on,
+    CallbackSettings,
     failing,
     init_error,
     layer_metrics,
@@ -31,22 +29,10 @@ from gradprobe.integrations._verdict import (
 )
 
 
-class GradprobeCallback(TrainerCallback):
+class GradprobeCallback(CallbackSettings, TrainerCallback):
     """`input_fn(batch)` picks the forward's keyword inputs from a batch (default: the batch
     without its label keys). Further keywords are diagnose options. The report is kept as
     `.report`."""
-
-    def __init__(self, fail_on: str = "error", *, select: list[str] | None = None,
-                 ignore: list[str] | None = None, input_fn: InputFn | None = None,
-                 raise_on_fail: bool = True, print_report: bool = True,
-                 **options: Any) -> None:
-        self.fail_on = check_fail_on(fail_on)
-        self.options = {**options, **({"select": select} if select is not None else {}),
-                        **({"ignore": ignore} if ignore is not None else {})}
-        self.input_fn = input_fn
-        self.raise_on_fail = raise_on_fail
-        self.print_report = print_report
-        self.report: Report | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model: Any = None,
