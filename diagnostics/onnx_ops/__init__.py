@@ -5,6 +5,7 @@ from gradprobe.diagnostics.onnx_ops import (  # noqa: F401
     elementwise,
     nn,
     norm,
+    random,
     reduce,
     resize,
     rnn,
