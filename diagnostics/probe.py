@@ -146,6 +146,11 @@ class ProbeResult:
         return False
 
     @property
+    def has_normalisation(self) -> bool:
+        """A norm layer anywhere, or a BatchNorm folded into or following a layer."""
+        return any(lp.point.role == "norm" or lp.point.followed_by_norm for lp in self.layers)
+
+    @property
     def folded_batchnorm(self) -> bool:
         return any(lp.point.folded_batchnorm for lp in self.layers)
 

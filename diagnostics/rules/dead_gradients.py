@@ -50,8 +50,7 @@ class DeadGradients(Rule):
             dead_walls.append(len(probe.layers))  # a zero scale after the last probed value
         wall = max(dead_walls) if dead_walls else -1
         judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
-        has_norm = any(True for _ in probe.of_role("norm")) or any(
-            lp.point.followed_by_norm for lp in probe.layers)
+        has_norm = probe.has_normalisation
         # A weight whose layer output no longer depends on the input gets a zero gradient
         # because its input is zero: a consequence of the dead layer upstream.
         signal_lost = {lp.point.weight for lp in probe.layers

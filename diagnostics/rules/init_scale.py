@@ -59,8 +59,7 @@ class InitScale(Rule):
                 "update_factor": 30.0, "head_output_var": 100.0}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
-        has_norm = any(True for _ in probe.of_role("norm")) or any(
-            lp.point.followed_by_norm for lp in probe.layers)
+        has_norm = probe.has_normalisation
         judged = [lp for lp in probe.of_role("linear")
                   if lp.point.weight and lp.activation and not lp.point.is_embedding]
         if not judged:
