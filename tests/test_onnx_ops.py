@@ -297,9 +297,15 @@ def test_trilu_passes_gradients_to_float_data() -> None:
 # ---------------------------------------------------------------- registry contract
 
 
+# onnx ships no backend case for random draws (their values are unspecified):
+# tests/test_onnx_random_ops.py checks their range, moments and reproducibility instead.
+WITHOUT_BACKEND_CASES = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
+                                   "RandomUniformLike"})
+
+
 def test_every_supported_operator_has_backend_cases(pytestconfig: pytest.Config) -> None:
     covered = {op for _, op in _discover(pytestconfig)}
-    missing = sorted(set(supported_operators()) - covered)
+    missing = sorted(set(supported_operators()) - covered - WITHOUT_BACKEND_CASES)
     assert not missing, f"operators without a backend case: {missing}"
 
 
