@@ -46,6 +46,7 @@ import time
 import traceback
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,18 +190,26 @@ def load_results(path: Path) -> list[dict]:
     return rows
 
 
-def run_model(library: str, name: str, exports: list[str], args: argparse.Namespace) -> list[dict]:
-    cmd = [sys.executable, __file__, "--worker", library, name, "--export", *exports,
-           "--max-params", str(args.max_params)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+@dataclass
+class WorkerRun:
+    rows: list[dict]  # what the worker printed behind PREFIX
+    elapsed: float
+    timed_out: bool
+    failure: str  # why the worker stopped early: the budget, or its exit code and stderr tail
+
+
+def run_worker(cmd: list[str], threads: int, timeout: float) -> WorkerRun:
+    """Run one worker subprocess under a time budget (its whole process group is killed when the
+    budget runs out) and collect its result lines."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     rows: list[dict] = []
-    timer = threading.Timer(args.timeout, lambda: _kill(proc))
+    stderr_tail: list[str] = []
+    timer = threading.Timer(timeout, lambda: _kill(proc))
     timer.start()
     try:
-        stderr_tail: list[str] = []
         reader = threading.Thread(target=lambda: stderr_tail.extend(proc.stderr.readlines()[-5:]))
         reader.start()
         for line in proc.stdout:
@@ -210,21 +219,26 @@ def run_model(library: str, name: str, exports: list[str], args: argparse.Namesp
         reader.join()
     finally:
         timer.cancel()
-    elapsed = round(time.perf_counter() - start, 1)
+    elapsed = time.perf_counter() - start
+    timed_out = elapsed >= timeout - 0.5
+    tail = " | ".join(s.strip() for s in stderr_tail if s.strip())[-300:]
+    failure = (f"budget of {timeout:.0f} s ran out" if timed_out
+               else f"worker died (exit {proc.returncode}): {tail}")
+    return WorkerRun(rows, elapsed, timed_out, failure)
+
+
+def run_model(library: str, name: str, exports: list[str], args: argparse.Namespace) -> list[dict]:
+    cmd = [sys.executable, __file__, "--worker", library, name, "--export", *exports,
+           "--max-params", str(args.max_params)]
+    run = run_worker(cmd, args.threads, args.timeout)
+    rows = run.rows
     done = {r["export"] for r in rows}
-    timed_out = elapsed >= args.timeout - 0.5
     for how in exports:
-        if how in done:
-            continue
-        if timed_out:
-            rows.append({"library": library, "model": name, "export": how, "status": TIMEOUT,
-                         "detail": f"budget of {args.timeout} s ran out"})
-        else:
-            tail = " | ".join(s.strip() for s in stderr_tail if s.strip())[-300:]
-            rows.append({"library": library, "model": name, "export": how, "status": CRASHED,
-                         "detail": f"worker died (exit {proc.returncode}): {tail}"})
+        if how not in done:
+            rows.append({"library": library, "model": name, "export": how,
+                         "status": TIMEOUT if run.timed_out else CRASHED, "detail": run.failure})
     for r in rows:
-        r["model_s"] = elapsed
+        r["model_s"] = round(run.elapsed, 1)
     return rows
 
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +40,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hub_sweep import PREFIX, ROOT, _kill, load_results, one_line, write_readme
+from hub_sweep import PREFIX, ROOT, load_results, one_line, run_worker, write_readme
 
 import library_defects as defects  # noqa: E402  (tests/ is on the path via hub_sweep)
 import library_zoo as zoo  # noqa: E402
@@ -153,37 +151,17 @@ def worker(family_name: str, wanted: list[str], exports: list[str]) -> None:
 
 def run_family(name: str, wanted: list[str], exports: list[str], timeout: float) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", name, "--defects", *wanted, "--export", *exports]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-    timer = threading.Timer(timeout, lambda: _kill(proc))
-    timer.start()
-    rows, tail = [], []
-    reader = threading.Thread(target=lambda: tail.extend(proc.stderr.readlines()[-5:]))
-    reader.start()
-    try:
-        for line in proc.stdout:
-            if line.startswith(PREFIX):
-                rows.append(json.loads(line[len(PREFIX):]))
-        proc.wait()
-        reader.join()
-    finally:
-        timer.cancel()
-    elapsed = time.perf_counter() - start
+    run = run_worker(cmd, 1, timeout)
+    rows = run.rows
     family = defects.family_named(name)
     seen = {(r["defect"], r["export"]) for r in rows}
     for how in exports:
         for defect in ["healthy", *wanted]:
-            if (defect, how) in seen:
-                continue
-            detail = (f"budget of {timeout:.0f} s ran out" if elapsed >= timeout - 0.5 else
-                      f"worker died (exit {proc.returncode}): "
-                      + " | ".join(s.strip() for s in tail if s.strip())[-300:])
-            rows.append({"family": name, "library": family.library, "model": family.name,
-                         "defect": defect, "export": how,
-                         "status": "timeout" if elapsed >= timeout - 0.5 else "crashed",
-                         "detail": detail})
+            if (defect, how) not in seen:
+                rows.append({"family": name, "library": family.library, "model": family.name,
+                             "defect": defect, "export": how,
+                             "status": "timeout" if run.timed_out else "crashed",
+                             "detail": run.failure})
     return rows
 
 
