@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # the rules package imports torch; a client needs it only for
 CHUNK_BYTES = 1 << 20
 # A job that has not reached a replica is sent again; gRPC's retry policy covers failures
 # before the replica answers, this covers an upload cut short. Never after `accepted`.
-LINT_ATTEMPTS = 4
+LINT_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.2
 # round_robin: each new call goes to the next ready replica. Retries: a call that fails as
 # UNAVAILABLE before the server sent anything (connection refused, replica shutting down) is
@@ -52,9 +52,9 @@ SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": "gradprobe.v1.Gradprobe"}, {"service": "grpc.health.v1.Health"}],
         "retryPolicy": {
-            "maxAttempts": 5,
-            "initialBackoff": "0.1s",
-            "maxBackoff": "2s",
+            "maxAttempts": 4,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         },
@@ -321,9 +321,11 @@ class Client:
                 report = self._lint(start, payload, progress, deadline)
                 break
             except _NotAccepted as failure:
-                if attempt + 1 == LINT_ATTEMPTS:
-                    raise failure.error from None
-                time.sleep(min(RETRY_BACKOFF_S * 2 ** attempt, _left(deadline)))
+                pause = RETRY_BACKOFF_S * 2 ** attempt
+                if attempt + 1 == LINT_ATTEMPTS or (
+                        deadline is not None and deadline - time.monotonic() <= pause):
+                    raise failure.error from None  # the replica's own status, not a timeout
+                time.sleep(pause)
         if payload.file_identity is not None:
             report.model.sha256, report.model.size_bytes = payload.file_identity
         return report
@@ -412,10 +414,6 @@ class _NotAccepted(Exception):
 
 
 _SEND_MODEL = object()  # the server asked for the model's bytes
-
-
-def _left(deadline: float | None) -> float:
-    return RETRY_BACKOFF_S * 8 if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def balanced_target(target: str) -> tuple[str, str | None]:
