@@ -39,6 +39,8 @@ WORKDIR /home/gradprobe
 # Uploaded models (content-addressed); mount a volume here to keep them across restarts.
 VOLUME ["/var/lib/gradprobe"]
 EXPOSE 50051
+# Prometheus metrics (--metrics-port), plain HTTP: /metrics
+EXPOSE 9090
 # The standard gRPC health service; it needs no token. With --tls-cert, add
 # --tls-ca (and --tls-server-name) to this command.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=180s --retries=3 \
