@@ -287,6 +287,10 @@ def check_security(resources: list[dict]) -> None:
     seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {}))
     assert seccomp.get("type") == "RuntimeDefault", "seccompProfile must be RuntimeDefault"
     assert pod.get("automountServiceAccountToken") is False
+    # the volume types the Pod Security Standard "restricted" allows, less the ones unused here
+    kinds = {key for volume in pod["volumes"] for key in volume if key != "name"}
+    assert kinds <= {"emptyDir", "secret", "configMap", "projected", "downwardAPI"}, \
+        f"volume types outside the restricted profile: {kinds}"
 
 
 def check_ports_and_probes(resources: list[dict]) -> None:
@@ -485,6 +489,25 @@ def check_examples(deploy: Path) -> None:
             f"the TLS health check verifies {name!r}, the certificate example lacks it"
 
 
+def check_readme(deploy: Path) -> None:
+    """The deployment guide's commands name what exists."""
+    readme = (deploy / "README.md").read_text()
+    applied = re.findall(r"kubectl apply [^\n]*-k deploy/kubernetes/(\S+)", readme)
+    assert applied and set(applied) <= set(KUSTOMIZATIONS), \
+        f"the README applies {set(applied) - set(KUSTOMIZATIONS)}, not a checked kustomization"
+    base = render(deploy / "base")
+    targets = re.findall(r"--server dns:///([\w-]+)\.NS\.svc\.cluster\.local:(\d+)", readme)
+    assert targets, "the README shows no dns:/// target"
+    for name, port in targets:
+        service = one(base, "Service", name)
+        assert service["spec"].get("clusterIP") == "None", f"dns:///{name}: not headless"
+        ports = {p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"}
+        assert int(port) in ports, f"dns:///{name}:{port}: the Service's grpc port is {ports}"
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)]
+    adapter = _load_yaml_documents(deploy / "monitoring/prometheus-adapter-values.yaml")[0]
+    assert adapter in blocks, "the README's adapter rule differs from monitoring/"
+
+
 def check_all(deploy: Path, dockerfile: Path) -> None:
     image = dockerfile_facts(dockerfile)
     monitor = _load_yaml_documents(deploy / "monitoring/servicemonitor.yaml")[0]
@@ -503,6 +526,7 @@ def check_all(deploy: Path, dockerfile: Path) -> None:
         queue = hpa if any(m["type"] == "Pods" for m in hpa["spec"]["metrics"]) else None
         check_monitoring(resources, monitor, adapter, queue)
     check_examples(deploy)
+    check_readme(deploy)
 
 
 # ---------------------------------------------------------------- the tests
@@ -542,6 +566,10 @@ def test_variants_differ_where_they_should():
     assert base.tls_cert is None and gpu.tls_cert is None and tls.tls_cert is not None
     gpu_hpa = one(render(DEPLOY / "overlays/gpu"), "HorizontalPodAutoscaler")
     assert [m["type"] for m in gpu_hpa["spec"]["metrics"]] == ["Resource", "Pods"]
+
+
+def test_the_deployment_guide_names_what_exists():
+    check_readme(DEPLOY)
 
 
 def test_monitoring_matches_the_deployment():
@@ -637,6 +665,17 @@ BREAKAGES = [
     ("monitoring/servicemonitor.yaml", "- port: metrics", "- port: grpc", "not --metrics-port"),
     ("monitoring/servicemonitor.yaml", "      app.kubernetes.io/component: headless\n", "",
      "headless Service alone"),
+    ("README.md", "dns:///gradprobe-headless.NS", "dns:///gradprobe-headles.NS",
+     "expected one Service gradprobe-headles,"),
+    ("README.md", "svc.cluster.local:50051 \\", "svc.cluster.local:5051 \\",
+     "the Service's grpc port is {50051}"),
+    ("README.md", "kubectl apply -n gradprobe -k deploy/kubernetes/overlays/gpu",
+     "kubectl apply -n gradprobe -k deploy/kubernetes/overlay/gpu", "not a checked kustomization"),
+    ("README.md", "max_over_time(<<.Series>>{<<.LabelMatchers>>}[1m]))'\n```",
+     "avg_over_time(<<.Series>>{<<.LabelMatchers>>}[1m]))'\n```", "the README's adapter rule"),
+    ("base/deployment.yaml", "- name: tmp\n          emptyDir:\n            sizeLimit: 2Gi",
+     "- name: tmp\n          hostPath:\n            path: /tmp",
+     "volume types outside the restricted profile"),
     ("examples/token-secret.yaml", 'token: ""', 'token: "s3cret"', "never commit a real secret"),
     ("examples/certificate.yaml", "    - gradprobe\n", "", "the certificate example lacks it"),
 ]
