@@ -371,6 +371,9 @@ def check_storage_and_resources(resources: list[dict]) -> None:
     assert "emptyDir" in tmp, "worker scratch (TMPDIR) must be a writable emptyDir"
     limits, requests = container["resources"]["limits"], container["resources"]["requests"]
     assert {"cpu", "memory"} <= set(requests), "request cpu and memory (the HPA needs cpu)"
+    # workers size their torch thread pools from os.cpu_count(), the node's cores
+    assert "cpu" not in limits, "no CPU limit: a CFS quota would throttle the workers' threads"
+    assert args.worker_memory_mb, "set --worker-memory-mb: its default reads the node's memory"
     needed = (args.workers * args.worker_memory_mb + SERVER_OVERHEAD_MIB) << 20
     assert quantity_bytes(limits["memory"]) >= needed, \
         f"memory limit {limits['memory']} < --workers {args.workers} x --worker-memory-mb " \
@@ -628,6 +631,10 @@ BREAKAGES = [
     ("base/deployment.yaml", "path: token\n", "path: bearer\n", "has no item at token"),
     ("base/deployment.yaml", "memory: 6Gi\n              ephemeral-storage: 13Gi",
      "memory: 4Gi\n              ephemeral-storage: 13Gi", "memory limit 4Gi"),
+    ("base/deployment.yaml", "limits:\n              memory: 6Gi",
+     "limits:\n              cpu: \"4\"\n              memory: 6Gi", "no CPU limit"),
+    ("base/deployment.yaml", "\n            - --worker-memory-mb\n            - \"2048\"", "",
+     "set --worker-memory-mb"),
     ("base/deployment.yaml", "allowPrivilegeEscalation: false",
      "allowPrivilegeEscalation: true", "allowPrivilegeEscalation must be false"),
     ("base/deployment.yaml", "drop:\n                - ALL", "drop:\n                - NET_RAW",
