@@ -47,4 +47,4 @@ HEALTHCHECK --interval=30s --timeout=20s --start-period=180s --retries=3 \
     CMD ["python", "-m", "gradprobe.server.healthcheck", "--address", "127.0.0.1:50051"]
 # Exec form: gradprobe is PID 1 and gets SIGTERM itself, drains in-flight probes, exits 0.
 ENTRYPOINT ["gradprobe"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--store-dir", "/var/lib/gradprobe/store"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--store-dir", "/var/lib/gradprobe/store"]
