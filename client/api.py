@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import queue
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +39,27 @@ if TYPE_CHECKING:  # the rules package imports torch; a client needs it only for
     from gradprobe.diagnostics.rules.base import RuleDoc
 
 CHUNK_BYTES = 1 << 20
+# A job that has not reached a replica is sent again; gRPC's retry policy covers failures
+# before the replica answers, this covers an upload cut short. Never after `accepted`.
+LINT_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.2
+# round_robin: each new call goes to the next ready replica. Retries: a call that fails as
+# UNAVAILABLE before the server sent anything (connection refused, replica shutting down) is
+# retried on the next replica; gRPC commits a call at the first response, so nothing a replica
+# has started is ever run twice.
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "gradprobe.v1.Gradprobe"}, {"service": "grpc.health.v1.Health"}],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
 MAX_RECEIVE_BYTES = 512 << 20  # reports of large models are big
 ERROR_CLASS_KEY = "gradprobe-error-class"  # trailing metadata set by the server
 TOKEN_ENV = "GRADPROBE_TOKEN"
@@ -179,10 +203,14 @@ class Client:
     def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
                  client_cert: str | Path | None = None, client_key: str | Path | None = None,
                  *, tls: bool | None = None, timeout_s: float | None = None) -> None:
-        """`token`: the bearer token (default: the GRADPROBE_TOKEN environment variable);
-        `tls_ca`: CA bundle that signed the server's certificate (TLS); `client_cert` and
-        `client_key`: this client's certificate for mutual TLS. `tls=True` uses TLS with the
-        system's roots. `timeout_s`: default deadline of each call."""
+        """`target`: one server (`host:port`), several replicas (`a:50051,b:50051,c:50051`) or
+        a name with one address per replica (`dns:///gradprobe-headless:50051`); jobs are
+        spread over the replicas by gRPC's round_robin, and a job that fails to reach one
+        before it was accepted is retried on another. `token`: the bearer token (default: the
+        GRADPROBE_TOKEN environment variable); `tls_ca`: CA bundle that signed the server's
+        certificate (TLS); `client_cert` and `client_key`: this client's certificate for
+        mutual TLS. `tls=True` uses TLS with the system's roots. `timeout_s`: default deadline
+        of each call."""
         if token is None:
             token = os.environ.get(TOKEN_ENV) or None
         self.target = target
@@ -190,18 +218,24 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if (client_cert is None) != (client_key is None):
             raise ConfigError("mutual TLS needs both a client certificate and its key")
+        channel_target, authority = balanced_target(target)
         options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                   ("grpc.max_send_message_length", 4 * CHUNK_BYTES)]
+                   ("grpc.max_send_message_length", 4 * CHUNK_BYTES),
+                   ("grpc.service_config", SERVICE_CONFIG),
+                   ("grpc.enable_retries", 1)]
+        if authority is not None:  # a list of replicas: TLS checks the first one's name
+            options.append(("grpc.default_authority", authority))
         if tls or tls_ca is not None or client_cert is not None:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read_pem(tls_ca, "TLS CA bundle"),
                 private_key=_read_pem(client_key, "client key"),
                 certificate_chain=_read_pem(client_cert, "client certificate"),
             )
-            self._channel = grpc.secure_channel(target, credentials, options)
+            self._channel = grpc.secure_channel(channel_target, credentials, options)
         else:
-            self._channel = grpc.insecure_channel(target, options)
+            self._channel = grpc.insecure_channel(channel_target, options)
         self._stub = service_pb2_grpc.GradprobeStub(self._channel)
+        self.last_replica: str | None = None  # which replica accepted the last job
 
     # --- context manager ----------------------------------------------------------------------
 
@@ -228,6 +262,8 @@ class Client:
         return None if timeout is None else time.monotonic() + timeout
 
     def has_model(self, sha256: str, *, timeout_s: float | None = None) -> bool:
+        """Whether the replica this call reaches holds `sha256`. Deprecated with the 0.1 calls
+        it uses (HasModel): behind a balancer the next call may reach another replica."""
         reply = self._call(self._stub.HasModel, spb.HasModelRequest(sha256=sha256),
                            self._deadline(timeout_s))
         return reply.present
@@ -235,15 +271,16 @@ class Client:
     def upload(self, model: ModelSource, *, options: DiagnoseOptions | None = None,
                timeout_s: float | None = None) -> str:
         """Make sure the server holds `model` (a path or the file's bytes); return the sha256
-        it is stored under. Nothing is sent when the server already has it."""
+        it is stored under. Nothing is sent when the server already has it. Deprecated with the
+        0.1 calls it uses (HasModel, UploadModel): `diagnose` uploads within its own job."""
         _require_file_source(model)
         payload = _model_payload(model)
         self._upload(payload, model, options, self._deadline(timeout_s))
         return payload.sha256
 
     def _upload(self, payload: _Payload, model: ModelSource, options: DiagnoseOptions | None,
-                deadline: float | None, *, force: bool = False) -> None:
-        if not force and self._call(self._stub.HasModel,
+                deadline: float | None) -> None:
+        if self._call(self._stub.HasModel,
                                     spb.HasModelRequest(sha256=payload.sha256), deadline).present:
             return
         name = Path(model).name if not isinstance(model, bytes) else ""
@@ -260,9 +297,11 @@ class Client:
     def diagnose(self, model: ModelSource, options: DiagnoseOptions | None = None,
                  progress: Progress | None = None, *, path_label: str | None = None,
                  timeout_s: float | None = None) -> Report:
-        """Upload `model` if needed and probe it on the server: the report (and any error) of
-        the local `diagnose(model, options, path_label=...)`. `path_label` is what the report
-        shows as model.path; default: the path as given, None for bytes."""
+        """Probe `model` on the server (uploading it only where the replica lacks it): the
+        report (and any error) of the local `diagnose(model, options, path_label=...)`.
+        `path_label` is what the report shows as model.path; default: the path as given, None
+        for bytes. A job that could not reach a replica before one accepted it is retried
+        (on another replica where there are several); once accepted it is never re-run."""
         _require_file_source(model)
         options = options or DiagnoseOptions()
         wire_options = convert.options_to_proto(options)  # ConfigError before any traffic
@@ -270,33 +309,56 @@ class Client:
         if path_label is None and not isinstance(model, bytes):
             path_label = str(model)
         payload = _model_payload(model)
-        self._upload(payload, model, options, deadline)
-        request = spb.DiagnoseRequest(sha256=payload.sha256, options=wire_options,
-                                      path_label=path_label)
+        name = Path(model).name if not isinstance(model, bytes) else ""
+        start = spb.LintStart(
+            model=spb.UploadMetadata(filename=name, format=_format_of(options),
+                                     size_bytes=payload.size, sha256=payload.sha256),
+            options=wire_options, path_label=path_label)
         if path_label is None:
-            request.ClearField("path_label")
-        try:
-            report = self._diagnose(request, progress, deadline)
-        except RemoteError as exc:
-            if exc.code != grpc.StatusCode.NOT_FOUND:
-                raise
-            # The store lost the model between the check and the probe: send it once more.
-            self._upload(payload, model, options, deadline, force=True)
-            report = self._diagnose(request, progress, deadline)
+            start.ClearField("path_label")
+        for attempt in range(LINT_ATTEMPTS):
+            try:
+                report = self._lint(start, payload, progress, deadline)
+                break
+            except _NotAccepted as failure:
+                pause = RETRY_BACKOFF_S * 2 ** attempt
+                if attempt + 1 == LINT_ATTEMPTS or (
+                        deadline is not None and deadline - time.monotonic() <= pause):
+                    raise failure.error from None  # the replica's own status, not a timeout
+                time.sleep(pause)
         if payload.file_identity is not None:
             report.model.sha256, report.model.size_bytes = payload.file_identity
         return report
 
-    def _diagnose(self, request: spb.DiagnoseRequest, progress: Progress | None,
-                  deadline: float | None) -> Report:
+    def _lint(self, start: spb.LintStart, payload: _Payload, progress: Progress | None,
+              deadline: float | None) -> Report:
+        """One Lint stream. Raises _NotAccepted for an UNAVAILABLE replica that had not yet
+        accepted the job (nothing ran: safe to send again)."""
+        outbox: queue.Queue[spb.LintRequest | object | None] = queue.Queue()
+        outbox.put(spb.LintRequest(start=start))
+
+        def requests() -> Iterator[spb.LintRequest]:
+            while (item := outbox.get()) is not None:
+                if item is _SEND_MODEL:  # read lazily: a large model is never all in memory
+                    for chunk in _chunks(payload.data):
+                        yield spb.LintRequest(chunk=chunk)
+                    return  # the half-close ends the upload
+                yield item
+
         findings = []
         report = None
-        stream = self._call(self._stub.Diagnose, request, deadline)
-        finished = False
+        accepted = finished = False
+        stream = self._call(self._stub.Lint, requests(), deadline)
         try:
             for event in stream:  # to the end of the stream: the server ends it with OK
                 kind = event.WhichOneof("event")
-                if kind == "progress":
+                if kind == "send_model":
+                    outbox.put(_SEND_MODEL)
+                elif kind == "accepted":
+                    accepted = True
+                    self.last_replica = event.accepted.replica
+                    outbox.put(None)
+                elif kind == "progress":
                     if progress is not None:
                         progress(event.progress.stage, event.progress.fraction)
                 elif kind == "finding":
@@ -305,8 +367,13 @@ class Client:
                     report = event.report
             finished = True
         except grpc.RpcError as exc:
-            raise translate_error(exc, self.target) from None
+            error = translate_error(exc, self.target)
+            if not accepted and isinstance(error, RemoteError) \
+                    and error.code == grpc.StatusCode.UNAVAILABLE:
+                raise _NotAccepted(error) from None
+            raise error from None
         finally:
+            outbox.put(None)  # the request thread never waits on a finished call
             if not finished:  # e.g. the progress callback raised: free the server's worker
                 stream.cancel()
         if report is None:
@@ -336,6 +403,57 @@ class Client:
         reply = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service),
                            self._deadline(timeout_s))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class _NotAccepted(Exception):
+    """A Lint stream failed as UNAVAILABLE before any replica accepted the job."""
+
+    def __init__(self, error: RemoteError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+_SEND_MODEL = object()  # the server asked for the model's bytes
+
+
+def balanced_target(target: str) -> tuple[str, str | None]:
+    """The gRPC channel target for `target`, and the authority to send when it differs.
+
+    `a:1,b:2` (several replicas) becomes one `ipv4:`/`ipv6:` target of their addresses,
+    resolved here once, so that round_robin spreads jobs over them; gRPC's own names
+    (`dns:///...`, `ipv4:...`, `unix:...`) and a single `host:port` pass unchanged."""
+    parts = [p.strip() for p in target.split(",")]
+    if len(parts) == 1 or ":///" in target or target.startswith(("ipv4:", "ipv6:", "unix:")):
+        return target, None
+    if any(not p for p in parts):
+        raise ConfigError(f"--server {target!r}: an empty address in the list")
+    v4, v6 = [], []
+    for part in parts:
+        host, port = _split_host_port(part, target)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ConfigError(f"--server {target!r}: cannot resolve {host}: {exc}") from None
+        families = {info[0] for info in infos}
+        # One address per replica: localhost is 127.0.0.1 and ::1, the same process.
+        if socket.AF_INET in families:
+            address = next(i[4][0] for i in infos if i[0] == socket.AF_INET)
+            v4.append(f"{address}:{port}")
+        else:
+            address = next(i[4][0] for i in infos if i[0] == socket.AF_INET6)
+            v6.append(f"[{address}]:{port}")
+    if v4 and v6:
+        raise ConfigError(f"--server {target!r} mixes IPv4 and IPv6 replicas: gRPC balances "
+                          "over one family; give names of one family or a dns:/// name")
+    scheme, addresses = ("ipv4", v4) if v4 else ("ipv6", v6)
+    return f"{scheme}:{','.join(addresses)}", parts[0]
+
+
+def _split_host_port(address: str, target: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"--server {target!r}: {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -87,11 +87,14 @@ def build_parser(*, serve_arguments: bool = True) -> argparse.ArgumentParser:
     lint.add_argument("--html", type=Path, metavar="FILE",
                       help="also write a self-contained HTML report with plots")
     lint.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
-                      help="at most N models in parallel (default: as cores and memory allow)")
+                      help="at most N models in parallel (default: as cores and memory allow; "
+                           "with --server, one per replica)")
     lint.add_argument("--mlflow", action="store_true",
                       help="log the reports, counts and verdict to MLflow (MLFLOW_TRACKING_URI, "
                            "MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID; needs gradprobe[mlflow])")
-    lint.add_argument("--server", metavar="HOST:PORT", help="run the probe on a gradprobe server")
+    lint.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]",
+                      help="run the probes on gradprobe servers: one, several replicas "
+                           "(jobs spread round robin) or dns:///NAME:PORT")
     token = lint.add_mutually_exclusive_group()
     token.add_argument("--token-file", type=Path, metavar="FILE",
                        help="file holding the bearer token for --server (default: the "
@@ -144,19 +147,15 @@ def build_parser(*, serve_arguments: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _diagnose_one(path: Path, options: DiagnoseOptions, args: argparse.Namespace):  # noqa: ANN202
-    if args.server:
-        from gradprobe.client.remote import diagnose_remote
+def _remote_client(args: argparse.Namespace):  # noqa: ANN202 - a gradprobe Client
+    """One connection for the whole run, shared by its threads (round robin over --server)."""
+    from gradprobe.client.api import Client
 
-        token = args.token or _read_token(args.token_file) or os.environ.get("GRADPROBE_TOKEN")
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise UsageError("--tls-cert and --tls-key go together")
-        return diagnose_remote(path, options, server=args.server, token=token,
-                               tls_ca=args.tls_ca, timeout_s=args.timeout,
-                               client_cert=args.tls_cert, client_key=args.tls_key)
-    from gradprobe.diagnostics.api import diagnose
-
-    return diagnose(path, options)
+    token = args.token or _read_token(args.token_file) or os.environ.get("GRADPROBE_TOKEN")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    return Client(args.server, token=token, tls_ca=args.tls_ca, client_cert=args.tls_cert,
+                  client_key=args.tls_key, timeout_s=args.timeout)
 
 
 def _read_token(path: Path | None) -> str | None:
@@ -182,10 +181,14 @@ def run_lint(args: argparse.Namespace) -> int:
     options_for, triton_versions = _with_triton_inputs(args.models, config)
     skipped: list = []
     paths = expand_paths(args.models, skipped)
-    remote = None
-    if args.server:  # the server does the work; files go to it one by one
+    remote = client = None
+    jobs = args.jobs
+    if args.server:  # the servers do the work: --jobs requests in flight, one per replica by default
+        client = _remote_client(args)
+        jobs = jobs or len(args.server.split(","))
+
         def remote(path: Path, options: DiagnoseOptions, hook: object) -> object:
-            return _diagnose_one(path, options, args)
+            return client.diagnose(path, options, progress=hook, path_label=str(path))
     if len(paths) > 1 or any(p.is_dir() for p in args.models):
         # One --input-shape/--batch-size for many files fills in what a file leaves open; a
         # file that declares its own fixed shapes keeps them.
@@ -195,9 +198,13 @@ def run_lint(args: argparse.Namespace) -> int:
             if path.resolve() in triton_versions:  # its config.pbtxt says what it takes
                 return per_file(path)
             return per_file(path).model_copy(update={"fill_undeclared": True})
-    with Progress(len(paths)) as progress:
-        outcomes = lint_files(paths, options_for, jobs=args.jobs, progress=progress,
-                              diagnose=remote)
+    try:
+        with Progress(len(paths)) as progress:
+            outcomes = lint_files(paths, options_for, jobs=jobs, progress=progress,
+                                  diagnose=remote)
+    finally:
+        if client is not None:
+            client.close()
     for outcome in outcomes:
         version = triton_versions.get(outcome.path.resolve())
         if version is not None and outcome.report is not None:

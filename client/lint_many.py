@@ -21,7 +21,7 @@ import queue as queue_module
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -69,13 +69,27 @@ def lint_files(
 ) -> list[LintOutcome]:
     """Lint every path; outcomes come back in the order of `paths`. `jobs` caps the worker
     count (None: as many as cores, files and memory allow; 1: in this process). `diagnose`
-    replaces the local engine (e.g. a gRPC server does the work): then files go one by one."""
+    replaces the local engine (e.g. gRPC servers do the work): then `jobs` files (default
+    1) are in flight at once."""
     options = [options_for(path) for path in paths]  # configuration errors before any work
-    workers = 1 if diagnose is not None else worker_count(paths, options, jobs)
+    if diagnose is not None:  # the servers do the work: only requests in flight here
+        return _lint_remote(list(paths), options, max(1, min(jobs or 1, len(paths))),
+                            progress, diagnose)
+    workers = worker_count(paths, options, jobs)
     if workers <= 1:
-        run = diagnose or _diagnose
-        return [_lint_here(path, opts, progress, run) for path, opts in zip(paths, options)]
+        return [_lint_here(path, opts, progress, _diagnose) for path, opts in zip(paths, options)]
     return _lint_parallel(list(paths), options, workers, progress)
+
+
+def _lint_remote(paths: list[Path], options: list[DiagnoseOptions], jobs: int,
+                 progress: Progress | None, diagnose: Diagnose) -> list[LintOutcome]:
+    """`jobs` requests in flight at once, from threads of this process (the calls wait on the
+    network, not the CPU); outcomes in the order of `paths`."""
+    if jobs == 1:
+        return [_lint_here(path, opts, progress, diagnose) for path, opts in zip(paths, options)]
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="gradprobe-remote") as pool:
+        return list(pool.map(lambda pair: _lint_here(*pair, progress, diagnose),
+                             zip(paths, options)))
 
 
 def worker_count(paths: Sequence[Path], options: Sequence[DiagnoseOptions],

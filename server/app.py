@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.server.interceptors import AuthInterceptor, ErrorMapInterceptor
 from gradprobe.server.limits import StreamLimitInterceptor, channel_options
+from gradprobe.server.metrics import MetricsEndpoint, ServerMetrics
 from gradprobe.server.servicer import CHUNK_BYTES, GradprobeServicer, ServiceLimits
 from gradprobe.server.store import ModelStore
 from gradprobe.server.worker_limits import default_worker_memory_mb
@@ -68,6 +70,8 @@ class ServeConfig:
     store_max_gb: float | None = None  # store quota, LRU eviction; None: no quota
     sandbox: bool = True  # confine workers (server/sandbox.py) where the kernel allows
     worker_user: str | None = None  # workers setuid to this user (server started as root)
+    metrics_port: int | None = None  # Prometheus /metrics on host:port; None: off; 0: any port
+    replica: str | None = None  # this replica's name in Lint's Accepted event; None: host:port
 
     @property
     def max_model_bytes(self) -> int:
@@ -96,12 +100,19 @@ def _credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
 
 class RunningServer:
     def __init__(self, server: aio.Server, pool: WorkerPool,
-                 health: health_aio.HealthServicer, port: int, config: ServeConfig) -> None:
+                 health: health_aio.HealthServicer, port: int, config: ServeConfig,
+                 metrics: ServerMetrics, metrics_endpoint: MetricsEndpoint | None) -> None:
         self.server = server
         self.pool = pool
         self.health = health
         self.port = port
         self.config = config
+        self.metrics = metrics
+        self.metrics_endpoint = metrics_endpoint
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_endpoint.port if self.metrics_endpoint else None
 
     @property
     def address(self) -> str:
@@ -115,6 +126,8 @@ class RunningServer:
         self.pool.drain()
         await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
         await self.pool.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         if self.pool.scratch_root:
             shutil.rmtree(self.pool.scratch_root, ignore_errors=True)
 
@@ -126,15 +139,16 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
     """Bind the port, start the workers, then serve. Raises ConfigError for bad settings
     (files, port) before any worker is started."""
     credentials = _credentials(config)
+    metrics = ServerMetrics()
     store = ModelStore(config.store_dir or default_store_dir(), config.max_model_bytes,
                        max_receiving=config.max_uploads,
                        max_bytes=None if config.store_max_gb is None
-                       else int(config.store_max_gb * (1 << 30)))
+                       else int(config.store_max_gb * (1 << 30)), metrics=metrics)
     interceptors: list[aio.ServerInterceptor] = []
     if config.token:
-        interceptors.append(AuthInterceptor(config.token))
+        interceptors.append(AuthInterceptor(config.token, metrics))
     interceptors.append(StreamLimitInterceptor(max_open_streams=config.max_open_streams))
-    interceptors.append(ErrorMapInterceptor())
+    interceptors.append(ErrorMapInterceptor(metrics))
     server = aio.server(
         interceptors=interceptors,
         options=[
@@ -169,8 +183,13 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
         os.chmod(scratch_root, 0o711)  # the workers' user must reach its own folder
     pool = WorkerPool(config.workers, config.max_queue, memory_mb=memory_mb,
                       scratch_root=scratch_root, store_dir=str(store.root),
-                      sandbox=config.sandbox, user=config.worker_user)
+                      sandbox=config.sandbox, user=config.worker_user, metrics=metrics)
+    metrics.observe_sources(queue_depth=lambda: pool.waiting,
+                            busy_workers=lambda: len(pool.busy_pids()),
+                            workers=lambda: len(pool.pids),
+                            store_bytes=lambda: store.used_bytes)
     await pool.start()
+    endpoint = None
     try:
         devices = [d.name for d in pool.about.devices] if pool.about else []
         if config.device == "cuda" and not any(d.startswith("cuda") for d in devices):
@@ -182,7 +201,8 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
                 max_queue=config.max_queue, timeout_s=config.timeout_s or None,
                 max_message_bytes=MAX_RECEIVE_BYTES, upload_idle_s=config.upload_idle_s,
                 worker_memory_bytes=memory_mb << 20),
-            version=version, default_device=config.device, auth_required=bool(config.token))
+            version=version, default_device=config.device, auth_required=bool(config.token),
+            replica=config.replica or f"{socket.gethostname()}:{port}", metrics=metrics)
         service_pb2_grpc.add_GradprobeServicer_to_server(servicer, server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -190,14 +210,18 @@ async def start_server(config: ServeConfig, *, version: str) -> RunningServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME), server)
+        if config.metrics_port is not None:
+            endpoint = metrics.serve_http(config.host, config.metrics_port)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         await pool.close()
+        if endpoint is not None:
+            endpoint.close()
         shutil.rmtree(scratch_root, ignore_errors=True)
         raise
-    return RunningServer(server, pool, health, port, config)
+    return RunningServer(server, pool, health, port, config, metrics, endpoint)
 
 
 async def serve(config: ServeConfig, *, version: str,
@@ -210,6 +234,8 @@ async def serve(config: ServeConfig, *, version: str,
              "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
              "token" if config.token else "off", config.device,
              ",".join(d.name for d in about.devices) if about else "?")
+    if running.metrics_port is not None:
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.host, running.metrics_port)
     log.info("workers confined by: %s (memory cap %s MB each)",
              ", ".join(about.confinement) if about and about.confinement else "nothing",
              running.pool.memory_mb)

@@ -32,6 +32,7 @@ from gradprobe.server.errors import (
     WorkerCrashed,
     WorkerOutOfMemory,
 )
+from gradprobe.server.metrics import ServerMetrics
 from gradprobe.server.workers import WorkerFault
 
 log = logging.getLogger("gradprobe.server.access")
@@ -114,7 +115,10 @@ def _wrap(handler: grpc.RpcMethodHandler,
 
 class ErrorMapInterceptor(aio.ServerInterceptor):
     """Maps exceptions to status codes (STATUS_MAP; anything else is INTERNAL, logged with its
-    traceback but never sent) and logs one line per call."""
+    traceback but never sent), logs one line per call and counts it in `metrics`."""
+
+    def __init__(self, metrics: ServerMetrics | None = None) -> None:
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -134,17 +138,18 @@ class ErrorMapInterceptor(aio.ServerInterceptor):
         return _wrap(handler, around)
 
     async def _unary(self, method, behavior, request, context):
-        async with _mapped_call(method, context):
+        async with _mapped_call(method, context, self._metrics):
             return await behavior(request, context)
 
     async def _stream(self, method, behavior, request, context):
-        async with _mapped_call(method, context):
+        async with _mapped_call(method, context, self._metrics):
             async for response in behavior(request, context):
                 yield response
 
 
 @contextlib.asynccontextmanager
-async def _mapped_call(method: str, context: aio.ServicerContext):
+async def _mapped_call(method: str, context: aio.ServicerContext,
+                       metrics: ServerMetrics | None):
     """One call's scope, for unary and streaming handlers alike: an exception becomes its
     status (aborting the call), and one log line is written whatever happens."""
     notes: dict[str, Any] = {}
@@ -164,6 +169,8 @@ async def _mapped_call(method: str, context: aio.ServicerContext):
         raise
     finally:
         log.info(_format_line(method, code, time.perf_counter() - start, notes))
+        if metrics is not None:
+            metrics.count_call(method, code.name)
 
 
 def _status(exc: Exception, method: str, notes: dict[str, Any]
@@ -196,10 +203,11 @@ def _cancel_code(context: aio.ServicerContext) -> grpc.StatusCode:
 class AuthInterceptor(aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every call except health."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, metrics: ServerMetrics | None = None) -> None:
         if not token:
             raise ValueError("empty token")
         self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
 
     def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
         if details.method.startswith(OPEN_PREFIXES):
@@ -221,6 +229,8 @@ class AuthInterceptor(aio.ServerInterceptor):
             async def deny():
                 logging.getLogger("gradprobe.server.access").info(
                     _format_line(method, grpc.StatusCode.UNAUTHENTICATED, 0.0, {}))
+                if self._metrics is not None:
+                    self._metrics.count_call(method, grpc.StatusCode.UNAUTHENTICATED.name)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                     "missing or invalid bearer token (authorization metadata)")
 

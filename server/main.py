@@ -72,6 +72,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not confine workers with Landlock/seccomp (docs/security.md)")
     limits.add_argument("--worker-user", default=None,
                         help="when started as root, workers switch to this user (e.g. nobody)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 or "
+                             "absent: off)")
+    parser.add_argument("--replica-name", default=None,
+                        help="this replica's name in each job's Accepted event and the access "
+                             "log (default: hostname:port)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -94,6 +100,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.worker_memory_mb is not None and args.worker_memory_mb < MIN_WORKER_MEMORY_MB:
         raise ConfigError(f"--worker-memory-mb must be at least {MIN_WORKER_MEMORY_MB} (a worker "
                           f"needs that much for torch), got {args.worker_memory_mb}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port must be a port number, got {args.metrics_port}")
+    if args.metrics_port and args.metrics_port == args.port:
+        raise ConfigError(f"--metrics-port {args.metrics_port} is the gRPC --port")
     if args.store_max_gb is not None and not args.store_max_gb > 0:
         raise ConfigError(f"--store-max-gb must be positive, got {args.store_max_gb}")
     if args.worker_user is not None:
@@ -124,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         store_max_gb=args.store_max_gb, sandbox=args.sandbox, worker_user=args.worker_user,
         upload_idle_s=args.upload_idle_s, streams_per_connection=args.streams_per_connection,
         max_connection_age_s=args.max_connection_age_s, reflection=args.reflection,
+        metrics_port=args.metrics_port or None, replica=args.replica_name,
     )
 
 

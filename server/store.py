@@ -30,6 +30,7 @@ from gradprobe.server.errors import (
     UploadError,
     UploadsBusy,
 )
+from gradprobe.server.metrics import ServerMetrics
 
 log = logging.getLogger("gradprobe.server")
 
@@ -58,8 +59,9 @@ class UploadHeader:
 
 class ModelStore:
     def __init__(self, root: Path, max_model_bytes: int, *, max_receiving: int = 64,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, metrics: ServerMetrics | None = None) -> None:
         self.root = Path(root).resolve()
+        self.metrics = metrics or ServerMetrics()
         self.max_model_bytes = max_model_bytes
         self.max_receiving = max_receiving  # uploads holding a temp file at once
         self.receiving = 0
@@ -118,6 +120,7 @@ class ModelStore:
                 size = path.stat().st_size
                 path.unlink()
                 self.stored_bytes -= size
+                self.metrics.store_evictions.inc()
                 log.info("store: evicted %s (%d bytes); store now %d of %d bytes", path.name,
                          size, self.used_bytes, self.max_bytes)
         if self.used_bytes + needed > self.max_bytes:
@@ -195,6 +198,7 @@ class ModelStore:
             replaced = final.stat().st_size if final.is_file() else 0
             os.replace(tmp, final)  # atomic: a concurrent upload of the same bytes is harmless
             self.stored_bytes += received - replaced
+            self.metrics.uploaded_bytes.inc(received)
             return final
         finally:
             self.incoming_bytes -= counted

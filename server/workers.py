@@ -34,6 +34,7 @@ from gradprobe.server.errors import (
     WorkerCrashed,
     WorkerOutOfMemory,
 )
+from gradprobe.server.metrics import ServerMetrics
 from gradprobe.server.worker_process import About, Job, WorkerSettings, worker_main
 
 log = logging.getLogger("gradprobe.server")
@@ -137,10 +138,12 @@ class WorkerPool:
     def __init__(self, size: int, max_queue: int, *, threads_per_worker: int | None = None,
                  start_timeout_s: float = 300.0, memory_mb: int | None = None,
                  scratch_root: str | None = None, store_dir: str | None = None,
-                 sandbox: bool = True, user: str | None = None) -> None:
+                 sandbox: bool = True, user: str | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         if size < 1:
             raise ValueError("a pool needs at least one worker")
         self.size = size
+        self.metrics = metrics or ServerMetrics()
         self.memory_mb = memory_mb
         self.scratch_root = scratch_root
         self.store_dir = store_dir
@@ -208,6 +211,7 @@ class WorkerPool:
             self._workers.discard(worker)
             if not (self._closing or self._draining):
                 self._spawn()
+                self.metrics.worker_restarts.inc()
 
     def drain(self) -> None:
         """Shutdown has begun: let admitted jobs finish, but start no replacement workers."""
@@ -244,6 +248,11 @@ class WorkerPool:
 
     def busy_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.running is not None]
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued for a free worker."""
+        return self._waiting
 
     # --- messages from the reader threads, on the loop ----------------------------------------
 
@@ -286,6 +295,7 @@ class WorkerPool:
     def _respawn_if_short(self) -> None:
         if not (self._closing or self._draining) and len(self._workers) < self.size:
             self._spawn()
+            self.metrics.worker_restarts.inc()
 
     # --- running a job ------------------------------------------------------------------------
 
@@ -314,7 +324,9 @@ class WorkerPool:
     async def run(self, job: Job, *, timeout_s: float | None, progress: Progress) -> Report:
         """Probe `job` on the next free worker. Raises the job's GradprobeError, QueueFull,
         WorkerCrashed, ProbeTimedOut, ShuttingDown; a cancelled caller kills the worker."""
+        queued_at = self.loop.time()
         worker = await self._acquire(progress)
+        self.metrics.observe_stage("queue", self.loop.time() - queued_at)
         future = self.loop.create_future()
         worker.running = _Running(future, progress)
         try:

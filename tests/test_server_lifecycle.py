@@ -127,18 +127,19 @@ def test_sigterm_drains_the_in_flight_probe_then_exits_0(served, models):
     ours = {hashlib.sha256(MARKER * 100).hexdigest(), report.model.sha256,
             outcome["report"].model.sha256}
     # (the previous test's last line may land just after `before` was read)
-    diagnoses = [line for line in lines if line.startswith("rpc=Diagnose ")
+    diagnoses = [line for line in lines if line.startswith("rpc=Lint ")
                  and re.search(r"sha=(\w+)", line).group(1) in ours]
     assert len(diagnoses) == 3, diagnoses
     marker, defect, slow = diagnoses
-    assert "status=INVALID_ARGUMENT" in marker
+    assert "status=INVALID_ARGUMENT" in marker and "cached=False" in marker
     fired = sorted({f.rule for f in report.findings})
     assert f"sha={report.model.sha256}" in defect and "status=OK" in defect
     assert f"rules={','.join(fired) or '-'}" in defect and fired
     assert re.search(r"duration_ms=\d+", defect)
     assert f"sha={outcome['report'].model.sha256}" in slow and "status=OK" in slow
+    assert "cached=True" in slow  # uploaded before, through the deprecated UploadModel
     uploads = [line for line in lines if line.startswith("rpc=UploadModel ")]
-    assert len(uploads) == 2 and all("status=OK" in line for line in uploads)  # marker, slow
+    assert len(uploads) == 1 and "status=OK" in uploads[0]
 
 
 def _access_lines(log_path) -> list[str]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gradprobe.v1 import report_pb2 as gradprobe_dot_v1_dot_report__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradprobe/v1/service.proto\x12\x0cgradprobe.v1\x1a\x19gradprobe/v1/report.proto\"!\n\x0fHasModelRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"7\n\x10HasModelResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"q\n\x0eUploadMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.gradprobe.v1.ModelFormat\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"_\n\x12UploadModelRequest\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1c.gradprobe.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"R\n\x13UploadModelResponse\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"-\n\x06Shapes\x12#\n\x06shapes\x18\x01 \x03(\x0b\x32\x13.gradprobe.v1.Shape\"q\n\nThresholds\x12\x34\n\x06values\x18\x01 \x03(\x0b\x32$.gradprobe.v1.Thresholds.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x04\n\x0f\x44iagnoseOptions\x12*\n\x0cinput_shapes\x18\x01 \x01(\x0b\x32\x14.gradprobe.v1.Shapes\x12.\n\x0cinput_dtypes\x18\x02 \x01(\x0b\x32\x18.gradprobe.v1.StringList\x12\x17\n\nbatch_size\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12(\n\x06select\x18\x06 \x01(\x0b\x32\x18.gradprobe.v1.StringList\x12\x0e\n\x06ignore\x18\x07 \x03(\t\x12\x41\n\nseverities\x18\x08 \x03(\x0b\x32-.gradprobe.v1.DiagnoseOptions.SeveritiesEntry\x12\x41\n\nthresholds\x18\t \x03(\x0b\x32-.gradprobe.v1.DiagnoseOptions.ThresholdsEntry\x12)\n\x06\x66ormat\x18\n \x01(\x0e\x32\x19.gradprobe.v1.ModelFormat\x12\x17\n\x0f\x66ill_undeclared\x18\x0b \x01(\x08\x1aI\n\x0fSeveritiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0e\x32\x16.gradprobe.v1.Severity:\x02\x38\x01\x1aK\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gradprobe.v1.Thresholds:\x02\x38\x01\x42\r\n\x0b_batch_size\"y\n\x0f\x44iagnoseRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.gradprobe.v1.DiagnoseOptions\x12\x17\n\npath_label\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_path_label\"+\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\x96\x01\n\rDiagnoseEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.gradprobe.v1.ProgressH\x00\x12(\n\x07\x66inding\x18\x02 \x01(\x0b\x32\x15.gradprobe.v1.FindingH\x00\x12&\n\x06report\x18\x03 \x01(\x0b\x32\x14.gradprobe.v1.ReportH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10ListRulesRequest\"\xc3\x01\n\x07RuleDoc\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x08severity\x18\x02 \x01(\x0e\x32\x16.gradprobe.v1.Severity\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x0b\n\x03why\x18\x04 \x01(\t\x12\x0f\n\x07\x65xample\x18\x05 \x01(\t\x12\x0b\n\x03\x66ix\x18\x06 \x01(\t\x12\x12\n\nthresholds\x18\x07 \x01(\t\x12\x30\n\x08\x64\x65\x66\x61ults\x18\x08 \x03(\x0b\x32\x1e.gradprobe.v1.ThresholdDefault\"/\n\x10ThresholdDefault\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"9\n\x11ListRulesResponse\x12$\n\x05rules\x18\x01 \x03(\x0b\x32\x15.gradprobe.v1.RuleDoc\"\x16\n\x14GetServerInfoRequest\"A\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x88\x01\n\x06Limits\x12\x17\n\x0fmax_model_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x11\n\tmax_queue\x18\x03 \x01(\x05\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\"\x99\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12%\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x14.gradprobe.v1.Device\x12\x16\n\x0e\x64\x65\x66\x61ult_device\x18\x03 \x01(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.gradprobe.v1.Limits\x12\x15\n\rauth_required\x18\x05 \x01(\x08\x32\x93\x03\n\tGradprobe\x12I\n\x08HasModel\x12\x1d.gradprobe.v1.HasModelRequest\x1a\x1e.gradprobe.v1.HasModelResponse\x12T\n\x0bUploadModel\x12 .gradprobe.v1.UploadModelRequest\x1a!.gradprobe.v1.UploadModelResponse(\x01\x12H\n\x08\x44iagnose\x12\x1d.gradprobe.v1.DiagnoseRequest\x1a\x1b.gradprobe.v1.DiagnoseEvent0\x01\x12L\n\tListRules\x12\x1e.gradprobe.v1.ListRulesRequest\x1a\x1f.gradprobe.v1.ListRulesResponse\x12M\n\rGetServerInfo\x12\".gradprobe.v1.GetServerInfoRequest\x1a\x18.gradprobe.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradprobe/v1/service.proto\x12\x0cgradprobe.v1\x1a\x19gradprobe/v1/report.proto\"!\n\x0fHasModelRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"7\n\x10HasModelResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"q\n\x0eUploadMetadata\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.gradprobe.v1.ModelFormat\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"_\n\x12UploadModelRequest\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1c.gradprobe.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"R\n\x13UploadModelResponse\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"\x15\n\x05Shape\x12\x0c\n\x04\x64ims\x18\x01 \x03(\x03\"-\n\x06Shapes\x12#\n\x06shapes\x18\x01 \x03(\x0b\x32\x13.gradprobe.v1.Shape\"q\n\nThresholds\x12\x34\n\x06values\x18\x01 \x03(\x0b\x32$.gradprobe.v1.Thresholds.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x04\n\x0f\x44iagnoseOptions\x12*\n\x0cinput_shapes\x18\x01 \x01(\x0b\x32\x14.gradprobe.v1.Shapes\x12.\n\x0cinput_dtypes\x18\x02 \x01(\x0b\x32\x18.gradprobe.v1.StringList\x12\x17\n\nbatch_size\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12(\n\x06select\x18\x06 \x01(\x0b\x32\x18.gradprobe.v1.StringList\x12\x0e\n\x06ignore\x18\x07 \x03(\t\x12\x41\n\nseverities\x18\x08 \x03(\x0b\x32-.gradprobe.v1.DiagnoseOptions.SeveritiesEntry\x12\x41\n\nthresholds\x18\t \x03(\x0b\x32-.gradprobe.v1.DiagnoseOptions.ThresholdsEntry\x12)\n\x06\x66ormat\x18\n \x01(\x0e\x32\x19.gradprobe.v1.ModelFormat\x12\x17\n\x0f\x66ill_undeclared\x18\x0b \x01(\x08\x1aI\n\x0fSeveritiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0e\x32\x16.gradprobe.v1.Severity:\x02\x38\x01\x1aK\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.gradprobe.v1.Thresholds:\x02\x38\x01\x42\r\n\x0b_batch_size\"y\n\x0f\x44iagnoseRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.gradprobe.v1.DiagnoseOptions\x12\x17\n\npath_label\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_path_label\"+\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\x96\x01\n\rDiagnoseEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.gradprobe.v1.ProgressH\x00\x12(\n\x07\x66inding\x18\x02 \x01(\x0b\x32\x15.gradprobe.v1.FindingH\x00\x12&\n\x06report\x18\x03 \x01(\x0b\x32\x14.gradprobe.v1.ReportH\x00\x42\x07\n\x05\x65vent\"\x90\x01\n\tLintStart\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.gradprobe.v1.UploadMetadata\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.gradprobe.v1.DiagnoseOptions\x12\x17\n\npath_label\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_path_label\"P\n\x0bLintRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.gradprobe.v1.LintStartH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\" \n\tSendModel\x12\x13\n\x0b\x63hunk_bytes\x18\x01 \x01(\x03\"+\n\x08\x41\x63\x63\x65pted\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\"\xed\x01\n\tLintEvent\x12-\n\nsend_model\x18\x01 \x01(\x0b\x32\x17.gradprobe.v1.SendModelH\x00\x12*\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x16.gradprobe.v1.AcceptedH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.gradprobe.v1.ProgressH\x00\x12(\n\x07\x66inding\x18\x04 \x01(\x0b\x32\x15.gradprobe.v1.FindingH\x00\x12&\n\x06report\x18\x05 \x01(\x0b\x32\x14.gradprobe.v1.ReportH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10ListRulesRequest\"\xc3\x01\n\x07RuleDoc\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x08severity\x18\x02 \x01(\x0e\x32\x16.gradprobe.v1.Severity\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x0b\n\x03why\x18\x04 \x01(\t\x12\x0f\n\x07\x65xample\x18\x05 \x01(\t\x12\x0b\n\x03\x66ix\x18\x06 \x01(\t\x12\x12\n\nthresholds\x18\x07 \x01(\t\x12\x30\n\x08\x64\x65\x66\x61ults\x18\x08 \x03(\x0b\x32\x1e.gradprobe.v1.ThresholdDefault\"/\n\x10ThresholdDefault\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"9\n\x11ListRulesResponse\x12$\n\x05rules\x18\x01 \x03(\x0b\x32\x15.gradprobe.v1.RuleDoc\"\x16\n\x14GetServerInfoRequest\"A\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x88\x01\n\x06Limits\x12\x17\n\x0fmax_model_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x11\n\tmax_queue\x18\x03 \x01(\x05\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\"\x99\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12%\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x14.gradprobe.v1.Device\x12\x16\n\x0e\x64\x65\x66\x61ult_device\x18\x03 \x01(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.gradprobe.v1.Limits\x12\x15\n\rauth_required\x18\x05 \x01(\x08\x32\xe2\x03\n\tGradprobe\x12>\n\x04Lint\x12\x19.gradprobe.v1.LintRequest\x1a\x17.gradprobe.v1.LintEvent(\x01\x30\x01\x12N\n\x08HasModel\x12\x1d.gradprobe.v1.HasModelRequest\x1a\x1e.gradprobe.v1.HasModelResponse\"\x03\x88\x02\x01\x12Y\n\x0bUploadModel\x12 .gradprobe.v1.UploadModelRequest\x1a!.gradprobe.v1.UploadModelResponse\"\x03\x88\x02\x01(\x01\x12M\n\x08\x44iagnose\x12\x1d.gradprobe.v1.DiagnoseRequest\x1a\x1b.gradprobe.v1.DiagnoseEvent\"\x03\x88\x02\x01\x30\x01\x12L\n\tListRules\x12\x1e.gradprobe.v1.ListRulesRequest\x1a\x1f.gradprobe.v1.ListRulesResponse\x12M\n\rGetServerInfo\x12\".gradprobe.v1.GetServerInfoRequest\x1a\x18.gradprobe.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DIAGNOSEOPTIONS_SEVERITIESENTRY']._serialized_options = b'8\001'
   _globals['_DIAGNOSEOPTIONS_THRESHOLDSENTRY']._loaded_options = None
   _globals['_DIAGNOSEOPTIONS_THRESHOLDSENTRY']._serialized_options = b'8\001'
+  _globals['_GRADPROBE'].methods_by_name['HasModel']._loaded_options = None
+  _globals['_GRADPROBE'].methods_by_name['HasModel']._serialized_options = b'\210\002\001'
+  _globals['_GRADPROBE'].methods_by_name['UploadModel']._loaded_options = None
+  _globals['_GRADPROBE'].methods_by_name['UploadModel']._serialized_options = b'\210\002\001'
+  _globals['_GRADPROBE'].methods_by_name['Diagnose']._loaded_options = None
+  _globals['_GRADPROBE'].methods_by_name['Diagnose']._serialized_options = b'\210\002\001'
   _globals['_HASMODELREQUEST']._serialized_start=71
   _globals['_HASMODELREQUEST']._serialized_end=104
   _globals['_HASMODELRESPONSE']._serialized_start=106
@@ -68,22 +74,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESS']._serialized_end=1404
   _globals['_DIAGNOSEEVENT']._serialized_start=1407
   _globals['_DIAGNOSEEVENT']._serialized_end=1557
-  _globals['_LISTRULESREQUEST']._serialized_start=1559
-  _globals['_LISTRULESREQUEST']._serialized_end=1577
-  _globals['_RULEDOC']._serialized_start=1580
-  _globals['_RULEDOC']._serialized_end=1775
-  _globals['_THRESHOLDDEFAULT']._serialized_start=1777
-  _globals['_THRESHOLDDEFAULT']._serialized_end=1824
-  _globals['_LISTRULESRESPONSE']._serialized_start=1826
-  _globals['_LISTRULESRESPONSE']._serialized_end=1883
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1885
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1907
-  _globals['_DEVICE']._serialized_start=1909
-  _globals['_DEVICE']._serialized_end=1974
-  _globals['_LIMITS']._serialized_start=1977
-  _globals['_LIMITS']._serialized_end=2113
-  _globals['_SERVERINFO']._serialized_start=2116
-  _globals['_SERVERINFO']._serialized_end=2269
-  _globals['_GRADPROBE']._serialized_start=2272
-  _globals['_GRADPROBE']._serialized_end=2675
+  _globals['_LINTSTART']._serialized_start=1560
+  _globals['_LINTSTART']._serialized_end=1704
+  _globals['_LINTREQUEST']._serialized_start=1706
+  _globals['_LINTREQUEST']._serialized_end=1786
+  _globals['_SENDMODEL']._serialized_start=1788
+  _globals['_SENDMODEL']._serialized_end=1820
+  _globals['_ACCEPTED']._serialized_start=1822
+  _globals['_ACCEPTED']._serialized_end=1865
+  _globals['_LINTEVENT']._serialized_start=1868
+  _globals['_LINTEVENT']._serialized_end=2105
+  _globals['_LISTRULESREQUEST']._serialized_start=2107
+  _globals['_LISTRULESREQUEST']._serialized_end=2125
+  _globals['_RULEDOC']._serialized_start=2128
+  _globals['_RULEDOC']._serialized_end=2323
+  _globals['_THRESHOLDDEFAULT']._serialized_start=2325
+  _globals['_THRESHOLDDEFAULT']._serialized_end=2372
+  _globals['_LISTRULESRESPONSE']._serialized_start=2374
+  _globals['_LISTRULESRESPONSE']._serialized_end=2431
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2433
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2455
+  _globals['_DEVICE']._serialized_start=2457
+  _globals['_DEVICE']._serialized_end=2522
+  _globals['_LIMITS']._serialized_start=2525
+  _globals['_LIMITS']._serialized_end=2661
+  _globals['_SERVERINFO']._serialized_start=2664
+  _globals['_SERVERINFO']._serialized_end=2817
+  _globals['_GRADPROBE']._serialized_start=2820
+  _globals['_GRADPROBE']._serialized_end=3302
 # @@protoc_insertion_point(module_scope)

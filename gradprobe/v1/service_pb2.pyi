@@ -144,6 +144,52 @@ class DiagnoseEvent(_message.Message):
     report: _report_pb2.Report
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., finding: _Optional[_Union[_report_pb2.Finding, _Mapping]] = ..., report: _Optional[_Union[_report_pb2.Report, _Mapping]] = ...) -> None: ...
 
+class LintStart(_message.Message):
+    __slots__ = ("model", "options", "path_label")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PATH_LABEL_FIELD_NUMBER: _ClassVar[int]
+    model: UploadMetadata
+    options: DiagnoseOptions
+    path_label: str
+    def __init__(self, model: _Optional[_Union[UploadMetadata, _Mapping]] = ..., options: _Optional[_Union[DiagnoseOptions, _Mapping]] = ..., path_label: _Optional[str] = ...) -> None: ...
+
+class LintRequest(_message.Message):
+    __slots__ = ("start", "chunk")
+    START_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    start: LintStart
+    chunk: bytes
+    def __init__(self, start: _Optional[_Union[LintStart, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class SendModel(_message.Message):
+    __slots__ = ("chunk_bytes",)
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    chunk_bytes: int
+    def __init__(self, chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class Accepted(_message.Message):
+    __slots__ = ("replica", "cached")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    cached: bool
+    def __init__(self, replica: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class LintEvent(_message.Message):
+    __slots__ = ("send_model", "accepted", "progress", "finding", "report")
+    SEND_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    FINDING_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    send_model: SendModel
+    accepted: Accepted
+    progress: Progress
+    finding: _report_pb2.Finding
+    report: _report_pb2.Report
+    def __init__(self, send_model: _Optional[_Union[SendModel, _Mapping]] = ..., accepted: _Optional[_Union[Accepted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., finding: _Optional[_Union[_report_pb2.Finding, _Mapping]] = ..., report: _Optional[_Union[_report_pb2.Report, _Mapping]] = ...) -> None: ...
+
 class ListRulesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

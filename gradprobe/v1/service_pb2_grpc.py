@@ -34,6 +34,11 @@ class GradprobeStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Lint = channel.stream_stream(
+                '/gradprobe.v1.Gradprobe/Lint',
+                request_serializer=gradprobe_dot_v1_dot_service__pb2.LintRequest.SerializeToString,
+                response_deserializer=gradprobe_dot_v1_dot_service__pb2.LintEvent.FromString,
+                _registered_method=True)
         self.HasModel = channel.unary_unary(
                 '/gradprobe.v1.Gradprobe/HasModel',
                 request_serializer=gradprobe_dot_v1_dot_service__pb2.HasModelRequest.SerializeToString,
@@ -64,23 +69,32 @@ class GradprobeStub:
 class GradprobeServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Lint(self, request_iterator, context):
+        """One job end to end. Client: LintStart; then, only if the server answers `send_model`, the
+        model's bytes as chunks of about 1 MiB, then it half-closes. Server: `send_model` (only when
+        its store lacks the model), `accepted` (the job is admitted: from here on a failure is
+        never retried, so nothing runs twice), progress events, each finding, the report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def HasModel(self, request, context):
-        """Whether the store already holds a model with this sha256 (then uploading is unnecessary).
+        """Deprecated (0.1 protocol, removed in the next release): use Lint.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UploadModel(self, request_iterator, context):
-        """Client-streaming upload: the first message carries the metadata, every later one a chunk of
-        about 1 MiB. The model is stored under its sha256, which the server checks.
+        """Deprecated (0.1 protocol): client-streaming upload into this replica's store.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Diagnose(self, request, context):
-        """Probe a stored model: progress events, then each finding, then the report.
+        """Deprecated (0.1 protocol): probe a model already in this replica's store.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +117,11 @@ class GradprobeServicer:
 
 def add_GradprobeServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Lint': grpc.stream_stream_rpc_method_handler(
+                    servicer.Lint,
+                    request_deserializer=gradprobe_dot_v1_dot_service__pb2.LintRequest.FromString,
+                    response_serializer=gradprobe_dot_v1_dot_service__pb2.LintEvent.SerializeToString,
+            ),
             'HasModel': grpc.unary_unary_rpc_method_handler(
                     servicer.HasModel,
                     request_deserializer=gradprobe_dot_v1_dot_service__pb2.HasModelRequest.FromString,
@@ -138,6 +157,33 @@ def add_GradprobeServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Gradprobe:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Lint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradprobe.v1.Gradprobe/Lint',
+            gradprobe_dot_v1_dot_service__pb2.LintRequest.SerializeToString,
+            gradprobe_dot_v1_dot_service__pb2.LintEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def HasModel(request,
