@@ -30,6 +30,7 @@ yaml = pytest.importorskip("yaml")  # a dependency of kubernetes-validate
 from gradprobe.diagnostics.errors import ConfigError  # noqa: E402
 from gradprobe.server import healthcheck  # noqa: E402
 from gradprobe.server.main import add_serve_arguments, config_from_args  # noqa: E402
+from gradprobe.server.metrics import ServerMetrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -131,6 +132,14 @@ def dockerfile_facts(dockerfile: Path) -> dict:
                                            flags=re.M).group(1)),
         "store_dir": cmd[cmd.index("--store-dir") + 1],
     }
+
+
+def exported_metrics() -> set[str]:
+    """The metric names a server's /metrics page declares (`# TYPE name kind`)."""
+    from prometheus_client import generate_latest
+
+    page = generate_latest(ServerMetrics().registry).decode()
+    return set(re.findall(r"^# TYPE (\S+) ", page, flags=re.M))
 
 
 # ---------------------------------------------------------------- helpers
@@ -458,6 +467,7 @@ def check_monitoring(resources: list[dict], monitor: dict, adapter: dict,
     (rule,) = adapter["rules"]["custom"]
     series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
     assert series == "gradprobe_queue_depth"
+    assert series in exported_metrics(), f"the server exports no {series}"
     assert re.fullmatch(rule["name"]["matches"].strip("^$"), series)
     assert {"pod", "namespace"} <= set(rule["resources"]["overrides"]), \
         "a Pods metric needs the pod and namespace labels"
@@ -504,6 +514,8 @@ def check_readme(deploy: Path) -> None:
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)]
     adapter = _load_yaml_documents(deploy / "monitoring/prometheus-adapter-values.yaml")[0]
     assert adapter in blocks, "the README's adapter rule differs from monitoring/"
+    unknown = set(re.findall(r"\bgradprobe_\w+", readme)) - exported_metrics()
+    assert not unknown, f"the server exports no {sorted(unknown)}"
 
 
 def check_all(deploy: Path, dockerfile: Path) -> None:
@@ -678,6 +690,8 @@ BREAKAGES = [
     ("base/deployment.yaml", "- name: tmp\n          emptyDir:\n            sizeLimit: 2Gi",
      "- name: tmp\n          hostPath:\n            path: /tmp",
      "volume types outside the restricted profile"),
+    ("README.md", "`gradprobe_store_evictions_total`", "`gradprobe_store_evicted_total`",
+     "the server exports no ['gradprobe_store_evicted_total']"),
     ("examples/token-secret.yaml", 'token: ""', 'token: "s3cret"', "never commit a real secret"),
     ("examples/certificate.yaml", "    - gradprobe\n", "", "the certificate example lacks it"),
 ]
