@@ -103,6 +103,12 @@ def translate_error(exc: grpc.RpcError, target: str) -> Exception:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
         return convert.rebuild_error(trailers.get(ERROR_CLASS_KEY, ""), details)
+    if code == grpc.StatusCode.INTERNAL and "RST_STREAM" in details:
+        # A stream reset (by a balancer whose replica went away, or by the connection itself)
+        # is a lost replica, not a fault of gradprobe: our server ends its calls with a status.
+        return RemoteError(grpc.StatusCode.UNAVAILABLE,
+                           f"gradprobe server {target} is unavailable: the call was reset on "
+                           f"its way to a replica ({details})")
     if code == grpc.StatusCode.UNAVAILABLE:
         return RemoteError(code, f"gradprobe server {target} is unavailable: {details}")
     if code == grpc.StatusCode.UNAUTHENTICATED:
