@@ -39,10 +39,12 @@ WORKDIR /home/gradprobe
 # Uploaded models (content-addressed); mount a volume here to keep them across restarts.
 VOLUME ["/var/lib/gradprobe"]
 EXPOSE 50051
+# Prometheus metrics (--metrics-port), plain HTTP: /metrics
+EXPOSE 9090
 # The standard gRPC health service; it needs no token. With --tls-cert, add
 # --tls-ca (and --tls-server-name) to this command.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=180s --retries=3 \
     CMD ["python", "-m", "gradprobe.server.healthcheck", "--address", "127.0.0.1:50051"]
 # Exec form: gradprobe is PID 1 and gets SIGTERM itself, drains in-flight probes, exits 0.
 ENTRYPOINT ["gradprobe"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--store-dir", "/var/lib/gradprobe/store"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--store-dir", "/var/lib/gradprobe/store"]

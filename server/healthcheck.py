@@ -33,7 +33,8 @@ def check(address: str, *, service: str = "", timeout_s: float = 3.0,
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by the Kubernetes manifests' test: exec probes use it)."""
     parser = argparse.ArgumentParser(prog="python -m gradprobe.server.healthcheck",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default="127.0.0.1:50051")
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-ca", type=Path, help="CA bundle when the server uses TLS")
     parser.add_argument("--tls-server-name", help="name on the server's certificate, when it "
                                                   "is not the address's host")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     status = check(args.address, service=args.service, timeout_s=args.timeout,
                    tls_ca=args.tls_ca, tls_server_name=args.tls_server_name)
     print(status)

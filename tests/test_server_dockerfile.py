@@ -4,7 +4,9 @@ command that exists, port exposed, the run stage free of build inputs."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -57,3 +59,18 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     assert {".git", ".venv", "tests"} <= ignored
     needed = {"pyproject.toml", "README.md", "gradprobe", "diagnostics", "server", "client"}
     assert not needed & ignored
+
+
+def test_cmd_flags_are_serve_flags_and_its_ports_are_exposed():
+    from gradprobe.server.main import add_serve_arguments
+
+    _, runtime = _stages()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", runtime, flags=re.M).group(1))
+    assert cmd[0] == "serve"
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args, unknown = parser.parse_known_args(cmd[1:])
+    assert not unknown, f"gradprobe serve has no {unknown}"
+    exposed = {int(port) for port in re.findall(r"^EXPOSE (\d+)$", runtime, flags=re.M)}
+    assert args.metrics_port, "the image serves Prometheus metrics"
+    assert {args.port, args.metrics_port} == exposed
