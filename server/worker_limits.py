@@ -30,12 +30,53 @@ _BYTES_PER_DTYPE = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16
 
 
 def default_worker_memory_mb(workers: int) -> int:
-    """Three quarters of the machine's memory, shared by the workers."""
+    """Three quarters of the memory this process may use (the container's limit where there
+    is one, else the machine's), shared by the workers."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 4096
+    limit = _cgroup_value("memory.max")
+    if limit is not None:
+        total = min(total, int(limit))
     return max(MIN_WORKER_MEMORY_MB, int(total * 0.75 / max(1, workers)) >> 20)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (a pod's
+    limit), so that workers do not start a thread per core of the node and get throttled."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_value("cpu.max")
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_value(name: str, *, fs_root: str = "/sys/fs/cgroup",
+                  membership: str = "/proc/self/cgroup") -> float | None:
+    """A cgroup v2 limit of this process ("max": none): memory.max in bytes, cpu.max as the
+    CPUs its quota/period allows."""
+    try:
+        with open(membership) as f:
+            path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")),
+                        None)
+        if path is None:
+            return None
+        with open(os.path.join(fs_root, path.lstrip("/"), name)) as f:
+            fields = f.read().split()
+    except (OSError, IndexError, ValueError):
+        return None
+    if not fields or fields[0] == "max":
+        return None
+    try:
+        if name == "cpu.max":
+            return int(fields[0]) / int(fields[1] if len(fields) > 1 else 100000)
+        return float(fields[0])
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def die_with_parent(parent_pid: int, lifeline: Connection | None) -> None:

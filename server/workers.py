@@ -35,6 +35,7 @@ from gradprobe.server.errors import (
     WorkerOutOfMemory,
 )
 from gradprobe.server.metrics import ServerMetrics
+from gradprobe.server.worker_limits import available_cpus
 from gradprobe.server.worker_process import About, Job, WorkerSettings, worker_main
 
 log = logging.getLogger("gradprobe.server")
@@ -150,7 +151,7 @@ class WorkerPool:
         self.sandbox = sandbox
         self.user = user
         self.max_queue = max_queue
-        self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // size)
+        self.threads = threads_per_worker or max(1, available_cpus() // size)
         self.start_timeout_s = start_timeout_s
         self.about: About | None = None
         self.loop: asyncio.AbstractEventLoop

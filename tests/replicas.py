@@ -67,6 +67,7 @@ def start_replicas(count: int, root: Path, *, workers: int = 1, max_queue: int =
                    grace_s: float = 20.0, extra: Sequence[str] = ()) -> list[Replica]:
     """`count` replicas started at once (their workers import torch in parallel); returns when
     every one is serving."""
+    root.mkdir(parents=True, exist_ok=True)
     launched = []
     for index in range(count):
         name = f"r{index}"
@@ -192,6 +193,7 @@ def make_models(root: Path, count: int = 4) -> list[Path]:
     import torch
     from zoo import MLP, export_onnx
 
+    root.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         torch.manual_seed(200 + i)
