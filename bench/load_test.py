@@ -204,7 +204,7 @@ def run_load(address: str, models: list[Path], expected: dict[str, tuple[str, li
     lock = threading.Lock()
     with Client(address, timeout_s=REQUEST_TIMEOUT_S) as warm:  # uploads, once per model
         for path in models:
-            warm.upload(path)
+            warm.diagnose(path, OPTIONS)
     stop_memory = threading.Event()
     sampler = None
     if server_pid is not None:
