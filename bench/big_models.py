@@ -1,0 +1,257 @@
+"""Probe cost on big models from the real libraries, against their own eager step.
+
+    python bench/big_models.py                                 # the four, ONNX + TorchScript
+    python bench/big_models.py --models gpt2 --formats torchscript
+    python bench/big_models.py --models decoder-1b --formats torchscript
+
+Models (default init, nothing downloaded): torchvision ResNet-50 and ViT-B/16 (batch 2, 224 px),
+transformers BERT-base and GPT-2 small (batch 2, 128 tokens), and a 1.1B-parameter Llama-style
+decoder built from a config (batch 1, 128 tokens; TorchScript, as its ONNX would need external
+data of 4.4 GB). Each is exported the usual way (ONNX legacy exporter in eval mode, traced
+TorchScript) into a temp folder.
+
+Each measurement runs in a fresh process (this script with --worker): it builds or loads the
+model, runs the phase once to warm up (not for the 1B decoder, whose step takes minutes here),
+then times one more run and records the growth of the resident set during it (VmHWM after
+minus VmRSS before). Phases: `eager` — the module's forward+backward in train mode on the same
+batch; `probe` — gradprobe's probe (every tap and statistic) of the exported file; `lint` —
+`gradprobe lint` as a user runs it, wall time from start to exit, with its load, probe and
+rules split.
+
+Prints a markdown table, then one `BIG {json}` line per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    # name: (kind, batch, sequence length or image size)
+    "resnet50": ("image", 2, 224),
+    "vit_b_16": ("image", 2, 224),
+    "bert-base": ("text", 2, 128),
+    "gpt2": ("text", 2, 128),
+    "decoder-1b": ("text", 1, 128),
+}
+BIG_WITHOUT_WARMUP = {"decoder-1b"}
+
+
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name in ("resnet50", "vit_b_16"):
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+    import transformers
+
+    if name == "bert-base":
+        return _LastHidden(transformers.BertModel(transformers.BertConfig()))
+    if name == "gpt2":
+        return _Logits(transformers.GPT2LMHeadModel(transformers.GPT2Config()))
+    config = transformers.LlamaConfig(  # TinyLlama's shape: 1.1B parameters
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+    return _Logits(transformers.LlamaForCausalLM(config))
+
+
+class _LastHidden(torch.nn.Module):
+    """The encoder's last hidden state as one tensor (what an exporter sees)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=ids).last_hidden_state
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=ids, use_cache=False).logits
+
+
+def example(name: str) -> torch.Tensor:
+    kind, batch, size = MODELS[name]
+    gen = torch.Generator().manual_seed(0)
+    if kind == "image":
+        return torch.randn(batch, 3, size, size, generator=gen)
+    return torch.randint(0, 1000, (batch, size), generator=gen)
+
+
+def input_spec(name: str) -> tuple[list[int], str]:
+    """The shape and dtype a user gives `gradprobe lint` (TorchScript declares none)."""
+    value = example(name)
+    return list(value.shape), "int64" if value.dtype == torch.int64 else "float32"
+
+
+def export(module: torch.nn.Module, name: str, fmt: str, folder: Path) -> Path:
+    module.eval()
+    inputs = (example(name),)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if fmt == "onnx":
+            path = folder / f"{name}.onnx"
+            torch.onnx.export(module, inputs, str(path), dynamo=False, input_names=["input"],
+                              output_names=["output"])
+        else:
+            path = folder / f"{name}.pt"
+            torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(path))
+    return path
+
+
+# --- the worker: one phase in a fresh process ------------------------------------------------
+
+def _kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(match.group(1)) if match else 0
+
+
+def _measured(run, warmup: bool) -> dict[str, float]:
+    if warmup:
+        run()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _kib("VmRSS")
+    began = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - began
+    return {"seconds": seconds, "peak_mb": (_kib("VmHWM") - base) / 1024,
+            "base_mb": base / 1024}
+
+
+def worker(phase: str, name: str, path: Path | None, fmt: str | None) -> dict[str, float]:
+    warmup = name not in BIG_WITHOUT_WARMUP
+    if phase == "eager":
+        module = build(name).train()
+        ids = example(name)
+
+        def run() -> None:
+            for p in module.parameters():
+                p.grad = None
+            out = module(ids)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        return _measured(run, warmup)
+    from gradprobe.diagnostics.inputs import synthetic_inputs
+    from gradprobe.diagnostics.loaders import load_model
+    from gradprobe.diagnostics.options import DiagnoseOptions
+    from gradprobe.diagnostics.probe import probe
+
+    model = load_model(path, fmt)
+    shape, dtype = input_spec(name)
+    options = DiagnoseOptions(seed=0, input_shapes=[shape], input_dtypes=[dtype])
+    inputs, _ = synthetic_inputs(model.inputs, options, torch.device("cpu"))
+
+    def run_probe() -> None:
+        for p in model.parameters.values():
+            p.grad = None
+        probe(model, inputs, 0)
+    return _measured(run_probe, warmup)
+
+
+def in_fresh_process(args: list[str], *, for_memory: bool) -> dict[str, float]:
+    """One phase in a new process. For memory, glibc returns freed blocks to the kernel at
+    once, so the resident set tracks live tensors; that makes every allocation a fresh
+    mapping, which is slow, so time is measured in another process without it."""
+    env = dict(os.environ)
+    if for_memory:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
+                          text=True, env=env, timeout=7200)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args}: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(args: list[str], name: str) -> dict[str, float]:
+    timed = in_fresh_process(args, for_memory=False)
+    if name in BIG_WITHOUT_WARMUP:  # one run is all there is time for
+        return timed
+    return {"seconds": timed["seconds"],
+            "peak_mb": in_fresh_process(args, for_memory=True)["peak_mb"]}
+
+
+def lint_wall(name: str, path: Path) -> dict[str, float]:
+    shape, dtype = input_spec(name)
+    began = time.perf_counter()
+    done = subprocess.run([str(Path(sys.executable).parent / "gradprobe"), "lint", str(path),
+                           "--input-shape", "x".join(map(str, shape)), "--input-dtype", dtype,
+                           "--format", "json", "--fail-on", "never"],
+                          capture_output=True, text=True, timeout=7200)
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        return {"wall_s": wall, "error": done.stderr.strip()[-300:]}
+    report = json.loads(done.stdout)
+    timing = report["timing"]
+    return {"wall_s": wall, "load_s": timing["load_s"], "probe_s": timing["probe_s"],
+            "rules_s": timing["rules_s"],
+            "findings": sum(report["summary"][k] for k in ("error", "warning"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16", "bert-base",
+                                                         "gpt2"], choices=list(MODELS))
+    parser.add_argument("--formats", nargs="+", default=["onnx", "torchscript"],
+                        choices=["onnx", "torchscript"])
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        phase, name, *rest = args.worker
+        path = Path(rest[0]) if rest else None
+        print(json.dumps(worker(phase, name, path, rest[1] if rest else None)))
+        return 0
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gradprobe-big-") as tmp:
+        for name in args.models:
+            module = build(name)
+            params = sum(p.numel() for p in module.parameters()) / 1e6
+            files = {fmt: export(module, name, fmt, Path(tmp)) for fmt in args.formats}
+            del module
+            gc.collect()
+            eager = measure(["eager", name], name)
+            for fmt, path in files.items():
+                probed = measure(["probe", name, str(path), fmt], name)
+                wall = lint_wall(name, path)
+                row = {"model": name, "params_m": round(params, 1), "format": fmt,
+                       "file_mb": round(path.stat().st_size / 2**20),
+                       "eager_s": eager["seconds"], "probe_s": probed["seconds"],
+                       "time_ratio": probed["seconds"] / eager["seconds"],
+                       "eager_peak_mb": eager["peak_mb"], "probe_peak_mb": probed["peak_mb"],
+                       "memory_ratio": probed["peak_mb"] / max(eager["peak_mb"], 1.0),
+                       **{f"lint_{k}": v for k, v in wall.items()}}
+                rows.append(row)
+                print(f"BIG {json.dumps(row)}", flush=True)
+    print()
+    print("| model | params | format | eager step | probe | time ratio | eager peak | "
+          "probe peak | memory ratio | `gradprobe lint` wall (load / probe / rules) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lint = (f"{r['lint_wall_s']:.1f} s ({r.get('lint_load_s', 0):.1f} / "
+                f"{r.get('lint_probe_s', 0):.1f} / {r.get('lint_rules_s', 0):.1f})"
+                if "lint_error" not in r else f"error: {r['lint_error']}")
+        print(f"| {r['model']} | {r['params_m']}M | {r['format']} | {r['eager_s']:.2f} s | "
+              f"{r['probe_s']:.2f} s | {r['time_ratio']:.2f}x | {r['eager_peak_mb']:.0f} MB | "
+              f"{r['probe_peak_mb']:.0f} MB | {r['memory_ratio']:.2f}x | {lint} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
