@@ -64,13 +64,7 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
                           context) -> spb.UploadModelResponse:
         messages = request_iterator.__aiter__()
         idle_s = self.limits.upload_idle_s
-        try:
-            first = await _next_message(messages, idle_s)
-        except StopAsyncIteration:
-            raise UploadError("empty upload: the first message must carry the metadata") from None
-        if first.WhichOneof("part") != "metadata":
-            raise UploadError("the first upload message must carry the metadata, not a chunk")
-        meta = first.metadata
+        meta = await _opening(messages, idle_s, "metadata", "upload")
         annotate(sha=meta.sha256[:64], bytes=meta.size_bytes)
         header = self.store.check_header(meta.sha256, meta.size_bytes,
                                          convert.format_from_proto(meta.format))
@@ -88,13 +82,7 @@ class GradprobeServicer(service_pb2_grpc.GradprobeServicer):
                    ) -> AsyncIterator[spb.LintEvent]:
         messages = request_iterator.__aiter__()
         idle_s = self.limits.upload_idle_s
-        try:
-            first = await _next_message(messages, idle_s)
-        except StopAsyncIteration:
-            raise UploadError("empty Lint stream: the first message must be the start") from None
-        if first.WhichOneof("part") != "start":
-            raise UploadError("the first Lint message must be the start, not a chunk")
-        start = first.start
+        start = await _opening(messages, idle_s, "start", "Lint")
         meta = start.model
         annotate(sha=meta.sha256[:64], bytes=meta.size_bytes)
         header = self.store.check_header(meta.sha256, meta.size_bytes,
@@ -188,6 +176,19 @@ async def _next_message(messages: AsyncIterator[spb.UploadModelRequest | spb.Lin
     except asyncio.TimeoutError:
         raise UploadStalled(f"no upload message for {idle_s:g}s (--upload-idle-s): the upload "
                             "was cancelled") from None
+
+
+async def _opening(messages: AsyncIterator[spb.UploadModelRequest | spb.LintRequest],
+                   idle_s: float, field: str, call: str) -> Message:
+    """The `field` part of a stream's first message, which must carry it."""
+    try:
+        first = await _next_message(messages, idle_s)
+    except StopAsyncIteration:
+        raise UploadError(f"empty {call} stream: the first message must carry the "
+                          f"{field}") from None
+    if first.WhichOneof("part") != field:
+        raise UploadError(f"the first {call} message must carry the {field}, not a chunk")
+    return getattr(first, field)
 
 
 async def _chunks(messages: AsyncIterator[spb.UploadModelRequest | spb.LintRequest],

@@ -518,6 +518,17 @@ def check_readme(deploy: Path) -> None:
     assert not unknown, f"the server exports no {sorted(unknown)}"
 
 
+def check_against_reality(resources: list[dict], image) -> None:  # noqa: ANN001
+    """Everything a rendered variant must agree on with the image and the server."""
+    check_image(resources, image)
+    check_security(resources)
+    check_ports_and_probes(resources)
+    check_shutdown(resources)
+    check_storage_and_resources(resources)
+    check_secrets(resources)
+    check_services_and_scaling(resources)
+
+
 def check_all(deploy: Path, dockerfile: Path) -> None:
     image = dockerfile_facts(dockerfile)
     monitor = _load_yaml_documents(deploy / "monitoring/servicemonitor.yaml")[0]
@@ -525,13 +536,7 @@ def check_all(deploy: Path, dockerfile: Path) -> None:
     for kustomization in KUSTOMIZATIONS:
         resources = render(deploy / kustomization)
         check_schemas(resources)
-        check_image(resources, image)
-        check_security(resources)
-        check_ports_and_probes(resources)
-        check_shutdown(resources)
-        check_storage_and_resources(resources)
-        check_secrets(resources)
-        check_services_and_scaling(resources)
+        check_against_reality(resources, image)
         hpa = one(resources, "HorizontalPodAutoscaler")
         queue = hpa if any(m["type"] == "Pods" for m in hpa["spec"]["metrics"]) else None
         check_monitoring(resources, monitor, adapter, queue)
@@ -559,14 +564,7 @@ def test_examples_and_custom_resources_are_checked():
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_manifests_match_the_image_and_the_server(kustomization):
-    resources = render(DEPLOY / kustomization)
-    check_image(resources, dockerfile_facts(ROOT / "Dockerfile"))
-    check_security(resources)
-    check_ports_and_probes(resources)
-    check_shutdown(resources)
-    check_storage_and_resources(resources)
-    check_secrets(resources)
-    check_services_and_scaling(resources)
+    check_against_reality(render(DEPLOY / kustomization), dockerfile_facts(ROOT / "Dockerfile"))
 
 
 def test_variants_differ_where_they_should():
