@@ -48,6 +48,12 @@ def throughput(root: Path, count: int, models: list[Path], expected: dict, clien
         # every replica gets every model once, so the timed run measures probes, not uploads
         run_load(target, models, expected, clients=count * len(models), duration_s=0.1)
         result = run_load(target, models, expected, clients=clients, duration_s=duration_s)
+        print(f"/metrics of {replicas[0].name} after the {count}-replica run (buckets and "
+              "timestamps left out):")
+        for line in replicas[0].metrics_text().splitlines():
+            if line.startswith("gradprobe_") and "_bucket" not in line \
+                    and "_created" not in line:
+                print("   ", line)
     finally:
         stop_replicas(replicas)
     if result.lost or result.mismatched:

@@ -47,13 +47,16 @@ class Replica:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of /metrics, parsed with prometheus_client's own parser."""
+    def metrics_text(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
+            return response.read().decode()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics, parsed with prometheus_client's own parser."""
         return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(text) for sample in family.samples}
+                for family in text_string_to_metric_families(self.metrics_text())
+                for sample in family.samples}
 
     def lint_ok(self) -> float:
         return self.metrics().get(
