@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+from pathlib import Path
 import urllib.request
 
 import grpc
@@ -192,3 +193,34 @@ def test_metrics_count_requests_stages_uploads_restarts_and_evictions(server, mo
     assert value(after, "gradprobe_workers") == 1
     stored = sum(p.stat().st_size for p in server.store_dir.iterdir() if p.is_file())
     assert value(after, "gradprobe_store_bytes") == stored > 0
+
+
+def test_a_dns_name_with_one_address_per_replica_is_balanced(server, models):
+    port = server.running.port
+    with Client(f"dns:///localhost:{port}", timeout_s=120) as client:
+        report = client.diagnose(models.defect, DiagnoseOptions(seed=0))
+    assert client.last_replica == "replica-a"
+    assert report.model.sha256 == hashlib.sha256(models.defect.read_bytes()).hexdigest()
+
+
+def test_a_folder_fans_out_over_the_replicas_in_input_order(server, models, tmp_path, capsys):
+    import json
+    import shutil
+
+    from gradprobe.client.cli import main
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    names = ["a_defect.onnx", "b_healthy.onnx", "c_defect.onnx", "d_healthy.onnx"]
+    defect = Path(__file__).resolve().parents[1] / "examples" / "mlp_defects.onnx"
+    for name in names:
+        shutil.copy(defect if "defect" in name else models.onnx, folder / name)
+    down = f"127.0.0.1:{free_port()}"
+    code = main(["lint", str(folder), "--server", f"{down},{server.address}", "--jobs", "3",
+                 "--format", "json", "--seed", "0"])
+    out = capsys.readouterr().out
+    reports = json.loads(out)
+    reports = reports if isinstance(reports, list) else reports["reports"]
+    assert code == 1  # the defects are errors
+    assert [r["model"]["path"] for r in reports] == [str(folder / n) for n in names]
+    assert [r["summary"]["error"] > 0 for r in reports] == [True, False, True, False]
