@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,9 @@ def input_spec(name: str) -> tuple[list[int], str]:
 def export(module: torch.nn.Module, name: str, fmt: str, folder: Path) -> Path:
     module.eval()
     inputs = (example(name),)
-    with warnings.catch_warnings(), torch.no_grad():
+    # Not under no_grad: torchvision's attention would take its inference-only fast path
+    # (aten::_native_multi_head_attention), which no exporter and no training step sees.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "onnx":
             path = folder / f"{name}.onnx"
@@ -136,18 +139,19 @@ def _measured(run, warmup: bool) -> dict[str, float]:
             "base_mb": base / 1024}
 
 
-def worker(phase: str, name: str, path: Path | None, fmt: str | None) -> dict[str, float]:
-    warmup = name not in BIG_WITHOUT_WARMUP
-    if phase == "eager":
-        module = build(name).train()
-        ids = example(name)
+def _eager_step(name: str):  # noqa: ANN202 - a zero-argument callable
+    module = build(name).train()
+    ids = example(name)
 
-        def run() -> None:
-            for p in module.parameters():
-                p.grad = None
-            out = module(ids)
-            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
-        return _measured(run, warmup)
+    def run() -> None:
+        for p in module.parameters():
+            p.grad = None
+        out = module(ids)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return run
+
+
+def _probe_step(name: str, path: Path, fmt: str):  # noqa: ANN202 - a zero-argument callable
     from gradprobe.diagnostics.inputs import synthetic_inputs
     from gradprobe.diagnostics.loaders import load_model
     from gradprobe.diagnostics.options import DiagnoseOptions
@@ -158,33 +162,53 @@ def worker(phase: str, name: str, path: Path | None, fmt: str | None) -> dict[st
     options = DiagnoseOptions(seed=0, input_shapes=[shape], input_dtypes=[dtype])
     inputs, _ = synthetic_inputs(model.inputs, options, torch.device("cpu"))
 
-    def run_probe() -> None:
+    def run() -> None:
         for p in model.parameters.values():
             p.grad = None
         probe(model, inputs, 0)
-    return _measured(run_probe, warmup)
+    return run
 
 
-def in_fresh_process(args: list[str], *, for_memory: bool) -> dict[str, float]:
-    """One phase in a new process. For memory, glibc returns freed blocks to the kernel at
-    once, so the resident set tracks live tensors; that makes every allocation a fresh
-    mapping, which is slow, so time is measured in another process without it."""
+def worker(phase: str, name: str, path: Path | None, fmt: str | None,
+           rounds: int) -> dict[str, float]:
+    """`eager`/`probe`: peak memory of one step. `time`: both steps in this process,
+    alternating, so that a change of the machine's load hits both alike; the ratio is the
+    median of the per-round ratios."""
+    warmup = name not in BIG_WITHOUT_WARMUP
+    if phase == "eager":
+        return _measured(_eager_step(name), warmup)
+    if phase == "probe":
+        return _measured(_probe_step(name, path, fmt), warmup)
+    eager, probed = _eager_step(name), _probe_step(name, path, fmt)
+    if warmup:
+        eager()
+        probed()
+    pairs = []
+    for _ in range(rounds):
+        times = []
+        for step in (eager, probed):
+            gc.collect()
+            began = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - began)
+        pairs.append(times)
+    return {"eager_s": statistics.median(t[0] for t in pairs),
+            "probe_s": statistics.median(t[1] for t in pairs),
+            "time_ratio": statistics.median(t[1] / t[0] for t in pairs)}
+
+
+def in_fresh_process(args: list[str], *, for_memory: bool, rounds: int = 1) -> dict[str, float]:
+    """One measurement in a new process. For memory, glibc returns freed blocks to the kernel
+    at once, so the resident set tracks live tensors (that makes allocations slow: time is
+    measured without it)."""
     env = dict(os.environ)
     if for_memory:
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    done = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
-                          text=True, env=env, timeout=7200)
+    done = subprocess.run([sys.executable, __file__, "--rounds", str(rounds), "--worker", *args],
+                          capture_output=True, text=True, env=env, timeout=7200)
     if done.returncode != 0:
         raise RuntimeError(f"{args}: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def measure(args: list[str], name: str) -> dict[str, float]:
-    timed = in_fresh_process(args, for_memory=False)
-    if name in BIG_WITHOUT_WARMUP:  # one run is all there is time for
-        return timed
-    return {"seconds": timed["seconds"],
-            "peak_mb": in_fresh_process(args, for_memory=True)["peak_mb"]}
 
 
 def lint_wall(name: str, path: Path) -> dict[str, float]:
@@ -210,12 +234,13 @@ def main(argv: list[str] | None = None) -> int:
                                                          "gpt2"], choices=list(MODELS))
     parser.add_argument("--formats", nargs="+", default=["onnx", "torchscript"],
                         choices=["onnx", "torchscript"])
+    parser.add_argument("--rounds", type=int, default=3, help="paired eager/probe timings")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         phase, name, *rest = args.worker
         path = Path(rest[0]) if rest else None
-        print(json.dumps(worker(phase, name, path, rest[1] if rest else None)))
+        print(json.dumps(worker(phase, name, path, rest[1] if rest else None, args.rounds)))
         return 0
 
     rows = []
@@ -226,16 +251,18 @@ def main(argv: list[str] | None = None) -> int:
             files = {fmt: export(module, name, fmt, Path(tmp)) for fmt in args.formats}
             del module
             gc.collect()
-            eager = measure(["eager", name], name)
+            eager_memory = in_fresh_process(["eager", name], for_memory=True)
             for fmt, path in files.items():
-                probed = measure(["probe", name, str(path), fmt], name)
+                timed = in_fresh_process(["time", name, str(path), fmt], for_memory=False,
+                                         rounds=args.rounds)
+                probe_memory = in_fresh_process(["probe", name, str(path), fmt],
+                                                for_memory=True)
                 wall = lint_wall(name, path)
                 row = {"model": name, "params_m": round(params, 1), "format": fmt,
-                       "file_mb": round(path.stat().st_size / 2**20),
-                       "eager_s": eager["seconds"], "probe_s": probed["seconds"],
-                       "time_ratio": probed["seconds"] / eager["seconds"],
-                       "eager_peak_mb": eager["peak_mb"], "probe_peak_mb": probed["peak_mb"],
-                       "memory_ratio": probed["peak_mb"] / max(eager["peak_mb"], 1.0),
+                       "file_mb": round(path.stat().st_size / 2**20), **timed,
+                       "eager_peak_mb": eager_memory["peak_mb"],
+                       "probe_peak_mb": probe_memory["peak_mb"],
+                       "memory_ratio": probe_memory["peak_mb"] / max(eager_memory["peak_mb"], 1),
                        **{f"lint_{k}": v for k, v in wall.items()}}
                 rows.append(row)
                 print(f"BIG {json.dumps(row)}", flush=True)
