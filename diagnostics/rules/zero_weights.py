@@ -61,7 +61,7 @@ class ZeroWeights(Rule):
                 fix = recommended_init(point)
                 yield self.finding(
                     lp, f"{point.layer}.weight is all zeros and the layer after it is fed nothing "
-                        f"(every value up to the next layer is the same for every sample): the "
+                        f"(what reaches the next layer is the same for every sample): the "
                         f"path through {point.layer} carries no signal and the layers behind it get "
                         f"no gradient at step 0. Initialise it with {fix.init} (std {fix.std:.3g}); "
                         f"to start a residual branch at zero, zero its last layer instead.",
