@@ -29,7 +29,9 @@ class ZeroWeights(Rule):
     Thresholds: every entry exactly 0. Error when the gradient is zero or identical across output
     units (relative spread <= 1e-6), when every value between it and the next layer is the same
     for every sample (a zeroed first layer of a branch: the next layer is fed nothing, unlike a
-    zeroed last layer, whose residual add still varies), or when the output no longer varies
+    zeroed last layer, whose residual add still varies; with nothing probed in between, as for a
+    zeroed factor of a product like LLaMA's `up_proj`, when the next layer's output is the same
+    for every sample behind a non-zero weight), or when the output no longer varies
     across the probe batch from this point on (the zero is where the across-batch variance first
     collapses, before the last layer); info otherwise. Biases are never reported: zero is their
     standard init.
