@@ -91,7 +91,7 @@ def train(model: PreLNStack, teacher: Teacher, optimizer_name: str) -> Run:
     x = torch.randn(1024, FEATURES, generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         held_out = nn.functional.mse_loss(model(x), teacher(x)).item()
-        moved = sum((w - w0).square().sum() for w, w0 in zip(stage, start)).sqrt()
+        moved = sum((w - w0).square().sum() for w, w0 in zip(stage, start, strict=True)).sqrt()
         size = sum(w0.square().sum() for w0 in start).sqrt()
     return Run(held_out, (moved / size).item())
 

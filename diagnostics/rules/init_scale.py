@@ -123,7 +123,8 @@ class InitScale(Rule):
                 if k >= wf and rel <= 1 / uf:
                     yield self._finding(lp, k, evidence={"relative_update": rel}, how=(
                         f"behind BatchNorm its relative update |g|/|w| is {rel:.2g}x that of the "
-                        f"layers around it at the library's scale: it trains ~{max(rel, 1 / rel):.0f}x "
+                        f"layers around it at the library's scale: it trains "
+                        f"~{max(rel, 1 / rel):.0f}x "
                         f"{'slower' if rel < 1 else 'faster'} than its neighbours"))
                 continue
             power = powers[point.index]
