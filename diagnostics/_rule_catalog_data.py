@@ -96,8 +96,11 @@ CATALOG = [{'name': 'nonfinite-weights',
           'for\n'
           '  every sample (a zeroed first layer of a branch: the next layer is fed nothing, unlike '
           'a\n'
-          '  zeroed last layer, whose residual add still varies), or when the output no longer '
-          'varies\n'
+          '  zeroed last layer, whose residual add still varies; with nothing probed in between, '
+          'as for\n'
+          "  a zeroed factor of a product like LLaMA's `up_proj`, when the next layer's output is "
+          'the\n'
+          '  same for every sample behind a non-zero weight), or when the output no longer varies\n'
           '  across the probe batch from this point on (the zero is where the across-batch '
           'variance\n'
           '  first collapses, before the last layer); info otherwise. Biases are never reported: '
@@ -157,7 +160,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'LayerNorm\n'
           '  and residual paths keep the signal in range; nothing fires there because the signal '
           'is\n'
-          '  fine.\n'
+          '  fine. Behind a LayerNorm (pre-LN transformers, MLP-Mixers) a block initialised far '
+          'above\n'
+          '  the others restores nothing: its branch output drowns the residual stream it is added '
+          'to,\n'
+          '  and its weights barely move (a pre-LN stack with one block at 10x He std: the block '
+          'moves\n'
+          '  ~20x less than in its twin under AdamW, ~200x less under SGD, and the network ends '
+          'worse;\n'
+          '  tests/test_training_ln_scale.py).\n'
           '\n'
           'Example:\n'
           '  `nn.init.normal_(model.net[2].weight, std=1.0)` in a 256-wide ReLU MLP (He std '
@@ -165,7 +176,9 @@ CATALOG = [{'name': 'nonfinite-weights',
           '\n'
           'Fix:\n'
           '  re-initialise with the scheme for the following nonlinearity (He/Xavier/LeCun); the\n'
-          '  finding carries the std, bound and the PyTorch line.\n'
+          '  finding carries the std, bound and the PyTorch line. A layer judged against its peers '
+          'gets\n'
+          "  normal(0, the median std of its peers): the library's own init for that layer.\n"
           '\n'
           'Thresholds:\n'
           "  weight variance at least `weight_factor` (10) times above the scheme's, or "
@@ -186,29 +199,44 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  output may recover (a LayerNorm or residual path that restores the scale keeps the '
           'rule\n'
           '  silent), and the layers after the last normalisation (the head: small logits are a\n'
-          '  deliberate start) are not judged for a shrink. Behind BatchNorm only a too-large '
-          'weight is\n'
-          '  a defect: its variance must also be `weight_factor` times the median of its '
-          'BatchNorm-\n'
-          "  backed peers' (relative to their schemes: a library that starts every layer above He, "
-          'as\n'
-          "  timm's Inception does, made one choice), and its |g|/|w| at least `update_factor` "
-          '(30)\n'
-          '  times below the median of those peers (a stage at 10x He std trains ~100x slower and '
-          'never\n'
-          '  catches up). A too-small weight there takes larger relative steps, its norm grows and '
+          '  deliberate start) are not judged for a shrink. A too-large weight whose distortion a '
+          'norm\n'
+          '  restores is still a defect when its weight variance and its output variance are both\n'
+          "  `weight_factor` times the median of its peers' (the same layer in the other blocks: "
           'the\n'
-          "  step shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): "
-          'fan-out\n'
-          '  stems and depthwise convs (torchvision, timm) train fine. Depthwise kernels with '
-          'fewer\n'
-          '  than 64 inputs per unit are not compared behind BatchNorm (their |g|/|w| is noise). '
-          'In a\n'
-          '  network with normalisation, the head (the layers after the last norm) is judged for '
-          'a\n'
-          '  blow-up only when the output variance reaches `head_output_var` (100: logits of std '
-          '10\n'
-          '  saturate the softmax). Embedding tables (no fan-in) are not judged.'},
+          '  same weight name up to its numbers, the same shape). Measured on 130 healthy models '
+          'of\n'
+          '  timm, torchvision and transformers at their default init, no layer is more than 7x '
+          'its\n'
+          "  peers in variance (BEiT's 1/sqrt(2 * layer_id) depth scaling, and there below the "
+          'scheme);\n'
+          "  a block planted at 10x He std is 100x (He-initialised libraries) to 2600x (timm's "
+          'ViT, std\n'
+          '  0.02). Behind BatchNorm only a too-large weight is a defect: its variance must also '
+          'be\n'
+          "  `weight_factor` times the median of its BatchNorm-backed peers' (relative to their\n"
+          "  schemes: a library that starts every layer above He, as timm's Inception does, made "
+          'one\n'
+          '  choice), and its |g|/|w| at least `update_factor` (30) times below that of the '
+          'BatchNorm-\n'
+          "  backed layers at the library's scale around it (the geometric mean of the medians of "
+          'the\n'
+          '  nearest four before and after: at init |g|/|w| falls ~100x from the first stage to '
+          'the\n'
+          '  last, so a whole stage is judged against the stages on either side; a stage at 10x He '
+          'std\n'
+          '  trains ~100x slower and never catches up). A too-small weight there takes larger '
+          'relative\n'
+          "  steps, its norm grows and the step shrinks back (BatchNorm's auto rate-tuning, Arora, "
+          'Li &\n'
+          '  Lyu, ICLR 2019): fan-out stems and depthwise convs (torchvision, timm) train fine.\n'
+          '  Depthwise kernels (one input channel per unit) and layers with fewer than 16 inputs '
+          'per\n'
+          '  unit are not compared behind BatchNorm (their |g|/|w| is noise). In a network with\n'
+          '  normalisation, the head (the layers after the last norm) is judged for a blow-up only '
+          'when\n'
+          '  the output variance reaches `head_output_var` (100: logits of std 10 saturate the\n'
+          '  softmax). Embedding tables (no fan-in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],

@@ -61,7 +61,7 @@ def draw(scheme: str, shape: torch.Size | tuple[int, ...], *, std: float | None 
         if bound is None:
             raise ValueError(f"{scheme} needs a bound")
         return (torch.rand(shape, generator=gen) * 2 - 1) * bound
-    if scheme.endswith("_normal"):
+    if scheme == "normal" or scheme.endswith("_normal"):
         if std is None:
             raise ValueError(f"{scheme} needs a std")
         return torch.randn(shape, generator=gen) * std

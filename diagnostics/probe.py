@@ -134,16 +134,29 @@ class ProbeResult:
         """True when every value probed between this layer and the next parameterised one is
         identical across the batch: the next layer is fed nothing (a zeroed first layer of a
         residual branch, in front of GELU, norm or ReLU). A deliberate zero at the end of a
-        branch is followed by the residual add, whose activation still varies."""
+        branch is followed by the residual add, whose activation still varies.
+
+        When nothing is probed in between (a product of two projections: LLaMA's
+        `down_proj(act(gate_proj(x)) * up_proj(x))`), the next layer's own output tells: with a
+        non-zero weight it varies across the batch whenever its input does."""
         between = []
         for lp in self.layers:
             if lp.point.index <= layer.point.index:
                 continue
             if lp.point.role == "linear":
-                return bool(between) and all(
-                    b.activation is not None and b.activation.sample_var == 0 for b in between)
+                if not between:
+                    return self._fed_nothing(lp)
+                return all(b.activation is not None and b.activation.sample_var == 0
+                           for b in between)
             between.append(lp)
         return False
+
+    def _fed_nothing(self, layer: LayerProbe) -> bool:
+        """A layer with a finite non-zero weight whose output is the same for every sample."""
+        param = self.params.get(layer.point.weight or "")
+        return (param is not None and param.stats.abs_max > 0 and not param.stats.nonfinite
+                and layer.activation is not None and layer.activation.nonfinite == 0
+                and layer.activation.sample_var == 0)
 
     @property
     def has_normalisation(self) -> bool:

@@ -32,7 +32,8 @@ class Severity(str, Enum):
 
 
 InitScheme = Literal[
-    "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "lecun_normal", "orthogonal"
+    "he_normal", "he_uniform", "xavier_normal", "xavier_uniform", "lecun_normal", "orthogonal",
+    "normal",  # normal(0, std) with the std given: a layer re-initialised like its peers
 ]
 
 

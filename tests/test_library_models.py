@@ -55,11 +55,13 @@ PLANTED = [
     ("resnet18", "stage_10x", "torchscript"),
     ("resnet18", "bn_shift", "torchscript"),
     ("resnet18", "constant", "onnx_legacy"),
+    ("shufflenet", "stage_10x", "torchscript"),
     ("mobilenetv3", "gate_zero", "torchscript"),
     ("efficientnet", "gate_zero", "torchscript"),
     ("convnext", "zero_branch", "torchscript"),
     ("vit", "constant", "torchscript"),
     ("vit", "zero_norm", "torchscript"),
+    ("vit", "stage_10x", "torchscript"),
     ("bert", "zero_norm", "torchscript"),
     ("bert", "zero_branch", "torchscript"),
     ("bert", "nan_weight", "onnx_legacy"),
@@ -68,6 +70,7 @@ PLANTED = [
     ("whisper-encoder", "stage_10x", "torchscript"),
     ("wav2vec2", "zero_norm", "torchscript"),
     ("llama", "gate_zero", "torchscript"),
+    ("llama", "zero_branch", "torchscript"),
 ]
 
 

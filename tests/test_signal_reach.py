@@ -204,3 +204,44 @@ def test_a_zero_scale_after_the_last_layer_is_found_from_the_output(tmp_path):
     report = lint_traced(FinalScale(), torch.randn(4, 32), tmp_path / "final.pt")
     assert serious(report) == ["error zero-weights norm_weight"], serious(report)
     assert report.findings[0].parameters == ["norm_weight"]
+
+
+class SwiGLUBlock(nn.Module):
+    """x + down(silu(gate(norm(x))) * up(norm(x))), LLaMA's MLP: nothing is probed between the
+    product and `down`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.gate, self.up, self.down = nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(64, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        n = self.norm(h)
+        return self.head(h + self.down(nn.functional.silu(self.gate(n)) * self.up(n)))
+
+
+def test_a_zeroed_factor_of_a_product_is_an_error_there_and_fix_repairs_it(tmp_path):
+    from gradprobe.diagnostics.repair import repair
+
+    torch.manual_seed(0)
+    model = SwiGLUBlock()
+    with torch.no_grad():
+        model.up.weight.zero_()
+        model.up.bias.zero_()
+    report = lint_traced(model, torch.randn(4, 16), tmp_path / "up.pt")
+    assert serious(report) == ["error zero-weights up"]
+    assert "fed nothing" in report.findings[0].message
+    out = repair(tmp_path / "up.pt", tmp_path / "fixed.pt",
+                 DiagnoseOptions(input_shapes=[[4, 16]]))
+    assert [c.name for c in out.changed] == ["up.weight"]
+    assert serious(out.after) == []
+    # The same block with its LAST layer zeroed is the deliberate zero-init residual branch.
+    torch.manual_seed(0)
+    model = SwiGLUBlock()
+    with torch.no_grad():
+        model.down.weight.zero_()
+    report = lint_traced(model, torch.randn(4, 16), tmp_path / "down.pt")
+    assert serious(report) == []

@@ -29,7 +29,9 @@ class ZeroWeights(Rule):
     Thresholds: every entry exactly 0. Error when the gradient is zero or identical across output
     units (relative spread <= 1e-6), when every value between it and the next layer is the same
     for every sample (a zeroed first layer of a branch: the next layer is fed nothing, unlike a
-    zeroed last layer, whose residual add still varies), or when the output no longer varies
+    zeroed last layer, whose residual add still varies; with nothing probed in between, as for a
+    zeroed factor of a product like LLaMA's `up_proj`, when the next layer's output is the same
+    for every sample behind a non-zero weight), or when the output no longer varies
     across the probe batch from this point on (the zero is where the across-batch variance first
     collapses, before the last layer); info otherwise. Biases are never reported: zero is their
     standard init.
@@ -61,7 +63,7 @@ class ZeroWeights(Rule):
                 fix = recommended_init(point)
                 yield self.finding(
                     lp, f"{point.layer}.weight is all zeros and the layer after it is fed nothing "
-                        f"(every value up to the next layer is the same for every sample): the "
+                        f"(what reaches the next layer is the same for every sample): the "
                         f"path through {point.layer} carries no signal and the layers behind it get "
                         f"no gradient at step 0. Initialise it with {fix.init} (std {fix.std:.3g}); "
                         f"to start a residual branch at zero, zero its last layer instead.",
