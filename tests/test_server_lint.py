@@ -14,7 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from replicas import free_port
-from server_harness import shared_models, start_test_server
+from server_harness import SLOW_BATCH, shared_models, start_test_server
 
 from gradprobe.client.api import Client, RemoteError
 from gradprobe.diagnostics.options import DiagnoseOptions
@@ -161,7 +161,7 @@ def test_metrics_count_requests_stages_uploads_restarts_and_evictions(server, mo
     with Client(server.address) as client:
         # a probe past its deadline: its worker is killed and replaced
         with pytest.raises(RemoteError) as caught:
-            client.diagnose(models.slow, DiagnoseOptions(batch_size=512), timeout_s=4.0)
+            client.diagnose(models.slow, DiagnoseOptions(batch_size=SLOW_BATCH), timeout_s=4.0)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         server.wait_for_workers(1)
         # the store holds the slow model and one small one: the other pushes one out
