@@ -445,7 +445,11 @@ CATALOG = [{'name': 'nonfinite-weights',
           'forward\n'
           '  never reads (no gradient at all) is info: an eval-mode export leaves out '
           'training-only\n'
-          "  parameters (wav2vec2's masked_spec_embed) and branches it did not take. A 1-D shift\n"
+          "  parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is one "
+          "reader's\n"
+          '  copy of a tensor the file stores once for several layers when another reader gives it '
+          'a\n'
+          '  gradient (a module shared by several blocks: torch sums the readers). A 1-D shift\n'
           '  (`*bias`) in a network with normalisation is only info: a norm after it subtracts '
           'the\n'
           "  mean, which cancels any shift (a conv bias before BatchNorm, timm's learnable affine\n"

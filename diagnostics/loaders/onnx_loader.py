@@ -783,6 +783,12 @@ class OnnxModel(LoadedModel):
         self._folded: list[tuple[int, Any]] = []
         self._fill_template()
 
+    def copies_of(self, name: str) -> list[str]:
+        binding = self._bindings.get(name)
+        if binding is None:
+            return [name]
+        return [n for n, b in self._bindings.items() if b.file_tensor == binding.file_tensor]
+
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots
         slots = self._plan.slots
