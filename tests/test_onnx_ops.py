@@ -824,3 +824,13 @@ def test_legacy_export_with_training_batchnorm_matches_onnxruntime(tmp_path: Pat
     ours, _ = _interpret(path, feeds)
     expected = _ort_run(path, feeds)
     np.testing.assert_allclose(ours[0].detach().numpy(), expected[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("data_shape", [(3, 4, 0), (3, 0, 2)])
+def test_scatter_nd_into_empty_slices_matches_ort(data_shape: tuple[int, ...]) -> None:
+    # The dynamo export of torchvision's swin3d_s writes its shifted-window mask with ScatterND;
+    # at a small probe size some mask regions are empty.
+    indices = np.array([[0], [2]], dtype=np.int64)
+    _against_ort("ScatterND", {"data": np.zeros(data_shape, np.float32), "indices": indices,
+                               "updates": np.ones((2, *data_shape[1:]), np.float32)},
+                 ["y"], opset=16)

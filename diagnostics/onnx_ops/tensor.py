@@ -355,7 +355,9 @@ def scatter_nd(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     indices = torch.where(indices < 0, indices + dims, indices)
     linear = (indices * strides).sum(-1).reshape(-1)
     flat = data.reshape(math.prod(lead), *data.shape[depth:])
-    rows = updates.reshape(-1, *data.shape[depth:])
+    # an explicit row count: with an empty slice (a shifted-window mask region of width 0
+    # in a small Swin3D probe) -1 cannot be inferred
+    rows = updates.reshape(linear.numel(), *data.shape[depth:])
     reduction = attrs.get("reduction", "none")
     if reduction == "none":
         out = flat.index_copy(0, linear, rows)
