@@ -834,3 +834,10 @@ def test_scatter_nd_into_empty_slices_matches_ort(data_shape: tuple[int, ...]) -
     _against_ort("ScatterND", {"data": np.zeros(data_shape, np.float32), "indices": indices,
                                "updates": np.ones((2, *data_shape[1:]), np.float32)},
                  ["y"], opset=16)
+
+
+def test_split_sizes_that_do_not_fit_the_input_are_an_input_error_not_an_unsupported_op() -> None:
+    # A trace freezes data-dependent split sizes (switch_transformers' tokens per expert).
+    ctx = OpContext(node="experts/Split", op_type="Split", opset=13, num_outputs=2)
+    with pytest.raises(ValueError, match=r"do not add up to 8.*shape \[8, 4\]"):
+        lookup("Split", "", ctx.node)(ctx, [torch.randn(8, 4), torch.tensor([3, 3])], {})

@@ -145,7 +145,11 @@ def split(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
             raise unsupported(ctx, f"axis of size {dim} does not split into {parts} equal parts")
         sizes = [dim // parts] * parts
     if sum(sizes) != dim:
-        raise unsupported(ctx, f"split sizes {sizes} do not add up to {dim}")
+        # Not an operator gradprobe lacks: the sizes were fixed at export for another input
+        # (a trace freezes the tokens-per-expert counts of switch_transformers' routing).
+        raise ValueError(f"split sizes {sizes} do not add up to {dim}, the size of axis {axis} "
+                         f"of its input of shape {list(x.shape)}: the file fixed them for the "
+                         f"input it was exported with")
     parts = list(torch.split(x, sizes, dim=axis))
     return parts[0] if len(parts) == 1 else parts
 
