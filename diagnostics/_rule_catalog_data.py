@@ -473,13 +473,23 @@ CATALOG = [{'name': 'nonfinite-weights',
           'forward\n'
           '  never reads (no gradient at all) is info: an eval-mode export leaves out '
           'training-only\n'
-          "  parameters (wav2vec2's masked_spec_embed) and branches it did not take. A 1-D shift\n"
-          '  (`*bias`) in a network with normalisation is only info: a norm after it subtracts '
-          'the\n'
-          "  mean, which cancels any shift (a conv bias before BatchNorm, timm's learnable affine\n"
-          '  before BN). Measured with deliberate zero layers set to their textbook init (a zero '
-          'head\n'
-          '  blocks every gradient at step 0 only), and not reported where another rule names the\n'
-          '  cause: the zero/constant weight itself, layers behind a fully dead ReLU or behind '
-          'the\n'
-          '  point where the output stops depending on the input, non-finite values.'}]
+          "  parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is one "
+          "reader's\n"
+          '  copy of a tensor the file stores once for several layers when another reader gives it '
+          'a\n'
+          '  gradient (a module shared by several blocks: torch sums the readers), and a tensor an '
+          'ONNX\n'
+          '  exporter computed and named (`val_12`) that no layer reads as a weight: a folded '
+          'constant\n'
+          '  such as an attention mask, not a parameter. A 1-D shift (`*bias`) in a network with\n'
+          '  normalisation is only info: a norm after it subtracts the mean, which cancels any '
+          'shift (a\n'
+          "  conv bias before BatchNorm, timm's learnable affine before BN). Measured with "
+          'deliberate\n'
+          '  zero layers set to their textbook init (a zero head blocks every gradient at step 0 '
+          'only),\n'
+          '  and not reported where another rule names the cause: the zero/constant weight '
+          'itself,\n'
+          '  layers behind a fully dead ReLU or behind the point where the output stops depending '
+          'on\n'
+          '  the input, non-finite values.'}]

@@ -113,6 +113,12 @@ class LoadedModel(ABC):
         """Write the model in its own format with these parameter values replaced
         (used by `gradprobe fix`). Parameters not named keep their values."""
 
+    def copies_of(self, name: str) -> list[str]:
+        """The parameters that stand for one tensor of the file, `name` among them. A format
+        that keeps one tensor per parameter has no others; the ONNX loader gives each layer
+        reading a de-duplicated initializer its own copy."""
+        return [name]
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters.values():

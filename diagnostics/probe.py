@@ -93,7 +93,11 @@ class ProbeResult:
         when the cut is the last layer (a zero head).
 
         Table lookups are never the cut: position and token-type embeddings are the same for
-        every sample by construction."""
+        every sample by construction. Nor is a value after which no point is probed while the
+        output still varies: attention weights from a zero-initialised query (a uniform softmax,
+        the same for every sample) still average input-dependent values into the output."""
+        if self.output_varies:
+            return None
         varying = [lp for lp in self.layers if lp.activation is not None
                    and not lp.point.is_embedding and lp.activation.nonfinite == 0]
         cut = None

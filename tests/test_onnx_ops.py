@@ -824,3 +824,20 @@ def test_legacy_export_with_training_batchnorm_matches_onnxruntime(tmp_path: Pat
     ours, _ = _interpret(path, feeds)
     expected = _ort_run(path, feeds)
     np.testing.assert_allclose(ours[0].detach().numpy(), expected[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("data_shape", [(3, 4, 0), (3, 0, 2)])
+def test_scatter_nd_into_empty_slices_matches_ort(data_shape: tuple[int, ...]) -> None:
+    # The dynamo export of torchvision's swin3d_s writes its shifted-window mask with ScatterND;
+    # at a small probe size some mask regions are empty.
+    indices = np.array([[0], [2]], dtype=np.int64)
+    _against_ort("ScatterND", {"data": np.zeros(data_shape, np.float32), "indices": indices,
+                               "updates": np.ones((2, *data_shape[1:]), np.float32)},
+                 ["y"], opset=16)
+
+
+def test_split_sizes_that_do_not_fit_the_input_are_an_input_error_not_an_unsupported_op() -> None:
+    # A trace freezes data-dependent split sizes (switch_transformers' tokens per expert).
+    ctx = OpContext(node="experts/Split", op_type="Split", opset=13, num_outputs=2)
+    with pytest.raises(ValueError, match=r"do not add up to 8.*shape \[8, 4\]"):
+        lookup("Split", "", ctx.node)(ctx, [torch.randn(8, 4), torch.tensor([3, 3])], {})

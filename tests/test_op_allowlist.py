@@ -243,3 +243,31 @@ def test_real_library_models_are_not_refused(tmp_path: Path) -> None:
         _check_file(path)
     # and the loader itself takes the scripted control-flow module end to end
     assert load_torchscript(tmp_path / "control_flow.pt").probe_points
+
+
+class GroupedExperts(nn.Module):
+    """Two experts applied to their token groups with one grouped GEMM, as transformers' MoE
+    layers do (`torch.nn.functional.grouped_mm`, traced as aten::_grouped_mm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(2, 8, 8) / 8 ** 0.5)  # (expert, out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offsets = torch.tensor([x.shape[0] // 2, x.shape[0]], dtype=torch.int32)
+        return torch.nn.functional.grouped_mm(x, self.experts.transpose(-2, -1), offs=offsets)
+
+
+def test_grouped_mm_of_mixture_of_experts_runs_with_torchs_gradient(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = GroupedExperts()
+    x = torch.randn(8, 8)
+    path = _traced(module, (x,), tmp_path / "experts.pt", strict=False)
+    model = load_torchscript(path)  # the allowlist takes aten::_grouped_mm
+    out = model.run([x])[0]
+    cotangent = torch.randn_like(out)
+    (out * cotangent).sum().backward()
+    (module(x) * cotangent).sum().backward()
+    expected = torch.cat([x[:4] @ module.experts[0].T, x[4:] @ module.experts[1].T])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(model.parameters["experts"].grad, module.experts.grad)

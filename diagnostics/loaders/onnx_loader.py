@@ -40,6 +40,7 @@ from gradprobe.diagnostics.loaders.onnx_folded_norm import FOLDABLE, batch_renor
 from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, is_anonymous
 from gradprobe.diagnostics.loaders.onnx_points import GraphNode, GraphView, PointPlan, build_points
 from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
+from gradprobe.diagnostics.onnx_ops.control import OUTER_INPUTS, branch_inputs
 from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpFn, lookup
 from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch, tensor_from_proto
 
@@ -284,14 +285,20 @@ class _Builder:
         skeleton = _skeleton(self.model, tensors, init_types)
         self._check(skeleton)
         inputs = [vi for vi in graph.input if vi.name not in tensors]
+        # An If reads the enclosing graph's values inside its branches: they become inputs of
+        # the node itself, so ordering and freeing see them.
+        outer = {i: branch_inputs(attrs[i]) for i, n in enumerate(graph.node) if n.op_type == "If"}
+        for i, names_read in outer.items():
+            attrs[i][OUTER_INPUTS] = names_read
         order = _topological_order(graph, {vi.name for vi in inputs} | set(tensors), names,
-                                   self.label)
+                                   self.label, outer)
 
         constants, aliases, run_order = self._fold_static(order, names, fns, attrs, tensors)
         namer = ScopeNamer([graph.node[i] for i in run_order], [*tensors, *aliases])
         nodes = [
             GraphNode(index=k, op_type=graph.node[i].op_type, name=names[i],
-                      inputs=list(graph.node[i].input), outputs=list(graph.node[i].output),
+                      inputs=[*graph.node[i].input, *outer.get(i, [])],
+                      outputs=list(graph.node[i].output),
                       attrs=attrs[i], proto=graph.node[i], scope=namer.scope(k))
             for k, i in enumerate(run_order)
         ]
@@ -481,9 +488,12 @@ def _node_names(nodes: Sequence[onnx.NodeProto]) -> list[str]:
 
 
 def _topological_order(graph: onnx.GraphProto, available: set[str], names: list[str],
-                       label: str) -> list[int]:
+                       label: str, extra_inputs: Mapping[int, list[str]] | None = None,
+                       ) -> list[int]:
     """Node indices in an order where every input exists before it is read (file order when
-    the file is already sorted, as exporters write it)."""
+    the file is already sorted, as exporters write it). `extra_inputs`: values a node reads
+    besides its inputs (an If's branches read the enclosing graph)."""
+    extra_inputs = extra_inputs or {}
     producer: dict[str, int] = {}
     for i, node in enumerate(graph.node):
         for out in node.output:
@@ -497,7 +507,7 @@ def _topological_order(graph: onnx.GraphProto, available: set[str], names: list[
     dependents: dict[int, list[int]] = {}
     for i, node in enumerate(graph.node):
         count = 0
-        for value in set(node.input):
+        for value in {*node.input, *extra_inputs.get(i, [])}:
             if not value or value in available:
                 continue
             if value not in producer:
@@ -782,6 +792,12 @@ class OnnxModel(LoadedModel):
         self._folded_for: tuple[Any, ...] | None = None
         self._folded: list[tuple[int, Any]] = []
         self._fill_template()
+
+    def copies_of(self, name: str) -> list[str]:
+        binding = self._bindings.get(name)
+        if binding is None:
+            return [name]
+        return [n for n, b in self._bindings.items() if b.file_tensor == binding.file_tensor]
 
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots

@@ -2,6 +2,7 @@
 
 from gradprobe.diagnostics.onnx_ops import (  # noqa: F401
     activations,
+    control,
     elementwise,
     nn,
     norm,

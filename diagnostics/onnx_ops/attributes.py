@@ -16,8 +16,9 @@ _A = onnx.AttributeProto
 def decode_attributes(node: onnx.NodeProto, base_dir: Path | None = None) -> dict[str, Any]:
     """Map attribute name -> value: int, float, str, lists of those, torch tensors.
 
-    Subgraph attributes (If/Loop/Scan bodies) are outside what the interpreter runs, so they
-    raise UnsupportedOperator naming the node's operator.
+    An If's branches become `control.Subgraph`s; other subgraph attributes (Loop/Scan bodies)
+    are outside what the interpreter runs, so they raise UnsupportedOperator naming the node's
+    operator.
     """
     node_name = node.name or (node.output[0] if node.output else node.op_type)
     decoded: dict[str, Any] = {}
@@ -39,6 +40,10 @@ def decode_attributes(node: onnx.NodeProto, base_dir: Path | None = None) -> dic
             value = tensor_from_proto(attr.t, base_dir)
         elif kind == _A.TENSORS:
             value = [tensor_from_proto(t, base_dir) for t in attr.tensors]
+        elif kind == _A.GRAPH and node.op_type == "If":
+            from gradprobe.diagnostics.onnx_ops.control import Subgraph
+
+            value = Subgraph(attr.g, base_dir)
         elif kind in (_A.GRAPH, _A.GRAPHS):
             raise UnsupportedOperator(node.op_type, node_name,
                                       f"attribute '{attr.name}' holds a subgraph")

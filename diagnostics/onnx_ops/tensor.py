@@ -145,7 +145,11 @@ def split(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> OpResult:
             raise unsupported(ctx, f"axis of size {dim} does not split into {parts} equal parts")
         sizes = [dim // parts] * parts
     if sum(sizes) != dim:
-        raise unsupported(ctx, f"split sizes {sizes} do not add up to {dim}")
+        # Not an operator gradprobe lacks: the sizes were fixed at export for another input
+        # (a trace freezes the tokens-per-expert counts of switch_transformers' routing).
+        raise ValueError(f"split sizes {sizes} do not add up to {dim}, the size of axis {axis} "
+                         f"of its input of shape {list(x.shape)}: the file fixed them for the "
+                         f"input it was exported with")
     parts = list(torch.split(x, sizes, dim=axis))
     return parts[0] if len(parts) == 1 else parts
 
@@ -355,7 +359,9 @@ def scatter_nd(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     indices = torch.where(indices < 0, indices + dims, indices)
     linear = (indices * strides).sum(-1).reshape(-1)
     flat = data.reshape(math.prod(lead), *data.shape[depth:])
-    rows = updates.reshape(-1, *data.shape[depth:])
+    # an explicit row count: with an empty slice (a shifted-window mask region of width 0
+    # in a small Swin3D probe) -1 cannot be inferred
+    rows = updates.reshape(linear.numel(), *data.shape[depth:])
     reduction = attrs.get("reduction", "none")
     if reduction == "none":
         out = flat.index_copy(0, linear, rows)

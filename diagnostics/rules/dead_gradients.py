@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
 from gradprobe.diagnostics.probe import ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
@@ -18,7 +19,11 @@ class DeadGradients(Rule):
     remove the parameter.
     Thresholds: every entry of the gradient exactly 0 on the probe batch. A parameter the
     exported forward never reads (no gradient at all) is info: an eval-mode export leaves out
-    training-only parameters (wav2vec2's masked_spec_embed) and branches it did not take. A 1-D
+    training-only parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is
+    one reader's copy of a tensor the file stores once for several layers when another reader
+    gives it a gradient (a module shared by several blocks: torch sums the readers), and a
+    tensor an ONNX exporter computed and named (`val_12`) that no layer reads as a weight: a
+    folded constant such as an attention mask, not a parameter. A 1-D
     shift (`*bias`)
     in a network with normalisation is only info: a norm after it subtracts the mean, which
     cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured
@@ -66,6 +71,15 @@ class DeadGradients(Rule):
                 continue
             if index_of_layer.get(name, 10**9) < wall:
                 continue
+            if (probe.model.format == "onnx" and name not in index_of_layer
+                    and is_anonymous(name.split("#", 1)[0])):  # `val_12#2`: an untied copy
+                yield self._export_constant(name, param.layer)
+                continue
+            trained_copies = [c for c in probe.model.copies_of(name) if c != name
+                              and c in probe.params and probe.params[c].stats.grad_norm != 0]
+            if trained_copies:
+                yield self._trained_through_copies(name, param.layer, trained_copies)
+                continue
             if not param.unused and has_norm and name.endswith("bias") and len(s.shape) <= 1:
                 # A shift right before a normalisation: the norm subtracts the mean, so the
                 # shift's gradient is exactly zero. A redundant parameter, not a broken one.
@@ -86,3 +100,30 @@ class DeadGradients(Rule):
                                "or remove the parameter"),
                 severity=Severity.INFO if param.unused else None, parameters=[name],
                 nodes=[lp.point.node for lp in probe.layers if name in lp.point.parameters][:5])
+
+    def _trained_through_copies(self, name: str, layer: str, copies: list[str]) -> Finding:
+        # The file stores this tensor once and other layers read it too. A module shared by
+        # several blocks (CoaT's relative-position convs, one per scale, called by every block
+        # of that scale) exports like this, and torch's gradient of the shared parameter is the
+        # sum over its readers: one reader whose use misses the output adds zero, it does not
+        # stop the tensor training. Equal-valued distinct parameters merged by the exporter
+        # look the same in the file, so the rule says what it cannot tell, as info.
+        return self.finding(
+            layer, f"{name} gets exactly zero gradient through this layer, but the file stores "
+                   f"it as one tensor that {len(copies)} other layer(s) also read and give a "
+                   f"gradient: as stored, it trains. Only if these were separate parameters "
+                   f"in your model does this one never train.",
+            evidence={"unused": False, "grad_norm": 0.0, "trained_copies": copies[:5]},
+            severity=Severity.INFO, parameters=[name])
+
+    def _export_constant(self, name: str, layer: str) -> Finding:
+        # A float initializer under a name the exporter made up that no layer reads as its
+        # weight or bias: a value the export computed and stored (the dynamo exporter folds
+        # torchvision Swin3D's shifted-window mask, filled with region ids, into `val_1748`),
+        # not one of the model's parameters. It reaches the output through comparisons only.
+        return self.finding(
+            layer, f"{name} gets exactly zero gradient; the exporter named it and no layer reads "
+                   f"it as a weight or bias: a constant the export computed (a mask, a table), "
+                   f"not a parameter of the model.",
+            evidence={"unused": False, "grad_norm": 0.0, "anonymous": True},
+            severity=Severity.INFO, parameters=[name])
