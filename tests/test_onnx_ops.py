@@ -754,8 +754,10 @@ def test_decode_attributes_values_and_subgraphs() -> None:
     body = onnx.helper.make_graph([], "body", [], [])
     branch = onnx.helper.make_node("If", ["c"], ["y"], name="/model/If_3", then_branch=body,
                                    else_branch=body)
-    with pytest.raises(UnsupportedOperator, match="If.*/model/If_3"):
-        decode_attributes(branch)
+    assert set(decode_attributes(branch)) == {"then_branch", "else_branch"}  # If runs
+    loop = onnx.helper.make_node("Loop", ["n", "c"], ["y"], name="/model/Loop_7", body=body)
+    with pytest.raises(UnsupportedOperator, match="Loop.*/model/Loop_7"):
+        decode_attributes(loop)
 
 
 # ---------------------------------------------------------------- real exports, node by node
