@@ -221,18 +221,27 @@ def in_fresh_process(args: list[str], *, for_memory: bool, rounds: int = 1) -> d
 
 
 def lint_wall(name: str, path: Path) -> dict[str, float]:
+    """`gradprobe lint` as a user runs it: wall time, the report's split, and the process's
+    peak resident set (what has to fit in the machine)."""
     shape, dtype = input_spec(name)
     began = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / "gradprobe"), "lint", str(path),
-                           "--input-shape", "x".join(map(str, shape)), "--input-dtype", dtype,
-                           "--format", "json", "--fail-on", "never"],
-                          capture_output=True, text=True, timeout=7200)
-    wall = time.perf_counter() - began
-    if done.returncode != 0:
-        return {"wall_s": wall, "error": done.stderr.strip()[-300:]}
-    report = json.loads(done.stdout)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gradprobe"), "lint", str(path), "--input-shape",
+             "x".join(map(str, shape)), "--input-dtype", dtype, "--format", "json",
+             "--fail-on", "never"], stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - began
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode(errors="replace")
+    peak = {"max_rss_mb": usage.ru_maxrss / 1024}  # Linux: kilobytes
+    if process.returncode != 0:
+        return {"wall_s": wall, **peak, "error": stderr.strip()[-300:]}
+    report = json.loads(stdout)
     timing = report["timing"]
-    return {"wall_s": wall, "load_s": timing["load_s"], "probe_s": timing["probe_s"],
+    return {"wall_s": wall, **peak, "load_s": timing["load_s"], "probe_s": timing["probe_s"],
             "rules_s": timing["rules_s"],
             "findings": sum(report["summary"][k] for k in ("error", "warning"))}
 
@@ -281,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lint = (f"{r['lint_wall_s']:.1f} s ({r.get('lint_load_s', 0):.1f} / "
-                f"{r.get('lint_probe_s', 0):.1f} / {r.get('lint_rules_s', 0):.1f})"
+                f"{r.get('lint_probe_s', 0):.1f} / {r.get('lint_rules_s', 0):.1f}), "
+                f"peak RSS {r['lint_max_rss_mb'] / 1024:.1f} GB"
                 if "lint_error" not in r else f"error: {r['lint_error']}")
         print(f"| {r['model']} | {r['params_m']}M | {r['format']} | {r['eager_s']:.2f} s | "
               f"{r['probe_s']:.2f} s | {r['time_ratio']:.2f}x | {r['eager_peak_mb']:.0f} MB | "
