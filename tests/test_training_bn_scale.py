@@ -15,10 +15,9 @@ test_training_labels, beside its He-initialised twin: how far the stage's weight
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from stage_training import Run, train_stage
 from test_training_labels import Teacher
 from torch import nn
 from zoo import export_torchscript
@@ -55,31 +54,11 @@ def bn_stack(stage_scale: float, seed: int = 0) -> nn.Sequential:
     return model
 
 
-@dataclass
-class Run:
-    loss: float  # held-out MSE after training
-    stage_movement: float  # |W_T - W_0| / |W_0| over the stage's weights: how far they learned
-
-
 def train(model: nn.Module, teacher: Teacher) -> Run:
     stage = [model[3 * i].weight for i in STAGE]
-    start = [w.detach().clone() for w in stage]
-    gen = torch.Generator().manual_seed(7)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    model.train()
-    for _ in range(STEPS):
-        x = torch.randn(BATCH, FEATURES, generator=gen)
-        loss = nn.functional.mse_loss(model(x), teacher(x))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    x = torch.randn(1024, FEATURES, generator=torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        held_out = nn.functional.mse_loss(model(x), teacher(x)).item()
-        moved = sum((w - w0).square().sum() for w, w0 in zip(stage, start)).sqrt()
-        size = sum(w0.square().sum() for w0 in start).sqrt()
-    return Run(held_out, (moved / size).item())
+    return train_stage(model, teacher, stage, optimizer, steps=STEPS, batch=BATCH,
+                       features=FEATURES)
 
 
 @pytest.fixture(scope="module")

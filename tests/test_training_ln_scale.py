@@ -17,10 +17,9 @@ is a warning (a block that does not learn), not an error.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import pytest
 import torch
+from stage_training import Run, train_stage
 from test_training_labels import Teacher
 from torch import nn
 from zoo import export_torchscript
@@ -69,31 +68,12 @@ class PreLNStack(nn.Module):
         return self.head(self.norm(self.blocks(self.stem(x))))
 
 
-@dataclass
-class Run:
-    loss: float  # held-out MSE after training
-    stage_movement: float  # |W_T - W_0| / |W_0| over the planted block's weights
-
-
 def train(model: PreLNStack, teacher: Teacher, optimizer_name: str) -> Run:
-    stage = [m.weight for m in model.stage()]
-    start = [w.detach().clone() for w in stage]
-    gen = torch.Generator().manual_seed(7)
     lr = OPTIMIZERS[optimizer_name]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr) if optimizer_name == "adamw" \
         else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    for _ in range(STEPS):
-        x = torch.randn(BATCH, FEATURES, generator=gen)
-        loss = nn.functional.mse_loss(model(x), teacher(x))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    x = torch.randn(1024, FEATURES, generator=torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        held_out = nn.functional.mse_loss(model(x), teacher(x)).item()
-        moved = sum((w - w0).square().sum() for w, w0 in zip(stage, start, strict=True)).sqrt()
-        size = sum(w0.square().sum() for w0 in start).sqrt()
-    return Run(held_out, (moved / size).item())
+    return train_stage(model, teacher, [m.weight for m in model.stage()], optimizer,
+                       steps=STEPS, batch=BATCH, features=FEATURES)
 
 
 @pytest.fixture(scope="module")
