@@ -174,9 +174,15 @@ def test_metrics_count_requests_stages_uploads_restarts_and_evictions(server, mo
 
     ok = value(after, "gradprobe_requests_total", method="Lint", code="OK")
     assert ok - value(before, "gradprobe_requests_total", method="Lint", code="OK") == 2
-    for code in ("INVALID_ARGUMENT", "DEADLINE_EXCEEDED"):
-        assert value(after, "gradprobe_requests_total", method="Lint", code=code) == value(
-            before, "gradprobe_requests_total", method="Lint", code=code) + 1, code
+    def grew(*codes: str) -> float:
+        return sum(value(after, "gradprobe_requests_total", method="Lint", code=code)
+                   - value(before, "gradprobe_requests_total", method="Lint", code=code)
+                   for code in codes)
+
+    assert grew("INVALID_ARGUMENT") == 1
+    # The client's deadline reaches the server as a cancellation, which may land a moment
+    # before the server's own copy of the deadline has passed.
+    assert grew("DEADLINE_EXCEEDED", "CANCELLED") == 1
     assert value(after, "gradprobe_worker_restarts_total") >= 1
     assert value(after, "gradprobe_store_evictions_total") > value(
         before, "gradprobe_store_evictions_total")
