@@ -159,7 +159,9 @@ def test_metrics_count_requests_stages_uploads_restarts_and_evictions(server, mo
         return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
     with Client(server.address) as client:
-        # a probe past its deadline: its worker is killed and replaced
+        # a probe past its deadline: its worker is killed and replaced. The model goes up
+        # first, so that a slow upload cannot use up the deadline before the probe starts.
+        client.upload(models.slow)
         with pytest.raises(RemoteError) as caught:
             client.diagnose(models.slow, DiagnoseOptions(batch_size=SLOW_BATCH), timeout_s=4.0)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
