@@ -198,6 +198,13 @@ def _chunks(payload: bytes | Path) -> Iterator[bytes]:
         yield from iter(lambda: stream.read(CHUNK_BYTES), b"")
 
 
+def _upload_metadata(payload: _Payload, model: ModelSource,
+                     options: DiagnoseOptions | None) -> spb.UploadMetadata:
+    name = Path(model).name if not isinstance(model, bytes) else ""
+    return spb.UploadMetadata(filename=name, format=_format_of(options),
+                              size_bytes=payload.size, sha256=payload.sha256)
+
+
 def _format_of(options: DiagnoseOptions | None) -> int:
     # Unspecified unless the caller says: the server reads the format from the content.
     return convert.format_to_proto(options.format if options is not None else None)
@@ -287,11 +294,9 @@ class Client:
     def _upload(self, payload: _Payload, model: ModelSource, options: DiagnoseOptions | None,
                 deadline: float | None) -> None:
         if self._call(self._stub.HasModel,
-                                    spb.HasModelRequest(sha256=payload.sha256), deadline).present:
+                      spb.HasModelRequest(sha256=payload.sha256), deadline).present:
             return
-        name = Path(model).name if not isinstance(model, bytes) else ""
-        metadata = spb.UploadMetadata(filename=name, format=_format_of(options),
-                                      size_bytes=payload.size, sha256=payload.sha256)
+        metadata = _upload_metadata(payload, model, options)
 
         def messages() -> Iterator[spb.UploadModelRequest]:
             yield spb.UploadModelRequest(metadata=metadata)
@@ -315,11 +320,8 @@ class Client:
         if path_label is None and not isinstance(model, bytes):
             path_label = str(model)
         payload = _model_payload(model)
-        name = Path(model).name if not isinstance(model, bytes) else ""
-        start = spb.LintStart(
-            model=spb.UploadMetadata(filename=name, format=_format_of(options),
-                                     size_bytes=payload.size, sha256=payload.sha256),
-            options=wire_options, path_label=path_label)
+        start = spb.LintStart(model=_upload_metadata(payload, model, options),
+                              options=wire_options, path_label=path_label)
         if path_label is None:
             start.ClearField("path_label")
         for attempt in range(LINT_ATTEMPTS):
