@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from memory_worker import MALLOC_ENV, _reset_cpu_peak, _status_kib
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -127,23 +127,18 @@ def export(module: torch.nn.Module, name: str, fmt: str, folder: Path) -> Path:
 
 # --- the worker: one phase in a fresh process ------------------------------------------------
 
-def _kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(match.group(1)) if match else 0
-
-
 def _measured(run, params, warmup: bool) -> dict[str, float]:  # noqa: ANN001
     if warmup:
         run()
         for p in params:  # the warm-up's gradients would count as already there
             p.grad = None
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    base = _kib("VmRSS")
+    _reset_cpu_peak()
+    base = _status_kib("VmRSS")
     began = time.perf_counter()
     run()
     seconds = time.perf_counter() - began
-    return {"seconds": seconds, "peak_mb": (_kib("VmHWM") - base) / 1024,
+    return {"seconds": seconds, "peak_mb": (_status_kib("VmHWM") - base) / 1024,
             "base_mb": base / 1024}
 
 
@@ -212,7 +207,7 @@ def in_fresh_process(args: list[str], *, for_memory: bool, rounds: int = 1) -> d
     measured without it)."""
     env = dict(os.environ)
     if for_memory:
-        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+        env.update(MALLOC_ENV)
     done = subprocess.run([sys.executable, __file__, "--rounds", str(rounds), "--worker", *args],
                           capture_output=True, text=True, env=env, timeout=7200)
     if done.returncode != 0:
