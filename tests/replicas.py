@@ -35,6 +35,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics_text(port: int) -> str:
+    """The body of http://127.0.0.1:PORT/metrics (its content type checked)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        if not response.headers["Content-Type"].startswith("text/plain"):
+            raise AssertionError(f"/metrics served as {response.headers['Content-Type']}")
+        return response.read().decode()
+
+
+def parse_metrics(text: str) -> Samples:
+    """Every sample, keyed by name and sorted labels, parsed by prometheus_client's parser."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 @dataclass
 class Replica:
     name: str
@@ -48,15 +65,10 @@ class Replica:
         return f"127.0.0.1:{self.port}"
 
     def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
+        return metrics_text(self.metrics_port)
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of /metrics, parsed with prometheus_client's own parser."""
-        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(self.metrics_text())
-                for sample in family.samples}
+    def metrics(self) -> Samples:
+        return parse_metrics(self.metrics_text())
 
     def lint_ok(self) -> float:
         return self.metrics().get(

@@ -8,12 +8,10 @@ from __future__ import annotations
 import hashlib
 import queue
 from pathlib import Path
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from replicas import free_port
+from replicas import free_port, metrics_text, parse_metrics
 from server_harness import SLOW_BATCH, shared_models, start_test_server
 
 from gradprobe.client.api import Client, RemoteError
@@ -144,12 +142,7 @@ def test_a_client_with_only_dead_replicas_gets_unavailable_naming_them(models):
 
 
 def _scrape(server) -> dict:
-    port = server.running.metrics_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return parse_metrics(metrics_text(server.running.metrics_port))
 
 
 def test_metrics_count_requests_stages_uploads_restarts_and_evictions(server, models):
