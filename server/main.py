@@ -63,8 +63,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--reflection", action="store_true",
                         help="enable gRPC server reflection (needs the token when one is set)")
     limits.add_argument("--worker-memory-mb", type=int, default=None,
-                        help="memory cap of each worker (default: 3/4 of the machine's memory "
-                             "shared by the workers); over it, RESOURCE_EXHAUSTED")
+                        help="memory cap of each worker (default: 3/4 of the memory this "
+                             "server may use, the container's limit where there is one, shared "
+                             "by the workers); over it, RESOURCE_EXHAUSTED")
     limits.add_argument("--store-max-gb", type=float, default=None,
                         help="disk quota of the model store, uploads in progress included; "
                              "least recently used models are evicted (default: no quota)")
