@@ -142,29 +142,38 @@ def _measured(run, params, warmup: bool) -> dict[str, float]:  # noqa: ANN001
             "base_mb": base / 1024}
 
 
-def _eager_step(name: str):  # noqa: ANN202 - a zero-argument callable
-    module = build(name).train()
-    ids = example(name)
+def _eager_step(name: str, device: torch.device | None = None,
+                module: torch.nn.Module | None = None):  # noqa: ANN202 - a callable
+    device = device or torch.device("cpu")
+    module = (module if module is not None else build(name)).to(device).train()
+    ids = example(name).to(device)
+    cotangent = None
 
     def run() -> None:
+        nonlocal cotangent
         for p in module.parameters():
             p.grad = None
         out = module(ids)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        if cotangent is None:  # drawn once on the CPU, as the probe draws its own
+            gen = torch.Generator().manual_seed(1)
+            cotangent = torch.randn(out.shape, generator=gen).to(device=device, dtype=out.dtype)
+        out.backward(cotangent)
     run.params = list(module.parameters())
     return run
 
 
-def _probe_step(name: str, path: Path, fmt: str):  # noqa: ANN202 - a zero-argument callable
+def _probe_step(name: str, path: Path, fmt: str,
+                device: torch.device | None = None):  # noqa: ANN202 - a callable
     from gradprobe.diagnostics.inputs import synthetic_inputs
     from gradprobe.diagnostics.loaders import load_model
     from gradprobe.diagnostics.options import DiagnoseOptions
     from gradprobe.diagnostics.probe import probe
 
-    model = load_model(path, fmt)
+    device = device or torch.device("cpu")
+    model = load_model(path, fmt).to(device)
     shape, dtype = input_spec(name)
     options = DiagnoseOptions(seed=0, input_shapes=[shape], input_dtypes=[dtype])
-    inputs, _ = synthetic_inputs(model.inputs, options, torch.device("cpu"))
+    inputs, _ = synthetic_inputs(model.inputs, options, device)
 
     def run() -> None:
         for p in model.parameters.values():
@@ -201,6 +210,43 @@ def worker(phase: str, name: str, path: Path | None, fmt: str | None,
             "time_ratio": statistics.median(t[1] / t[0] for t in pairs)}
 
 
+def on_cuda(name: str, module: torch.nn.Module, path: Path, fmt: str, rounds: int,
+            device: torch.device) -> dict[str, float]:
+    """Time and peak memory of the eager step and the probe on the GPU, in this process:
+    device time by synchronising around each step (paired rounds, median ratio), memory as
+    the growth of PyTorch's allocated bytes above what was resident before the step."""
+    eager, probed = _eager_step(name, device, module), _probe_step(name, path, fmt, device)
+    for step in (eager, probed, eager, probed):  # warm-up: kernels, cuBLAS/cuDNN handles
+        step()
+    pairs = []
+    for _ in range(rounds):
+        times = []
+        for step in (eager, probed):
+            torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - began)
+        pairs.append(times)
+    peaks = {}
+    for key, step in (("eager", eager), ("probe", probed)):
+        for p in (*eager.params, *probed.params):
+            p.grad = None
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        peaks[key] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    for p in (*eager.params, *probed.params):
+        p.grad = None
+    return {"eager_s": statistics.median(t[0] for t in pairs),
+            "probe_s": statistics.median(t[1] for t in pairs),
+            "time_ratio": statistics.median(t[1] / t[0] for t in pairs),
+            "eager_peak_mb": peaks["eager"], "probe_peak_mb": peaks["probe"]}
+
+
 def in_fresh_process(args: list[str], *, for_memory: bool, rounds: int = 1) -> dict[str, float]:
     """One measurement in a new process. For memory, glibc returns freed blocks to the kernel
     at once, so the resident set tracks live tensors (that makes allocations slow: time is
@@ -215,16 +261,16 @@ def in_fresh_process(args: list[str], *, for_memory: bool, rounds: int = 1) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def lint_wall(name: str, path: Path) -> dict[str, float]:
+def lint_wall(name: str, path: Path, device: str = "cpu") -> dict[str, float]:
     """`gradprobe lint` as a user runs it: wall time, the report's split, and the process's
     peak resident set (what has to fit in the machine)."""
     shape, dtype = input_spec(name)
     began = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "gradprobe"), "lint", str(path), "--input-shape",
+            [sys.executable, "-m", "gradprobe", "lint", str(path), "--input-shape",
              "x".join(map(str, shape)), "--input-dtype", dtype, "--format", "json",
-             "--fail-on", "never"], stdout=out, stderr=err)
+             "--fail-on", "never", "--device", device], stdout=out, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - began
@@ -241,6 +287,10 @@ def lint_wall(name: str, path: Path) -> dict[str, float]:
             "findings": sum(report["summary"][k] for k in ("error", "warning"))}
 
 
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16", "bert-base",
@@ -248,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", default=["onnx", "torchscript"],
                         choices=["onnx", "torchscript"])
     parser.add_argument("--rounds", type=int, default=3, help="paired eager/probe timings")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: every measurement in this process, on the GPU")
+    parser.add_argument("--lint", nargs="*", default=None, choices=list(MODELS), metavar="MODEL",
+                        help="models to time `gradprobe lint` on (default: every one; none: "
+                             "`--lint` alone)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -262,20 +317,31 @@ def main(argv: list[str] | None = None) -> int:
             module = build(name)
             params = sum(p.numel() for p in module.parameters()) / 1e6
             files = {fmt: export(module, name, fmt, Path(tmp)) for fmt in args.formats}
+            if args.device == "cuda":
+                measured = {fmt: on_cuda(name, module, path, fmt, args.rounds,
+                                         torch.device("cuda"))
+                            for fmt, path in files.items()}
             del module
             gc.collect()
-            eager_memory = in_fresh_process(["eager", name], for_memory=True)
+            if args.device == "cpu":
+                eager_memory = in_fresh_process(["eager", name], for_memory=True)
+                measured = {}
+                for fmt, path in files.items():
+                    timed = in_fresh_process(["time", name, str(path), fmt], for_memory=False,
+                                             rounds=args.rounds)
+                    probe_memory = in_fresh_process(["probe", name, str(path), fmt],
+                                                    for_memory=True)
+                    measured[fmt] = {**timed, "eager_peak_mb": eager_memory["peak_mb"],
+                                     "probe_peak_mb": probe_memory["peak_mb"]}
+            else:
+                torch.cuda.empty_cache()
             for fmt, path in files.items():
-                timed = in_fresh_process(["time", name, str(path), fmt], for_memory=False,
-                                         rounds=args.rounds)
-                probe_memory = in_fresh_process(["probe", name, str(path), fmt],
-                                                for_memory=True)
-                wall = lint_wall(name, path)
+                m = measured[fmt]
+                linted = args.lint is None or name in args.lint
+                wall = lint_wall(name, path, args.device) if linted else {}
                 row = {"model": name, "params_m": round(params, 1), "format": fmt,
-                       "file_mb": round(path.stat().st_size / 2**20), **timed,
-                       "eager_peak_mb": eager_memory["peak_mb"],
-                       "probe_peak_mb": probe_memory["peak_mb"],
-                       "memory_ratio": probe_memory["peak_mb"] / max(eager_memory["peak_mb"], 1),
+                       "device": args.device, "file_mb": round(path.stat().st_size / 2**20), **m,
+                       "memory_ratio": m["probe_peak_mb"] / max(m["eager_peak_mb"], 1),
                        **{f"lint_{k}": v for k, v in wall.items()}}
                 rows.append(row)
                 print(f"BIG {json.dumps(row)}", flush=True)
@@ -287,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         lint = (f"{r['lint_wall_s']:.1f} s ({r.get('lint_load_s', 0):.1f} / "
                 f"{r.get('lint_probe_s', 0):.1f} / {r.get('lint_rules_s', 0):.1f}), "
                 f"peak RSS {r['lint_max_rss_mb'] / 1024:.1f} GB"
-                if "lint_error" not in r else f"error: {r['lint_error']}")
-        print(f"| {r['model']} | {r['params_m']}M | {r['format']} | {r['eager_s']:.2f} s | "
-              f"{r['probe_s']:.2f} s | {r['time_ratio']:.2f}x | {r['eager_peak_mb']:.0f} MB | "
+                if "lint_wall_s" in r and "lint_error" not in r
+                else f"error: {r['lint_error']}" if "lint_error" in r else "-")
+        print(f"| {r['model']} | {r['params_m']}M | {r['format']} | {_seconds(r['eager_s'])} | "
+              f"{_seconds(r['probe_s'])} | {r['time_ratio']:.2f}x | {r['eager_peak_mb']:.0f} MB | "
               f"{r['probe_peak_mb']:.0f} MB | {r['memory_ratio']:.2f}x | {lint} |")
     return 0
 
