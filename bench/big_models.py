@@ -270,7 +270,8 @@ def lint_wall(name: str, path: Path, device: str = "cpu") -> dict[str, float]:
         process = subprocess.Popen(
             [sys.executable, "-m", "gradprobe", "lint", str(path), "--input-shape",
              "x".join(map(str, shape)), "--input-dtype", dtype, "--format", "json",
-             "--fail-on", "never", "--device", device], stdout=out, stderr=err)
+             "--fail-on", "never", "--device", device], stdout=out, stderr=err,
+            cwd=path.parent)  # not the checkout: its gradprobe/ would shadow the installed one
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - began

@@ -5,12 +5,14 @@
 # /tmp/site; gradprobe itself is built from this tree. Each step has its own time limit, so a
 # failing step costs its limit and the next one still runs; logs and tables go to $OUT.
 #
-#   bash bench/gpu_session.sh [STEP...]     steps: env tests overhead parity big decoder
+#   bash bench/gpu_session.sh [STEP...]
+#   steps: env tests overhead big parity decoder (the default), profile overhead64 resnet50
 set -u
 OUT=${OUT:-/tmp/gradprobe-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
+ROOT=$(pwd)
 steps=${*:-env tests overhead big parity decoder}
 
 began=$(date +%s)
@@ -44,22 +46,38 @@ print('onnx', onnx.__version__, 'ort', onnxruntime.__version__, 'tv', torchvisio
       'timm', timm.__version__, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__)
 print('cudnn tf32', torch.backends.cudnn.allow_tf32, 'matmul tf32', torch.backends.cuda.matmul.allow_tf32)" \
         2>&1 | tee -a "$OUT/env.log"
-    $PY -m gradprobe lint examples/mlp_defects.onnx --device auto --format json >"$OUT/lint_example.json" \
-        2>"$OUT/lint_example.err"
+    # `python -m` puts the working directory first on the path: run the installed gradprobe
+    # from elsewhere, or the checkout's gradprobe/ (which is not the whole package) shadows it.
+    (cd /tmp && $PY -m gradprobe lint "$ROOT/examples/mlp_defects.onnx" --device auto \
+        --format json >"$OUT/lint_example.json" 2>"$OUT/lint_example.err")
     echo "lint example on auto: exit $? (1 = findings at the fail level), device" \
         "$($PY -c "import json; print(json.load(open('$OUT/lint_example.json'))['device'])" 2>&1)"
     ;;
 tests)
     parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-    step tests 90 $PY -m pytest -q -p no:cacheprovider $parallel -o addopts= \
-        tests/test_onnx_ops.py tests/test_live.py tests/test_torchscript_loader.py \
-        -k "accelerator or cuda"
+    (cd /tmp && step tests 90 $PY -m pytest -q -p no:cacheprovider $parallel -o addopts= \
+        -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/tests/test_onnx_ops.py" \
+        "$ROOT/tests/test_live.py" "$ROOT/tests/test_torchscript_loader.py" \
+        -k "accelerator or cuda")
     tail -3 "$OUT/tests.log"
     ;;
 overhead)
     step overhead 100 $PY bench/probe_overhead.py --device cuda --check --batch 8 --warmup 5 \
         --repeat 20
     grep -v "repetition" "$OUT/overhead.log" | grep -v "^BENCH" | tail -8
+    ;;
+profile)
+    step profile 90 $PY bench/probe_profile.py --device cuda --variant torchscript --batch 8
+    grep -E "^## |^resnet" "$OUT/profile.log"
+    ;;
+overhead64)
+    step overhead64 120 $PY bench/probe_overhead.py --device cuda --batch 64 --warmup 3 \
+        --repeat 10
+    grep -v "repetition" "$OUT/overhead64.log" | grep -v "^BENCH" | tail -5
+    ;;
+resnet50)
+    step resnet50 120 $PY bench/big_models.py --device cuda --rounds 10 --models resnet50
+    sed -n '/^| model/,$p' "$OUT/resnet50.log"
     ;;
 big)
     step big 200 $PY bench/big_models.py --device cuda --rounds 10 --lint resnet50
