@@ -40,12 +40,12 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 for s in $steps; do case $s in
 env)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/env.log"
-    $PY -c "import torch, onnx, onnxruntime, torchvision, timm, transformers, pydantic, gradprobe
+    (cd /tmp && $PY -c "import torch, onnx, onnxruntime, torchvision, timm, transformers, pydantic, gradprobe
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))
 print('onnx', onnx.__version__, 'ort', onnxruntime.__version__, 'tv', torchvision.__version__,
       'timm', timm.__version__, 'transformers', transformers.__version__, 'pydantic', pydantic.__version__)
 print('cudnn tf32', torch.backends.cudnn.allow_tf32, 'matmul tf32', torch.backends.cuda.matmul.allow_tf32)" \
-        2>&1 | tee -a "$OUT/env.log"
+        2>&1 | tee -a "$OUT/env.log")
     # `python -m` puts the working directory first on the path: run the installed gradprobe
     # from elsewhere, or the checkout's gradprobe/ (which is not the whole package) shadows it.
     (cd /tmp && $PY -m gradprobe lint "$ROOT/examples/mlp_defects.onnx" --device auto \
@@ -55,11 +55,13 @@ print('cudnn tf32', torch.backends.cudnn.allow_tf32, 'matmul tf32', torch.backen
     ;;
 tests)
     parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-    (cd /tmp && step tests 90 $PY -m pytest -q -p no:cacheprovider $parallel -o addopts= \
+    (cd /tmp && step tests 90 $PY -m pytest -q -p no:cacheprovider $parallel -o addopts= -rf \
+        --tb=short \
         -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/tests/test_onnx_ops.py" \
         "$ROOT/tests/test_live.py" "$ROOT/tests/test_torchscript_loader.py" \
         -k "accelerator or cuda")
-    tail -3 "$OUT/tests.log"
+    sed -n '/= FAILURES =/,$p' "$OUT/tests.log" | cut -c1-200 | head -150
+    tail -1 "$OUT/tests.log"
     ;;
 overhead)
     step overhead 100 $PY bench/probe_overhead.py --device cuda --check --batch 8 --warmup 5 \

@@ -8,7 +8,8 @@ implicit padding, so the window arithmetic stays exactly the spec's.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -262,6 +263,31 @@ def _onnx_pool_indices(flat: torch.Tensor, shape: Sequence[int], padded_shape: S
     return index + planes * math.prod(spatial)
 
 
+@contextmanager
+def _full_precision_convolution(device: torch.device) -> Iterator[None]:
+    """cuDNN convolutions in IEEE float32 for the duration. A window sum computed as a
+    convolution must be as exact as the pooling it stands for, and cuDNN rounds float32
+    operands to TF32 (10-bit mantissa) by default: a relative error of ~1e-3."""
+    if device.type != "cuda":
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        previous = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = previous
+        return
+    previous_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous_tf32
+
+
 @register("AveragePool")
 def average_pool(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     x = inputs[0]
@@ -278,7 +304,8 @@ def average_pool(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     padded = F.pad(x, _torch_pads(win.begin, end))
     ones = torch.ones((1, 1, *win.kernel), dtype=x.dtype, device=x.device)
     planes = padded.reshape(-1, 1, *padded.shape[2:])
-    sums = _CONV[n](planes, ones, None, win.strides, 0, win.dilations)
+    with _full_precision_convolution(x.device):
+        sums = _CONV[n](planes, ones, None, win.strides, 0, win.dilations)
     mask = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
     mask = F.pad(mask, _torch_pads(win.begin, win.end), value=1.0 if include_pad else 0.0)
     mask = F.pad(mask, _torch_pads([0] * n, extra))
