@@ -14,6 +14,7 @@ from zoo import MLP, ResNet, build, example_inputs, export_onnx, export_torchscr
 
 from gradprobe.diagnostics.errors import InputSpecError, ModelLoadError
 from gradprobe.diagnostics.loaders.torchscript_loader import TorchScriptModel, load_torchscript
+from gradprobe.diagnostics.loaders.torchscript_passes import argument_index
 
 # the seven architectures of the zoo (not every builder added later: keeps the file fast)
 MODELS = ["mlp", "resnet", "mobilenet", "vit", "text_encoder", "lstm", "gru"]
@@ -205,6 +206,30 @@ def test_dropout_is_off_and_frozen_parameters_are_probed(tmp_path):
     assert any("requires_grad=False" in note for note in model.notes)
     assert {p.layer: p.nonlinearity for p in model.probe_points if p.role == "linear"} == \
         {"0": "relu", "3": None}
+
+
+@pytest.mark.parametrize("train_when_traced", [True, False])
+def test_stacked_rnn_runs_without_dropout_in_training_mode(tmp_path, train_when_traced):
+    """Dropout between stacked LSTM layers is off through its probability, while the op runs
+    in training mode: cuDNN computes an RNN's backward pass only in training mode."""
+    torch.manual_seed(0)
+    net = nn.LSTM(6, 8, num_layers=2, dropout=0.5, batch_first=True)
+    x = torch.randn(4, 5, 6)
+    path = tmp_path / "lstm.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net.train(train_when_traced), (x,), check_trace=False)
+    torch.jit.save(traced, str(path))
+    model = load_torchscript(path)
+    lstm = [n for n in model._graph.findAllNodes("aten::lstm", True)]
+    assert lstm
+    for node in lstm:
+        args = {name: node.inputsAt(argument_index(node, name)).toIValue()
+                for name in ("dropout", "train")}
+        assert args == {"dropout": 0.0, "train": True}
+    first, second = model.run([x])[0], model.run([x])[0]
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first, net.eval()(x)[0])
 
 
 def test_save_writes_new_values_and_keeps_the_module_as_it_was(tmp_path):

@@ -48,11 +48,11 @@ _DROPOUT_FLAG = {
     "aten::feature_dropout_": "train",
     "aten::alpha_dropout_": "train",
     "aten::feature_alpha_dropout_": "train",
-    "aten::lstm": "train",
-    "aten::gru": "train",
-    "aten::rnn_tanh": "train",
-    "aten::rnn_relu": "train",
 }
+# Recurrent ops drop out between stacked layers when `train` is set; but cuDNN computes their
+# backward pass only in training mode ("cudnn RNN backward can only be called in training
+# mode"), so the probe turns dropout off through its probability instead.
+_RNN_OPS = ("aten::lstm", "aten::gru", "aten::rnn_tanh", "aten::rnn_relu")
 _SCALAR_ATTRIBUTE_TYPES = (bool, int, float, str)
 
 
@@ -224,6 +224,9 @@ def disable_dropout(graph: Graph) -> None:
     """Dropout off everywhere, including between stacked RNN layers and inside attention."""
     for node in _nodes_of_kinds(graph, _DROPOUT_FLAG):
         _set_argument(graph, node, _DROPOUT_FLAG[node.kind()], False)
+    for node in _nodes_of_kinds(graph, _RNN_OPS):
+        _set_argument(graph, node, "dropout", 0.0)
+        _set_argument(graph, node, "train", True)
     for node in graph.findAllNodes("aten::scaled_dot_product_attention", True):
         _set_argument(graph, node, "dropout_p", 0.0)
 
