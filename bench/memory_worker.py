@@ -56,6 +56,14 @@ def measure(run, device: torch.device) -> dict[str, float]:
     return {"base": base * 1024, "peak": (_status_kib("VmHWM") - base) * 1024}
 
 
+def set_flush_mb(device: str, megabytes: int) -> None:
+    """How many bytes of tapped values the probe lets pend before it measures them (see
+    gradprobe.diagnostics.probe): the knob that trades launches against peak memory."""
+    from gradprobe.diagnostics import probe
+
+    probe._FLUSH_BYTES[torch.device(device).type] = megabytes << 20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("phase", choices=PHASES)
@@ -66,9 +74,12 @@ def main() -> None:
     parser.add_argument("--format", choices=("onnx", "torchscript"))
     parser.add_argument("--zero-init-residual", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--flush-mb", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.flush_mb:
+        set_flush_mb(args.device, args.flush_mb)
 
     device = torch.device(args.device)
     inputs = probe_batch(args.batch, device, args.seed)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from memory_worker import MALLOC_ENV
+from memory_worker import MALLOC_ENV, set_flush_mb
 from phases import (
     VARIANTS,
     Variant,
@@ -140,6 +140,8 @@ def measure_peak(phase: str, variant: Variant | None, device: torch.device,
         cmd.append("--zero-init-residual")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.flush_mb:
+        cmd += ["--flush-mb", str(args.flush_mb)]
     env = {**os.environ, **MALLOC_ENV}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -199,12 +201,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads for torch (default: torch's own choice); 1 gives steady "
                              "figures on a machine shared with other work")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flush-mb", type=int, default=None,
+                        help="the probe's batch of pending values on this device, in MiB "
+                             "(default: the probe's own choice)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.flush_mb:
+        set_flush_mb(device.type, args.flush_mb)
     module = resnet18(args.seed, args.zero_init_residual)
     model_name = "resnet18" + ("-zero-res" if args.zero_init_residual else "")
     inputs = probe_batch(args.batch, device, args.seed)
