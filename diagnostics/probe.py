@@ -297,6 +297,81 @@ def _nonfinite_counts(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_norm(torch._foreach_sub(xs, xs), 0, dtype=_F64)
 
 
+# On a CPU the statistics are measured one tensor at a time: there the multi-tensor kernels
+# other than max and the 2-norm take a per-element slow path, and each temporary copy is
+# mapped afresh from the kernel (its page faults cost more than the arithmetic), while a
+# single-tensor reduction (aminmax, sum, count_nonzero) reads its tensor once, with no copy,
+# and the few temporaries left go into one reused buffer. Per-tensor calls cost nothing on a
+# CPU; on a GPU each is a launch, so there the multi-tensor form stays.
+_PER_TENSOR = {"cpu": True}
+
+
+def _one_at_a_time(xs: Sequence[torch.Tensor]) -> bool:
+    return bool(xs) and _PER_TENSOR.get(xs[0].device.type, False)
+
+
+class _Scratch:
+    """A reused buffer (one per dtype) for the temporaries of per-tensor statistics."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(x.dtype)
+        if buffer is None or buffer.numel() < x.numel() or buffer.device != x.device:
+            buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+            self._buffers[x.dtype] = buffer
+        return buffer[:x.numel()].view(x.shape)
+
+    def reserve(self, xs: Sequence[torch.Tensor]) -> None:
+        """Size the buffers for the largest of `xs` at once (no growth, one allocation)."""
+        largest: dict[torch.dtype, torch.Tensor] = {}
+        for x in xs:
+            if x.dtype not in largest or x.numel() > largest[x.dtype].numel():
+                largest[x.dtype] = x
+        for x in largest.values():
+            self.like(x)
+
+
+def _extremes_and_nonzero(xs: list[torch.Tensor], exact: bool, count: bool = True) -> tuple[
+        list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per tensor: the maximum, minus the minimum, and (`count`) the number of non-zero
+    entries (NaN counts as non-zero where counted exactly; a fast pass that meets one is
+    measured again)."""
+    if _one_at_a_time(xs):
+        maxima, neg_minima = [], []
+        for x in xs:
+            low, high = torch.aminmax(x)
+            maxima.append(high)
+            neg_minima.append(torch.neg(low))
+        return maxima, neg_minima, _nonzero_counts(xs, exact) if count else []
+    neg_max, nonzero = _negated_max(xs, exact)
+    return list(torch._foreach_max(xs)), list(neg_max), list(nonzero)
+
+
+def _deviation_norms(xs: list[torch.Tensor], centres: Sequence[torch.Tensor],
+                     scratch: _Scratch) -> list[torch.Tensor]:
+    """The 2-norm of each x - centre (the centre broadcasts against x)."""
+    acc = _acc(xs)
+    if _one_at_a_time(xs):
+        out = []
+        for x, centre in zip(xs, centres, strict=True):
+            deviation = torch.sub(x, centre, out=scratch.like(x))
+            out.append(torch.linalg.vector_norm(deviation, 2, dtype=acc))
+        return out
+    return list(torch._foreach_norm(torch._foreach_sub(xs, list(centres)), 2, dtype=acc))
+
+
+def _nonzero_counts(xs: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
+    """Non-zero entries per tensor; an `exact` count also counts NaN (sign(NaN) is 0)."""
+    if _one_at_a_time(xs):
+        return [torch.count_nonzero(x) for x in xs]
+    if exact:
+        return list(torch._foreach_norm(xs, 0, dtype=_F64))
+    signs = torch._foreach_sign(xs)
+    return list(torch._foreach_powsum(signs, 2, dtype=_acc(xs)))
+
+
 def _count_or_unknown(exact_count: float | None, *sums: float) -> float:
     if exact_count is not None:
         return exact_count
@@ -362,17 +437,17 @@ class _ActivationBatch:
     unit_max: dict[int, tuple[int, int]]  # position in the batch -> (host offset, units)
 
     @staticmethod
-    def measure(sums: _DeviceSums, pend: list[_PendingActivation],
-                exact: bool = False) -> _ActivationBatch:
+    def measure(sums: _DeviceSums, pend: list[_PendingActivation], exact: bool = False,
+                scratch: _Scratch | None = None) -> _ActivationBatch:
         """Moments from sums of squared deviations (two passes, as exact as float32 allows
         even when the mean dwarfs the spread); the batch means are centred in place."""
         xs = [p.value for p in pend]
         means = [p.batch_mean for p in pend]
         positions = [m.numel() for m in means]
-        neg_max, nonzero = _negated_max(xs, exact)
+        maxima, neg_max, nonzero = _extremes_and_nonzero(xs, exact)
         nonfinite = _nonfinite_counts(xs) if exact else []
-        scalars = list(torch._foreach_norm(torch._foreach_sub(xs, means), 2, dtype=_acc(xs)))
-        scalars += [*nonzero, *torch._foreach_max(xs), *neg_max, *nonfinite]
+        scalars = _deviation_norms(xs, means, scratch or _Scratch())
+        scalars += [*nonzero, *maxima, *neg_max, *nonfinite]
         # sum(m) = sum|m| - 2 sum|min(m, 0)|: the multi-tensor reductions have no signed sum
         abs_sum = torch._foreach_norm(means, 1)
         neg_sum = torch._foreach_norm(torch._foreach_clamp_max(means, 0.0), 1)
@@ -508,8 +583,8 @@ def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch
 # reads the default. The non-finite counts are measured only by an `exact` pass.
 # The weights' sums do not depend on the batch: the probe measures them once, before the
 # passes (`_measure_weights`); a pass measures only the gradients.
-_WEIGHT_SUMS = {"w_abs": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
-                "w_neg_sum": 0.0, "w_nonfinite": None}
+_WEIGHT_SUMS = {"w_sum": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
+                "w_nonfinite": None}
 _GRAD_SUMS = {"g_norm": 0.0, "g_nonzero": 0.0, "g_nonfinite": None, "unit_diff": math.nan,
               "unit_max": math.nan}
 _PARAM_SUMS = {**_WEIGHT_SUMS, **_GRAD_SUMS}
@@ -529,39 +604,51 @@ def _recorder(sums: _DeviceSums, found: _Found):  # noqa: ANN202 - a small closu
 
 
 def _weight_sums(sums: _DeviceSums, params: list[torch.Tensor], exact: bool = False) -> _Found:
-    """Queue every weight's sums (keys of _WEIGHT_SUMS). Reductions that read a tensor as it is
-    run once over the whole list; those that need a temporary copy run over chunks (the
-    parameters are all alive anyway: only the copies count against the memory)."""
+    """Queue every weight's sums (keys of _WEIGHT_SUMS). On a GPU, reductions that read a tensor
+    as it is run once over the whole list and those that need a temporary copy run over chunks
+    (the parameters are all alive anyway: only the copies count against the memory); on a CPU,
+    one tensor at a time (see _PER_TENSOR)."""
     found: _Found = {}
     record = _recorder(sums, found)
     full = [i for i, p in enumerate(params) if p.numel()]
     ws = [params[i] for i in full]
     if not ws:
         return found
-    copy_bytes = 2 * _flush_bytes(ws[0].device)
     acc = _acc(ws)
     with torch.no_grad():
-        w_abs = torch._foreach_norm(ws, 1, dtype=acc)
-        record(full, {"w_abs": w_abs, "w_max": torch._foreach_max(ws),
-                      "w_norm": torch._foreach_norm(ws, 2, dtype=acc)})
-        neg_sums: list[torch.Tensor] = []
-        for part in _chunks(ws, copy_bytes):
-            neg = torch._foreach_neg(ws[part])
-            columns = {"w_neg_max": torch._foreach_max(neg)}
-            torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
-            columns["w_neg_sum"] = torch._foreach_norm(neg, 1, dtype=acc)
-            neg_sums += columns["w_neg_sum"]
-            del neg
+        record(full, {"w_norm": torch._foreach_norm(ws, 2, dtype=acc)})
+        if _one_at_a_time(ws):
+            maxima, neg_minima, _ = _extremes_and_nonzero(ws, exact, count=False)
+            totals = [w.sum(dtype=acc) for w in ws]
+            record(full, {"w_max": maxima, "w_neg_max": neg_minima, "w_sum": totals})
             if exact:
-                columns["w_nonfinite"] = _nonfinite_counts(ws[part])
-            record(full[part], columns)
+                record(full, {"w_nonfinite": _nonfinite_counts(ws)})
+        else:
+            copy_bytes = 2 * _flush_bytes(ws[0].device)
+            w_abs = torch._foreach_norm(ws, 1, dtype=acc)
+            record(full, {"w_max": torch._foreach_max(ws)})
+            neg_sums: list[torch.Tensor] = []
+            for part in _chunks(ws, copy_bytes):
+                neg = torch._foreach_neg(ws[part])
+                columns = {"w_neg_max": torch._foreach_max(neg)}
+                torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
+                neg_sums += torch._foreach_norm(neg, 1, dtype=acc)
+                del neg
+                if exact:
+                    columns["w_nonfinite"] = _nonfinite_counts(ws[part])
+                record(full[part], columns)
+            totals = list(torch._foreach_add(w_abs, neg_sums, alpha=-2))
+            record(full, {"w_sum": totals})
         # The spread about the mean, second pass: exact even when the mean dwarfs it.
-        means = torch._foreach_div(torch._foreach_add(w_abs, neg_sums, alpha=-2),
-                                   [float(w.numel()) for w in ws])
-        for part in _chunks(ws, copy_bytes):
-            deviations = torch._foreach_sub(ws[part], means[part])
-            record(full[part], {"w_dev_norm": torch._foreach_norm(deviations, 2, dtype=acc)})
-            del deviations
+        means = torch._foreach_div(totals, [float(w.numel()) for w in ws])
+        if _one_at_a_time(ws):
+            scratch = _Scratch()
+            scratch.reserve(ws)
+            record(full, {"w_dev_norm": _deviation_norms(ws, means, scratch)})
+        else:
+            for part in _chunks(ws, 2 * _flush_bytes(ws[0].device)):
+                record(full[part], {"w_dev_norm": _deviation_norms(ws[part], means[part],
+                                                                   _Scratch())})
     return found
 
 
@@ -578,13 +665,11 @@ def _grad_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.
         if gs:
             copy_bytes = 2 * _flush_bytes(gs[0].device)  # type: ignore[union-attr]
             record(with_grad, {"g_norm": torch._foreach_norm(gs, 2, dtype=_acc(gs))})
-        for part in _chunks(gs, copy_bytes) if gs else ():  # type: ignore[arg-type]
-            if exact:  # sign(NaN) is 0: the 0-norm counts NaN as non-zero
-                columns = {"g_nonzero": torch._foreach_norm(gs[part], 0, dtype=_F64)}
-            else:
-                signs = torch._foreach_sign(gs[part])
-                columns = {"g_nonzero": torch._foreach_powsum(signs, 2, dtype=_acc(gs))}
-                del signs
+        # One chunk on a CPU: it counts without a copy.
+        chunks = [slice(0, len(gs))] if _one_at_a_time(gs) else (  # type: ignore[arg-type]
+            _chunks(gs, copy_bytes) if gs else ())  # type: ignore[arg-type]
+        for part in chunks:
+            columns = {"g_nonzero": _nonzero_counts(gs[part], exact)}  # type: ignore[arg-type]
             if exact:
                 columns["g_nonfinite"] = _nonfinite_counts(gs[part])
             record(with_grad[part], columns)
@@ -630,8 +715,7 @@ def _param_fields(table: list[dict[str, float | None]],
     rows = []
     for s, count in zip(table, numel, strict=True):
         n = max(count, 1)
-        total = s["w_abs"] - 2 * s["w_neg_sum"]
-        mean = total / count if count else math.nan
+        mean = s["w_sum"] / count if count else math.nan
         std = s["w_dev_norm"] / math.sqrt(count) if count else math.nan
         wnorm, gnorm = s["w_norm"], s["g_norm"]
         if wnorm > 0:
@@ -701,6 +785,7 @@ class _Collector:
         self.exact = exact
         self.activations = activations  # measure the tapped values
         self.gradients = gradients  # measure their gradients
+        self._scratch = _Scratch()  # reused by every flush of the pass
         self.sizes: dict[int, tuple[int, int]] = {}  # (units, numel), from shapes: no sync
         self.stale = False  # a pending value changed before it was measured
         self._acts: list[_PendingActivation] = []
@@ -737,7 +822,8 @@ class _Collector:
         pend, self._acts, self._act_bytes = self._acts, [], 0
         self.stale |= any(p.value._version != p.version for p in pend)
         with torch.no_grad():
-            self._act_batches.append(_ActivationBatch.measure(self.sums, pend, self.exact))
+            self._act_batches.append(_ActivationBatch.measure(self.sums, pend, self.exact,
+                                                              self._scratch))
 
     def flush_gradients(self) -> None:
         if not self._grads:

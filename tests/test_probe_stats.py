@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from gradprobe.diagnostics import probe as probe_module
 from gradprobe.diagnostics.probe import _param_row
+
+
+@pytest.fixture(autouse=True, params=["per-tensor", "multi-tensor"])
+def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with both ways of measuring: one tensor at a time (what a CPU does) and
+    the multi-tensor kernels (what a GPU does), so the GPU's path is checked on this CPU."""
+    monkeypatch.setattr(probe_module, "_PER_TENSOR",
+                        {"cpu": request.param == "per-tensor"})
+    return request.param
 
 FIELDS = ("mean", "std", "abs_max", "nonfinite", "grad_norm", "grad_rms", "grad_to_weight",
           "zero_grad_fraction", "nonfinite_grad", "unit_spread", "constant")
