@@ -311,26 +311,21 @@ def _one_at_a_time(xs: Sequence[torch.Tensor]) -> bool:
 
 
 class _Scratch:
-    """A reused buffer (one per dtype) for the temporaries of per-tensor statistics."""
+    """A small reused buffer (one per dtype) for the temporaries of per-tensor statistics:
+    values are measured through it in blocks, so it stays in the cache and is mapped once."""
+
+    BLOCK = 1 << 18  # entries
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
-    def like(self, x: torch.Tensor) -> torch.Tensor:
-        buffer = self._buffers.get(x.dtype)
-        if buffer is None or buffer.numel() < x.numel() or buffer.device != x.device:
-            buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
-            self._buffers[x.dtype] = buffer
-        return buffer[:x.numel()].view(x.shape)
-
-    def reserve(self, xs: Sequence[torch.Tensor]) -> None:
-        """Size the buffers for the largest of `xs` at once (no growth, one allocation)."""
-        largest: dict[torch.dtype, torch.Tensor] = {}
-        for x in xs:
-            if x.dtype not in largest or x.numel() > largest[x.dtype].numel():
-                largest[x.dtype] = x
-        for x in largest.values():
-            self.like(x)
+    def block(self, rows: int, width: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < rows * width:
+            buffer = torch.empty(max(rows * width, self.BLOCK), dtype=dtype, device=device)
+            self._buffers[(dtype, device)] = buffer
+        return buffer[:rows * width].view(rows, width)
 
 
 def _extremes_and_nonzero(xs: list[torch.Tensor], exact: bool, count: bool = True) -> tuple[
@@ -351,15 +346,53 @@ def _extremes_and_nonzero(xs: list[torch.Tensor], exact: bool, count: bool = Tru
 
 def _deviation_norms(xs: list[torch.Tensor], centres: Sequence[torch.Tensor],
                      scratch: _Scratch) -> list[torch.Tensor]:
-    """The 2-norm of each x - centre (the centre broadcasts against x)."""
+    """The 2-norm of each x - centre, where the centre is a 0-d tensor, a tensor of x's shape,
+    or one of x.shape[1:] (a mean over the batch axis)."""
     acc = _acc(xs)
     if _one_at_a_time(xs):
-        out = []
-        for x, centre in zip(xs, centres, strict=True):
-            deviation = torch.sub(x, centre, out=scratch.like(x))
-            out.append(torch.linalg.vector_norm(deviation, 2, dtype=acc))
-        return out
+        return [_blocked_deviation_norm(x, c, scratch, acc) for x, c in zip(xs, centres,
+                                                                            strict=True)]
     return list(torch._foreach_norm(torch._foreach_sub(xs, list(centres)), 2, dtype=acc))
+
+
+def _blocked_deviation_norm(x: torch.Tensor, centre: torch.Tensor, scratch: _Scratch,
+                            acc: torch.dtype | None) -> torch.Tensor:
+    """||x - centre||, block by block through the scratch buffer (no copy of x)."""
+    if centre.dim() == 0 or centre.shape == x.shape:
+        rows = x.reshape(1, -1)
+    else:
+        rows = x.reshape(x.shape[0], -1)
+    centre = centre.reshape(1, -1)
+    count, length = rows.shape
+    width = max(1, scratch.BLOCK // count)
+    dtype = torch.result_type(x, centre)
+    norms = []
+    for start in range(0, length, width):
+        stop = min(start + width, length)
+        out = scratch.block(count, stop - start, dtype, x.device)
+        part = centre if centre.shape[1] == 1 else centre[:, start:stop]
+        torch.sub(rows[:, start:stop], part, out=out)
+        norms.append(torch.linalg.vector_norm(out, 2, dtype=acc))
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
+def _norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm per tensor (a CPU's per-tensor reduction accumulates in blocks, the
+    multi-tensor kernel in one running sum)."""
+    if _one_at_a_time(xs):
+        return [torch.linalg.vector_norm(x, 2, dtype=_acc(xs)) for x in xs]
+    return list(torch._foreach_norm(xs, 2, dtype=_acc(xs)))
+
+
+def _signed_sums(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """sum(x) per tensor. The multi-tensor reductions have no signed sum: there it is
+    sum|x| - 2 sum|min(x, 0)|, exact to float32 rounding of the entries' magnitude."""
+    acc = _acc(xs)
+    if _one_at_a_time(xs):
+        return [x.sum(dtype=acc) for x in xs]
+    abs_sum = torch._foreach_norm(xs, 1, dtype=acc)
+    neg_sum = torch._foreach_norm(torch._foreach_clamp_max(xs, 0.0), 1, dtype=acc)
+    return list(torch._foreach_add(abs_sum, neg_sum, alpha=-2))
 
 
 def _nonzero_counts(xs: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
@@ -419,8 +452,7 @@ def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _
 
 
 # Per-value sums measured on the device; `_activation_fields` turns them into _ACT_FIELDS.
-_ACT_SUMS = ("dev_norm", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_sum",
-             "mean_neg_sum", "mean_dev_norm")
+_ACT_SUMS = ("dev_norm", "nonzero", "max", "neg_max", "nonfinite", "mean_sum", "mean_dev_norm")
 
 
 @dataclass
@@ -448,13 +480,10 @@ class _ActivationBatch:
         nonfinite = _nonfinite_counts(xs) if exact else []
         scalars = _deviation_norms(xs, means, scratch or _Scratch())
         scalars += [*nonzero, *maxima, *neg_max, *nonfinite]
-        # sum(m) = sum|m| - 2 sum|min(m, 0)|: the multi-tensor reductions have no signed sum
-        abs_sum = torch._foreach_norm(means, 1)
-        neg_sum = torch._foreach_norm(torch._foreach_clamp_max(means, 0.0), 1)
-        centre = torch._foreach_div(torch._foreach_add(abs_sum, neg_sum, alpha=-2),
-                                    [float(p) for p in positions])
+        totals = _signed_sums(means)
+        centre = torch._foreach_div(totals, [float(p) for p in positions])
         torch._foreach_sub_(means, centre)
-        scalars += [*abs_sum, *neg_sum, *torch._foreach_norm(means, 2)]
+        scalars += [*totals, *_norms(means)]
         scalars += [p.saturated for p in pend if p.saturated is not None]
         where = sums.add(scalars)
         saturated, unit_max = {}, {}
@@ -499,7 +528,7 @@ def _activation_fields(s: dict[str, float], numel: int, positions: int, single: 
     sample_var = s["dev_norm"] ** 2 / numel
     var = sample_var + s["mean_dev_norm"] ** 2 / positions
     fields = {
-        "mean": (s["mean_abs_sum"] - 2 * s["mean_neg_sum"]) / positions, "var": var,
+        "mean": s["mean_sum"] / positions, "var": var,
         "min": -s["neg_max"], "max": s["max"], "zero_fraction": (numel - s["nonzero"]) / numel,
         "dead_units": dead, "saturation": saturation, "nonfinite": s["nonfinite"],
         "sample_var": var if single else sample_var,
@@ -642,9 +671,7 @@ def _weight_sums(sums: _DeviceSums, params: list[torch.Tensor], exact: bool = Fa
         # The spread about the mean, second pass: exact even when the mean dwarfs it.
         means = torch._foreach_div(totals, [float(w.numel()) for w in ws])
         if _one_at_a_time(ws):
-            scratch = _Scratch()
-            scratch.reserve(ws)
-            record(full, {"w_dev_norm": _deviation_norms(ws, means, scratch)})
+            record(full, {"w_dev_norm": _deviation_norms(ws, means, _Scratch())})
         else:
             for part in _chunks(ws, 2 * _flush_bytes(ws[0].device)):
                 record(full[part], {"w_dev_norm": _deviation_norms(ws[part], means[part],
