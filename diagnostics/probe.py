@@ -616,7 +616,6 @@ _WEIGHT_SUMS = {"w_sum": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w
                 "w_nonfinite": None}
 _GRAD_SUMS = {"g_norm": 0.0, "g_nonzero": 0.0, "g_nonfinite": None, "unit_diff": math.nan,
               "unit_max": math.nan}
-_PARAM_SUMS = {**_WEIGHT_SUMS, **_GRAD_SUMS}
 
 _Found = dict[str, list[tuple[int, int]]]  # sum name -> (parameter, host slot)
 
@@ -738,7 +737,7 @@ def _sums_table(found: _Found, count: int, host: _Host,
 
 def _param_fields(table: list[dict[str, float | None]],
                   numel: list[int]) -> list[dict[str, float]]:
-    """_PARAM_FIELDS from the sums of _PARAM_SUMS, per parameter."""
+    """_PARAM_FIELDS from the sums of _WEIGHT_SUMS and _GRAD_SUMS, per parameter."""
     rows = []
     for s, count in zip(table, numel, strict=True):
         n = max(count, 1)

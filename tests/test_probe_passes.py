@@ -70,7 +70,8 @@ def test_behind_a_zero_head_the_first_pass_gives_the_unblocked_gradients_unchang
         if want is not None:
             assert lp.activation.mean == pytest.approx(want["mean"], rel=1e-6, abs=1e-9)
             assert lp.activation.var == pytest.approx(want["var"], rel=1e-6, abs=1e-12)
-    hidden = [p for name, p in result.params.items() if name not in head and p.stats.shape == [16, 6]]
+    hidden = [p for name, p in result.params.items()
+              if name not in head and p.stats.shape == [16, 6]]
     assert hidden and all(p.stats.grad_norm > 0 for p in hidden)
 
 
