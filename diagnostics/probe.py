@@ -914,7 +914,8 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     # on the first backward given explicit gradients (torch.fx symbolic shapes, sympy: about
     # as long as the whole probe of a small model).
     loss = sum((o * c).sum() for o, c in zip(differentiable, cotangents, strict=True))
-    targets = None if plan.grads_of is None else [model.parameters[n] for n in plan.grads_of]
+    targets = None if plan.grads_of is None else [
+        model.parameters[n] for n in plan.grads_of if model.parameters[n].requires_grad]
     try:
         if targets is None or targets:  # an empty `inputs` would mean every leaf
             torch.autograd.backward([loss], inputs=targets)
