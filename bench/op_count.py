@@ -10,7 +10,8 @@ Phases, per exported variant (see phases.py): `module` (the eager nn.Module forw
 train mode, the reference), `plain` (the loaded model's own forward+backward) and `probe`.
 Ratio = probe ops / module ops; target <= 1.5. The probe batches its statistics by bytes, with
 a small batch on a CPU (memory) and a large one on a GPU (launches); `probe ops` counts the
-CPU setting, `gpu-batched` the same probe with the GPU's batch size — what a GPU launches, and
+CPU setting (statistics one tensor at a time), `gpu-batched` the same probe with the GPU's
+batch size and multi-tensor kernels — what a GPU launches, and
 what the target is judged on. "Kernel ops" leave out views, aliases and bare
 allocations (marked '*' in the listing), which launch nothing on a GPU.
 
@@ -98,13 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             drop_grads(model, None)
             probe = count_ops(phase_runner("probe", model=model, inputs=inputs, seed=args.seed))
             drop_grads(model, None)
-            budgets = probe_module._FLUSH_BYTES
-            saved, budgets["cpu"] = budgets["cpu"], budgets["cuda"]
+            # The GPU's settings on this CPU: its statistics batch and multi-tensor kernels.
+            budgets, per_tensor = probe_module._FLUSH_BYTES, probe_module._PER_TENSOR
+            saved = budgets["cpu"], per_tensor.get("cpu", False)
+            budgets["cpu"] = budgets["cuda"]
+            per_tensor["cpu"] = per_tensor.get("cuda", False)
             try:
                 gpu_batched = count_ops(phase_runner("probe", model=model, inputs=inputs,
                                                      seed=args.seed))
             finally:
-                budgets["cpu"] = saved
+                budgets["cpu"], per_tensor["cpu"] = saved
             drop_grads(model, None)
             module_total, plain_total, probe_total = (sum(c.values()) for c in
                                                       (module_ops, plain, probe))

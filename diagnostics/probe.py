@@ -47,7 +47,8 @@ class ParamProbe:
     layer: str
     # Largest difference between two output units' gradients relative to the largest
     # gradient entry, first pass. 0 means every unit receives the same update: symmetry
-    # can never break. None for parameters that are not a layer's weight.
+    # can never break. Measured for constant (and zero) layer weights only, the ones it
+    # judges; None for every other parameter.
     unit_spread: float | None
     unused: bool  # no gradient path from the output at all
 
@@ -185,9 +186,11 @@ class ProbeResult:
 # keeps a reference to its value (and computes the one per-value reduction that has no
 # multi-tensor form, the batch mean per position), and once the pending values hold
 # `_flush_bytes(device)`, or the pass ends, one set of multi-tensor (`torch._foreach_*`)
-# reductions measures them all. Parameters are measured the same way after the backward pass.
+# reductions measures them all. Gradients of the parameters are measured the same way after
+# the backward pass; the weights themselves once per probe, before the passes (they do not
+# depend on the batch: a flow pass would only measure them again).
 # Only sums, 2-norms and extremes are computed on the device; they reach the host in the
-# pass's single copy, where `_activation_fields`, `_gradient_rows` and `_param_rows` turn them
+# pass's single copy, where `_activation_fields`, `_gradient_rows` and `_param_fields` turn them
 # into the fields named by _ACT_FIELDS / _GRAD_FIELDS / _PARAM_FIELDS (a new field: a
 # reduction here, a formula there).
 
@@ -297,6 +300,114 @@ def _nonfinite_counts(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return torch._foreach_norm(torch._foreach_sub(xs, xs), 0, dtype=_F64)
 
 
+# On a CPU the statistics are measured one tensor at a time: there the multi-tensor kernels
+# other than max and the 2-norm take a per-element slow path, and each temporary copy is
+# mapped afresh from the kernel (its page faults cost more than the arithmetic), while a
+# single-tensor reduction (aminmax, sum, count_nonzero) reads its tensor once, with no copy,
+# and the few temporaries left go into one reused buffer. Per-tensor calls cost nothing on a
+# CPU; on a GPU each is a launch, so there the multi-tensor form stays.
+_PER_TENSOR = {"cpu": True}
+
+
+def _one_at_a_time(xs: Sequence[torch.Tensor]) -> bool:
+    return bool(xs) and _PER_TENSOR.get(xs[0].device.type, False)
+
+
+class _Scratch:
+    """A small reused buffer (one per dtype) for the temporaries of per-tensor statistics:
+    values are measured through it in blocks, so it stays in the cache and is mapped once."""
+
+    BLOCK = 1 << 18  # entries
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def block(self, rows: int, width: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < rows * width:
+            buffer = torch.empty(max(rows * width, self.BLOCK), dtype=dtype, device=device)
+            self._buffers[(dtype, device)] = buffer
+        return buffer[:rows * width].view(rows, width)
+
+
+def _extremes_and_nonzero(xs: list[torch.Tensor], exact: bool, count: bool = True) -> tuple[
+        list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per tensor: the maximum, minus the minimum, and (`count`) the number of non-zero
+    entries (NaN counts as non-zero where counted exactly; a fast pass that meets one is
+    measured again)."""
+    if _one_at_a_time(xs):
+        maxima, neg_minima = [], []
+        for x in xs:
+            low, high = torch.aminmax(x)
+            maxima.append(high)
+            neg_minima.append(torch.neg(low))
+        return maxima, neg_minima, _nonzero_counts(xs, exact) if count else []
+    neg_max, nonzero = _negated_max(xs, exact)
+    return list(torch._foreach_max(xs)), list(neg_max), list(nonzero)
+
+
+def _deviation_norms(xs: list[torch.Tensor], centres: Sequence[torch.Tensor],
+                     scratch: _Scratch) -> list[torch.Tensor]:
+    """The 2-norm of each x - centre, where the centre is a 0-d tensor, a tensor of x's shape,
+    or one of x.shape[1:] (a mean over the batch axis)."""
+    acc = _acc(xs)
+    if _one_at_a_time(xs):
+        return [_blocked_deviation_norm(x, c, scratch, acc) for x, c in zip(xs, centres,
+                                                                            strict=True)]
+    return list(torch._foreach_norm(torch._foreach_sub(xs, list(centres)), 2, dtype=acc))
+
+
+def _blocked_deviation_norm(x: torch.Tensor, centre: torch.Tensor, scratch: _Scratch,
+                            acc: torch.dtype | None) -> torch.Tensor:
+    """||x - centre||, block by block through the scratch buffer (no copy of x)."""
+    if centre.dim() == 0 or centre.shape == x.shape:
+        rows = x.reshape(1, -1)
+    else:
+        rows = x.reshape(x.shape[0], -1)
+    centre = centre.reshape(1, -1)
+    count, length = rows.shape
+    width = max(1, scratch.BLOCK // count)
+    dtype = torch.result_type(x, centre)
+    norms = []
+    for start in range(0, length, width):
+        stop = min(start + width, length)
+        out = scratch.block(count, stop - start, dtype, x.device)
+        part = centre if centre.shape[1] == 1 else centre[:, start:stop]
+        torch.sub(rows[:, start:stop], part, out=out)
+        norms.append(torch.linalg.vector_norm(out, 2, dtype=acc))
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
+def _norms(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm per tensor (a CPU's per-tensor reduction accumulates in blocks, the
+    multi-tensor kernel in one running sum)."""
+    if _one_at_a_time(xs):
+        return [torch.linalg.vector_norm(x, 2, dtype=_acc(xs)) for x in xs]
+    return list(torch._foreach_norm(xs, 2, dtype=_acc(xs)))
+
+
+def _signed_sums(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """sum(x) per tensor. The multi-tensor reductions have no signed sum: there it is
+    sum|x| - 2 sum|min(x, 0)|, exact to float32 rounding of the entries' magnitude."""
+    acc = _acc(xs)
+    if _one_at_a_time(xs):
+        return [x.sum(dtype=acc) for x in xs]
+    abs_sum = torch._foreach_norm(xs, 1, dtype=acc)
+    neg_sum = torch._foreach_norm(torch._foreach_clamp_max(xs, 0.0), 1, dtype=acc)
+    return list(torch._foreach_add(abs_sum, neg_sum, alpha=-2))
+
+
+def _nonzero_counts(xs: list[torch.Tensor], exact: bool) -> list[torch.Tensor]:
+    """Non-zero entries per tensor; an `exact` count also counts NaN (sign(NaN) is 0)."""
+    if _one_at_a_time(xs):
+        return [torch.count_nonzero(x) for x in xs]
+    if exact:
+        return list(torch._foreach_norm(xs, 0, dtype=_F64))
+    signs = torch._foreach_sign(xs)
+    return list(torch._foreach_powsum(signs, 2, dtype=_acc(xs)))
+
+
 def _count_or_unknown(exact_count: float | None, *sums: float) -> float:
     if exact_count is not None:
         return exact_count
@@ -344,8 +455,7 @@ def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _
 
 
 # Per-value sums measured on the device; `_activation_fields` turns them into _ACT_FIELDS.
-_ACT_SUMS = ("dev_norm", "nonzero", "max", "neg_max", "nonfinite", "mean_abs_sum",
-             "mean_neg_sum", "mean_dev_norm")
+_ACT_SUMS = ("dev_norm", "nonzero", "max", "neg_max", "nonfinite", "mean_sum", "mean_dev_norm")
 
 
 @dataclass
@@ -362,24 +472,21 @@ class _ActivationBatch:
     unit_max: dict[int, tuple[int, int]]  # position in the batch -> (host offset, units)
 
     @staticmethod
-    def measure(sums: _DeviceSums, pend: list[_PendingActivation],
-                exact: bool = False) -> _ActivationBatch:
+    def measure(sums: _DeviceSums, pend: list[_PendingActivation], exact: bool = False,
+                scratch: _Scratch | None = None) -> _ActivationBatch:
         """Moments from sums of squared deviations (two passes, as exact as float32 allows
         even when the mean dwarfs the spread); the batch means are centred in place."""
         xs = [p.value for p in pend]
         means = [p.batch_mean for p in pend]
         positions = [m.numel() for m in means]
-        neg_max, nonzero = _negated_max(xs, exact)
+        maxima, neg_max, nonzero = _extremes_and_nonzero(xs, exact)
         nonfinite = _nonfinite_counts(xs) if exact else []
-        scalars = list(torch._foreach_norm(torch._foreach_sub(xs, means), 2, dtype=_acc(xs)))
-        scalars += [*nonzero, *torch._foreach_max(xs), *neg_max, *nonfinite]
-        # sum(m) = sum|m| - 2 sum|min(m, 0)|: the multi-tensor reductions have no signed sum
-        abs_sum = torch._foreach_norm(means, 1)
-        neg_sum = torch._foreach_norm(torch._foreach_clamp_max(means, 0.0), 1)
-        centre = torch._foreach_div(torch._foreach_add(abs_sum, neg_sum, alpha=-2),
-                                    [float(p) for p in positions])
+        scalars = _deviation_norms(xs, means, scratch or _Scratch())
+        scalars += [*nonzero, *maxima, *neg_max, *nonfinite]
+        totals = _signed_sums(means)
+        centre = torch._foreach_div(totals, [float(p) for p in positions])
         torch._foreach_sub_(means, centre)
-        scalars += [*abs_sum, *neg_sum, *torch._foreach_norm(means, 2)]
+        scalars += [*totals, *_norms(means)]
         scalars += [p.saturated for p in pend if p.saturated is not None]
         where = sums.add(scalars)
         saturated, unit_max = {}, {}
@@ -424,7 +531,7 @@ def _activation_fields(s: dict[str, float], numel: int, positions: int, single: 
     sample_var = s["dev_norm"] ** 2 / numel
     var = sample_var + s["mean_dev_norm"] ** 2 / positions
     fields = {
-        "mean": (s["mean_abs_sum"] - 2 * s["mean_neg_sum"]) / positions, "var": var,
+        "mean": s["mean_sum"] / positions, "var": var,
         "min": -s["neg_max"], "max": s["max"], "zero_fraction": (numel - s["nonzero"]) / numel,
         "dead_units": dead, "saturation": saturation, "nonfinite": s["nonfinite"],
         "sample_var": var if single else sample_var,
@@ -506,66 +613,92 @@ def _first_unit(g: torch.Tensor, point: ProbePoint) -> tuple[torch.Tensor, torch
 
 # Per-parameter sums; a parameter that lacks one (empty, no gradient, not a layer weight)
 # reads the default. The non-finite counts are measured only by an `exact` pass.
-_PARAM_SUMS = {"w_abs": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
-               "w_neg_sum": 0.0, "w_nonfinite": None, "g_norm": 0.0, "g_nonzero": 0.0,
-               "g_nonfinite": None, "unit_diff": math.nan, "unit_max": math.nan}
+# The weights' sums do not depend on the batch: the probe measures them once, before the
+# passes (`_measure_weights`); a pass measures only the gradients.
+_WEIGHT_SUMS = {"w_sum": 0.0, "w_norm": 0.0, "w_dev_norm": 0.0, "w_max": 0.0, "w_neg_max": 0.0,
+                "w_nonfinite": None}
+_GRAD_SUMS = {"g_norm": 0.0, "g_nonzero": 0.0, "g_nonfinite": None, "unit_diff": math.nan,
+              "unit_max": math.nan}
+
+_Found = dict[str, list[tuple[int, int]]]  # sum name -> (parameter, host slot)
 
 
-def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.Tensor | None],
-                owners: list[ProbePoint | None],
-                exact: bool = False) -> dict[str, list[tuple[int, int]]]:
-    """Queue every parameter's sums; returns, per key of _PARAM_SUMS, (parameter, host slot).
-    Reductions that read a tensor as it is run once over the whole list; those that need a
-    temporary copy run over chunks."""
-    found: dict[str, list[tuple[int, int]]] = {k: [] for k in _PARAM_SUMS}
-
+def _recorder(sums: _DeviceSums, found: _Found):  # noqa: ANN202 - a small closure
     def record(where: list[int], columns: dict[str, Sequence[torch.Tensor]]) -> None:
         slots = sums.add([v for values in columns.values() for v in values])
         offset = slots.start
         for key, values in columns.items():
-            found[key].extend(zip(where, range(offset, offset + len(values)), strict=True))
+            found.setdefault(key, []).extend(zip(where, range(offset, offset + len(values)),
+                                                 strict=True))
             offset += len(values)
+    return record
 
-    # Parameters are all alive anyway: only the temporary copies (negative parts, deviations,
-    # unit differences) are made in chunks.
-    copy_bytes = 2 * _flush_bytes(params[0].device)
+
+def _weight_sums(sums: _DeviceSums, params: list[torch.Tensor], exact: bool = False) -> _Found:
+    """Queue every weight's sums (keys of _WEIGHT_SUMS). On a GPU, reductions that read a tensor
+    as it is run once over the whole list and those that need a temporary copy run over chunks
+    (the parameters are all alive anyway: only the copies count against the memory); on a CPU,
+    one tensor at a time (see _PER_TENSOR)."""
+    found: _Found = {}
+    record = _recorder(sums, found)
+    full = [i for i, p in enumerate(params) if p.numel()]
+    ws = [params[i] for i in full]
+    if not ws:
+        return found
+    acc = _acc(ws)
     with torch.no_grad():
-        full = [i for i, p in enumerate(params) if p.numel()]
-        ws = [params[i] for i in full]
-        acc = _acc(ws)
-        if ws:
-            w_abs = torch._foreach_norm(ws, 1, dtype=acc)
-            record(full, {"w_abs": w_abs, "w_max": torch._foreach_max(ws),
-                          "w_norm": torch._foreach_norm(ws, 2, dtype=acc)})
-        neg_sums: list[torch.Tensor] = []
-        for part in _chunks(ws, copy_bytes):
-            neg = torch._foreach_neg(ws[part])
-            columns = {"w_neg_max": torch._foreach_max(neg)}
-            torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
-            columns["w_neg_sum"] = torch._foreach_norm(neg, 1, dtype=acc)
-            neg_sums += columns["w_neg_sum"]
-            del neg
+        record(full, {"w_norm": torch._foreach_norm(ws, 2, dtype=acc)})
+        if _one_at_a_time(ws):
+            maxima, neg_minima, _ = _extremes_and_nonzero(ws, exact, count=False)
+            totals = [w.sum(dtype=acc) for w in ws]
+            record(full, {"w_max": maxima, "w_neg_max": neg_minima, "w_sum": totals})
             if exact:
-                columns["w_nonfinite"] = _nonfinite_counts(ws[part])
-            record(full[part], columns)
-        if ws:  # the spread about the mean, second pass: exact even when the mean dwarfs it
-            means = torch._foreach_div(torch._foreach_add(w_abs, neg_sums, alpha=-2),
-                                       [float(w.numel()) for w in ws])
-        for part in _chunks(ws, copy_bytes):
-            deviations = torch._foreach_sub(ws[part], means[part])
-            record(full[part], {"w_dev_norm": torch._foreach_norm(deviations, 2, dtype=acc)})
-            del deviations
+                record(full, {"w_nonfinite": _nonfinite_counts(ws)})
+        else:
+            copy_bytes = 2 * _flush_bytes(ws[0].device)
+            w_abs = torch._foreach_norm(ws, 1, dtype=acc)
+            record(full, {"w_max": torch._foreach_max(ws)})
+            neg_sums: list[torch.Tensor] = []
+            for part in _chunks(ws, copy_bytes):
+                neg = torch._foreach_neg(ws[part])
+                columns = {"w_neg_max": torch._foreach_max(neg)}
+                torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
+                neg_sums += torch._foreach_norm(neg, 1, dtype=acc)
+                del neg
+                if exact:
+                    columns["w_nonfinite"] = _nonfinite_counts(ws[part])
+                record(full[part], columns)
+            totals = list(torch._foreach_add(w_abs, neg_sums, alpha=-2))
+            record(full, {"w_sum": totals})
+        # The spread about the mean, second pass: exact even when the mean dwarfs it.
+        means = torch._foreach_div(totals, [float(w.numel()) for w in ws])
+        if _one_at_a_time(ws):
+            record(full, {"w_dev_norm": _deviation_norms(ws, means, _Scratch())})
+        else:
+            for part in _chunks(ws, 2 * _flush_bytes(ws[0].device)):
+                record(full[part], {"w_dev_norm": _deviation_norms(ws[part], means[part],
+                                                                   _Scratch())})
+    return found
+
+
+def _grad_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+               owners: list[ProbePoint | None], spread_of: set[int] | None = None,
+               exact: bool = False) -> _Found:
+    """Queue every gradient's sums and, for the parameters in `spread_of` (None: all) that are a
+    layer's weight, the unit spread (keys of _GRAD_SUMS)."""
+    found: _Found = {}
+    record = _recorder(sums, found)
+    with torch.no_grad():
         with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
         gs = [grads[i] for i in with_grad]
         if gs:
+            copy_bytes = 2 * _flush_bytes(gs[0].device)  # type: ignore[union-attr]
             record(with_grad, {"g_norm": torch._foreach_norm(gs, 2, dtype=_acc(gs))})
-        for part in _chunks(gs, copy_bytes):  # type: ignore[arg-type]
-            if exact:  # sign(NaN) is 0: the 0-norm counts NaN as non-zero
-                columns = {"g_nonzero": torch._foreach_norm(gs[part], 0, dtype=_F64)}
-            else:
-                signs = torch._foreach_sign(gs[part])
-                columns = {"g_nonzero": torch._foreach_powsum(signs, 2, dtype=_acc(gs))}
-                del signs
+        # One chunk on a CPU: it counts without a copy.
+        chunks = [slice(0, len(gs))] if _one_at_a_time(gs) else (  # type: ignore[arg-type]
+            _chunks(gs, copy_bytes) if gs else ())  # type: ignore[arg-type]
+        for part in chunks:
+            columns = {"g_nonzero": _nonzero_counts(gs[part], exact)}  # type: ignore[arg-type]
             if exact:
                 columns["g_nonfinite"] = _nonfinite_counts(gs[part])
             record(with_grad[part], columns)
@@ -574,17 +707,17 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
         units, firsts, where = [], [], []
         for i, (p, g, owner) in enumerate(zip(params, grads, owners, strict=True)):
             rows = _unit_rows(p.shape, owner)
-            if rows is None or rows < 2:
+            if rows is None or rows < 2 or (spread_of is not None and i not in spread_of):
                 continue
             if g is None or not g.numel():
-                found["unit_diff"].append((i, -1))  # no gradient: spread 0
-                found["unit_max"].append((i, -1))
+                found.setdefault("unit_diff", []).append((i, -1))  # no gradient: spread 0
+                found.setdefault("unit_max", []).append((i, -1))
                 continue
             u, first = _first_unit(g, owner)  # type: ignore[arg-type]
             units.append(u)
             firsts.append(first)
             where.append(i)
-        for part in _chunks(units, copy_bytes):
+        for part in _chunks(units, 2 * _flush_bytes(units[0].device)) if units else ():
             diffs = torch._foreach_sub(units[part], firsts[part])
             torch._foreach_abs_(diffs)
             columns = {"unit_diff": torch._foreach_max(diffs)}
@@ -596,17 +729,22 @@ def _param_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch
     return found
 
 
-def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
-                host: _Host) -> list[dict[str, float]]:
-    table: list[dict[str, float | None]] = [dict(_PARAM_SUMS) for _ in numel]
+def _sums_table(found: _Found, count: int, host: _Host,
+                defaults: dict[str, float | None]) -> list[dict[str, float | None]]:
+    table: list[dict[str, float | None]] = [dict(defaults) for _ in range(count)]
     for key, slots in found.items():
         for i, slot in slots:
             table[i][key] = 0.0 if slot < 0 else host[slot]
+    return table
+
+
+def _param_fields(table: list[dict[str, float | None]],
+                  numel: list[int]) -> list[dict[str, float]]:
+    """_PARAM_FIELDS from the sums of _WEIGHT_SUMS and _GRAD_SUMS, per parameter."""
     rows = []
     for s, count in zip(table, numel, strict=True):
         n = max(count, 1)
-        total = s["w_abs"] - 2 * s["w_neg_sum"]
-        mean = total / count if count else math.nan
+        mean = s["w_sum"] / count if count else math.nan
         std = s["w_dev_norm"] / math.sqrt(count) if count else math.nan
         wnorm, gnorm = s["w_norm"], s["g_norm"]
         if wnorm > 0:
@@ -626,11 +764,28 @@ def _param_rows(found: dict[str, list[tuple[int, int]]], numel: list[int],
     return rows
 
 
+def _measure_weights(params: list[torch.Tensor]) -> list[dict[str, float | None]]:
+    """The weights' sums (_WEIGHT_SUMS), in one host copy before the passes; measured again
+    with exact non-finite counts when a sum says there are some."""
+    for exact in (False, True):
+        sums = _DeviceSums()
+        found = _weight_sums(sums, params, exact)
+        table = _sums_table(found, len(params), sums.fetch(), _WEIGHT_SUMS)
+        fields = _param_fields([{**_GRAD_SUMS, **s} for s in table], [p.numel() for p in params])
+        if not any(math.isnan(f["nonfinite"]) for f in fields):
+            break
+    return table
+
+
 def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | None,
                exact: bool = True) -> torch.Tensor:
     sums = _DeviceSums()
-    found = _param_sums(sums, [p], [grad], [owner], exact)
-    row = _param_rows(found, [p.numel()], sums.fetch())[0]
+    weight_found = _weight_sums(sums, [p], exact)
+    grad_found = _grad_sums(sums, [p], [grad], [owner], None, exact)
+    host = sums.fetch()
+    table = [{**_sums_table(weight_found, 1, host, _WEIGHT_SUMS)[0],
+              **_sums_table(grad_found, 1, host, _GRAD_SUMS)[0]}]
+    row = _param_fields(table, [p.numel()])[0]
     return torch.tensor([row[f] for f in _PARAM_FIELDS], dtype=_F64)
 
 
@@ -653,9 +808,13 @@ class _Collector:
     TorchScript graph kept) or when a non-finite sum says there are entries to count.
     """
 
-    def __init__(self, sums: _DeviceSums, exact: bool = False) -> None:
+    def __init__(self, sums: _DeviceSums, exact: bool = False, activations: bool = True,
+                 gradients: bool = True) -> None:
         self.sums = sums
         self.exact = exact
+        self.activations = activations  # measure the tapped values
+        self.gradients = gradients  # measure their gradients
+        self._scratch = _Scratch()  # reused by every flush of the pass
         self.sizes: dict[int, tuple[int, int]] = {}  # (units, numel), from shapes: no sync
         self.stale = False  # a pending value changed before it was measured
         self._acts: list[_PendingActivation] = []
@@ -668,13 +827,15 @@ class _Collector:
     def tap(self, point: ProbePoint, value: torch.Tensor) -> None:
         if not value.is_floating_point() or value.numel() == 0:
             return
+        units = value.shape[point.channel_axis] if value.dim() >= 2 else 1
+        self.sizes[point.index] = (int(units), value.numel())
+        if self.gradients and value.requires_grad:
+            value.register_hook(lambda g, i=point.index: self._on_grad(i, g))
+        if not self.activations:
+            return
         with torch.no_grad():
             self._acts.append(_pending_activation(point.index, value, point))
         self._act_bytes += _bytes(value)
-        units = value.shape[point.channel_axis] if value.dim() >= 2 else 1
-        self.sizes[point.index] = (int(units), value.numel())
-        if value.requires_grad:
-            value.register_hook(lambda g, i=point.index: self._on_grad(i, g))
         if self.exact or self._act_bytes >= _flush_bytes(value.device):
             self.flush_activations()
 
@@ -690,7 +851,8 @@ class _Collector:
         pend, self._acts, self._act_bytes = self._acts, [], 0
         self.stale |= any(p.value._version != p.version for p in pend)
         with torch.no_grad():
-            self._act_batches.append(_ActivationBatch.measure(self.sums, pend, self.exact))
+            self._act_batches.append(_ActivationBatch.measure(self.sums, pend, self.exact,
+                                                              self._scratch))
 
     def flush_gradients(self) -> None:
         if not self._grads:
@@ -711,12 +873,27 @@ class _Collector:
         return _gradient_rows(self._grad_batches, {i: s[1] for i, s in self.sizes.items()}, host)
 
 
+@dataclass(frozen=True)
+class _PassPlan:
+    """What one pass measures. Alone, a pass measures everything. Before a flow pass, the
+    first pass measures the activations as initialised and only the gradients the flow pass
+    cannot stand for: the unblocked tensors' own and the constant weights' (their unit spread),
+    so its backward stops where those are reached (behind a zero head: at once). The flow pass
+    measures gradients only."""
+
+    activations: bool = True
+    tap_gradients: bool = True
+    grads_of: tuple[str, ...] | None = None  # the parameters to backpropagate to; None: all
+    spread_of: frozenset[str] = frozenset()  # the weights whose unit spread is measured
+
+
 def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
-              owners: dict[str, ProbePoint], exact: bool = False) -> _PassResult:
+              owners: dict[str, ProbePoint], weights: list[dict[str, float | None]],
+              plan: _PassPlan, exact: bool = False) -> _PassResult:
     for p in model.parameters.values():
         p.grad = None
     sums = _DeviceSums()
-    collector = _Collector(sums, exact)
+    collector = _Collector(sums, exact, plan.activations, plan.tap_gradients)
     outputs = model.run(inputs, tap=collector.tap)
     collector.flush_activations()  # before the backward pass: the pending values can go
     differentiable = [o for o in outputs if o.is_floating_point() and o.requires_grad]
@@ -728,7 +905,8 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
         )
     # Largest difference of any output from the first sample's: 0 when every sample gives the
     # same output (the network no longer depends on its input).
-    batched = [o.detach() for o in differentiable if o.dim() > 0 and o.shape[0] > 1]
+    batched = [o.detach() for o in differentiable if o.dim() > 0 and o.shape[0] > 1
+               and plan.activations]
     spread = sums.add([torch.stack([(o - o[:1]).abs().amax().float() for o in batched]).amax()]
                       ) if batched else None
     gen = torch.Generator().manual_seed(seed + 1)
@@ -739,22 +917,28 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     # on the first backward given explicit gradients (torch.fx symbolic shapes, sympy: about
     # as long as the whole probe of a small model).
     loss = sum((o * c).sum() for o, c in zip(differentiable, cotangents, strict=True))
+    targets = None if plan.grads_of is None else [
+        model.parameters[n] for n in plan.grads_of if model.parameters[n].requires_grad]
     try:
-        torch.autograd.backward([loss])
+        if targets is None or targets:  # an empty `inputs` would mean every leaf
+            torch.autograd.backward([loss], inputs=targets)
     except RuntimeError as exc:
         raise ProbeError(f"backward pass failed: {str(exc).splitlines()[0]}") from None
     collector.flush_gradients()
     if collector.stale and not exact:
         # A value changed in place after its tap: measure again, each value as it comes.
-        return _one_pass(model, inputs, seed, owners, exact=True)
+        return _one_pass(model, inputs, seed, owners, weights, plan, exact=True)
 
     names = list(model.parameters)
     tensors = list(model.parameters.values())
-    found = _param_sums(sums, tensors, [p.grad for p in tensors], [owners.get(n) for n in names],
-                        exact)
+    spread_of = {i for i, n in enumerate(names) if n in plan.spread_of}
+    found = _grad_sums(sums, tensors, [p.grad for p in tensors], [owners.get(n) for n in names],
+                       spread_of, exact)
     unused = {n for n, p in model.parameters.items() if p.grad is None}
     host = sums.fetch()  # the single device-to-host copy of the pass
-    params = dict(zip(names, _param_rows(found, [p.numel() for p in tensors], host), strict=True))
+    table = [{**w, **g} for w, g in zip(weights, _sums_table(found, len(names), host, _GRAD_SUMS),
+                                        strict=True)]
+    params = dict(zip(names, _param_fields(table, [p.numel() for p in tensors]), strict=True))
     varies = spread is None or not host[spread.start] == 0  # NaN counts as varying
     result = _PassResult(collector.activation_rows(host), collector.sizes,
                          collector.gradient_rows(host), params, unused, varies)
@@ -763,7 +947,7 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     counts += [r["nonfinite_grad"] for r in result.params.values()]
     if not exact and any(math.isnan(c) for c in counts):
         # Non-finite entries somewhere: measure again, counting them.
-        return _one_pass(model, inputs, seed, owners, exact=True)
+        return _one_pass(model, inputs, seed, owners, weights, plan, exact=True)
     return result
 
 
@@ -785,13 +969,14 @@ def _layer_of(model: LoadedModel) -> dict[str, str]:
     return layer
 
 
-def _blocking_zeros(model: LoadedModel, first: _PassResult) -> list[tuple[str, ProbePoint]]:
+def _blocking_zeros(model: LoadedModel,
+                    weights: dict[str, dict[str, float]]) -> list[tuple[str, ProbePoint]]:
     """Zero weights (linear layers) and zero scales (norm layers) that stop gradients."""
     found = []
     for point in model.probe_points:
         if point.role not in ("linear", "norm") or not point.weight:
             continue
-        stats = first.params.get(point.weight)
+        stats = weights.get(point.weight)
         if stats and stats["abs_max"] == 0:
             found.append((point.weight, point))
     return found
@@ -807,9 +992,23 @@ def _unblocked_value(param: torch.Tensor, point: ProbePoint, seed: int) -> torch
 
 def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> ProbeResult:
     owners = _weight_owners(model)
-    first = _one_pass(model, inputs, seed, owners)
+    names = list(model.parameters)
+    weights = _measure_weights(list(model.parameters.values()))
+    weight_fields = dict(zip(names, _param_fields(
+        [{**_GRAD_SUMS, **w} for w in weights], [p.numel() for p in model.parameters.values()]),
+        strict=True))
+    # Only a constant (or zero) weight is judged by its unit spread: units that start equal
+    # stay equal when their updates are equal.
+    constant = frozenset(n for n in owners if n in weight_fields and weight_fields[n]["constant"])
+    zeros = _blocking_zeros(model, weight_fields)
+    if zeros:
+        own_grads = {name for name, _ in zeros} | constant
+        plan = _PassPlan(tap_gradients=False, spread_of=constant,
+                         grads_of=tuple(n for n in names if n in own_grads))
+    else:
+        plan = _PassPlan(spread_of=constant)
+    first = _one_pass(model, inputs, seed, owners, weights, plan)
     flow, unblocked = first, []
-    zeros = _blocking_zeros(model, first)
     if zeros:
         saved = {}
         with torch.no_grad():
@@ -818,7 +1017,8 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
                 saved[name] = param.detach().clone()
                 param.copy_(_unblocked_value(param, point, seed))
         try:
-            flow = _one_pass(model, inputs, seed, owners)
+            flow = _one_pass(model, inputs, seed, owners, weights,
+                             _PassPlan(activations=False))
         finally:
             with torch.no_grad():
                 for name, value in saved.items():
