@@ -65,12 +65,12 @@ tests)
     ;;
 overhead)
     step overhead 100 $PY bench/probe_overhead.py --device cuda --check --batch 8 --warmup 5 \
-        --repeat 20
+        --repeat ${OVERHEAD_REPEAT:-20}
     grep -v "repetition" "$OUT/overhead.log" | grep -v "^BENCH" | tail -8
     ;;
 profile)
     step profile 90 $PY bench/probe_profile.py --device cuda --variant torchscript --batch 8
-    grep -E "^## |^resnet" "$OUT/profile.log"
+    grep -E "^## |^resnet|Self CPU time total|Self CUDA time total" "$OUT/profile.log"
     ;;
 overhead64)
     step overhead64 120 $PY bench/probe_overhead.py --device cuda --batch 64 --warmup 3 \
@@ -86,7 +86,7 @@ big)
     sed -n '/^| model/,$p' "$OUT/big.log"
     ;;
 parity)
-    step parity 130 $PY bench/gpu_parity.py --families resnet18 efficientnet vit bert gpt2 llama
+    step parity 130 $PY bench/gpu_parity.py --families ${PARITY_FAMILIES:-resnet18 efficientnet vit bert gpt2 llama}
     grep -E "DIFFERENT|error|cases with" "$OUT/parity.log" | tail -12
     ;;
 decoder)
