@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator
 
@@ -9,7 +10,8 @@ from gradprobe.diagnostics.init_schemes import scheme_for
 from gradprobe.diagnostics.probe import ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
-from gradprobe.diagnostics.rules.depth_trend import Trend, depth_layers, first_beyond, fit
+from gradprobe.diagnostics.rules.depth_trend import (Trend, depth_layers, first_beyond, fit,
+                                                       norm_free_runs)
 
 _INIT_CODE = {
     "he_normal": 'nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")',
@@ -35,11 +37,16 @@ class ActivationTrendRule(Rule):
     defaults = {"decades": 3.0, "error_decades": 8.0}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
-        layers = depth_layers(probe, "activation")
-        trend = fit(layers, [lp.activation.var for lp in layers])  # type: ignore[union-attr]
+        trend, decades = None, -math.inf
+        for run in norm_free_runs(probe, depth_layers(probe, "activation")):
+            found = fit(run, [lp.activation.var for lp in run])  # type: ignore[union-attr]
+            if found is None:
+                continue
+            moved = found.decades if self.direction == "up" else -found.decades
+            if moved > decades:
+                trend, decades = found, moved
         if trend is None:
             return
-        decades = trend.decades if self.direction == "up" else -trend.decades
         if decades < self.t["decades"]:
             return
         severity = Severity.ERROR if decades >= self.t["error_decades"] else None

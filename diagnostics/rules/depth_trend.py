@@ -69,7 +69,9 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     Only geometric drift is a trend; exact zeros have causes other rules name. Activations: a
     zero or constant weight that can train (zero head) is left out, and the trend ends at one
     that cannot, or where the signal no longer depends on the input (a dead layer upstream).
-    Gradients: the trend is measured behind the last layer whose gradient is exactly zero."""
+    Gradients: the trend is measured behind the last layer whose gradient is exactly zero.
+    A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the axis:
+    no init sets its scale."""
     # Positions per unit (samples x pixels or tokens): in a network that has spatial layers, a
     # layer that sees only one position per sample sits behind a global pool — a squeeze-excite
     # branch or the head — where every per-entry value is summed over the positions it pooled.
@@ -82,6 +84,8 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
             continue
         if lp.point.is_embedding or probe.normalised_before_next_layer(lp):
             continue  # a lookup has no depth; a norm restores its scale before the next layer
+        if not lp.point.weight:
+            continue  # a fixed transform (csatv2's DCT stem): no init sets its scale
         if spatial and lp.activation is not None and _positions(lp) <= fewest:
             continue  # a pooled side path (squeeze-excite) or the head of a spatial network
         if signal == "activation":
@@ -107,3 +111,18 @@ def _positions(lp: LayerProbe) -> float:
     act = lp.activation
     return act.numel / max(act.units, 1) if act is not None else 0.0
 
+
+
+def norm_free_runs(probe: ProbeResult, layers: list[LayerProbe]) -> list[list[LayerProbe]]:
+    """`layers` cut wherever a normalisation is probed between two of them: a norm sets the
+    scale of what follows it, so an activation variance falling from the layers before it to
+    the layers after it is not a decay the network carries (csatv2: a DCT stem's parallel 1x1
+    convs, then a LayerNorm, then a 0.02-init residual branch)."""
+    norms = [lp.point.index for lp in probe.of_role("norm")]
+    runs: list[list[LayerProbe]] = []
+    for lp in layers:
+        if runs and not any(runs[-1][-1].point.index < i < lp.point.index for i in norms):
+            runs[-1].append(lp)
+        else:
+            runs.append([lp])
+    return runs

@@ -1,0 +1,93 @@
+"""Two false alarms from the hub sweep, on models built here.
+
+- csatv2 (timm): a fixed DCT stem (a matrix no init sets), then a LayerNorm, then a 0.02-init
+  branch. An activation-variance line fitted across all of it "vanished"; a fixed transform is
+  no depth step and a norm resets the scale, so the trend is fitted between norms, over layers
+  with trainable weights only. A decay inside one norm-free run is still found.
+- VITS (transformers): the waveform tanh is the network's output and 76% saturated at init; the
+  loss acts on it directly and training pulls it into range (0% after 50 steps), so it is info.
+  The same tanh with a layer after it still blocks that layer's gradient: a warning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from zoo import export_torchscript
+
+from gradprobe.diagnostics.api import diagnose
+from gradprobe.diagnostics.options import DiagnoseOptions
+
+
+def _lint(model: nn.Module, example: torch.Tensor, tmp_path):
+    with torch.no_grad():
+        export_torchscript(model, (example,), tmp_path / "m.pt")
+    return diagnose(str(tmp_path / "m.pt"), DiagnoseOptions(input_shapes=[list(example.shape)]))
+
+
+def _rules(report, severity: str | None = None) -> list[str]:
+    return [f.rule for f in report.findings
+            if (f.severity.value == severity if severity else f.severity.value != "info")]
+
+
+class FixedStemThenBranch(nn.Module):
+    """x @ (30 * DCT-like fixed matrix) -> linear -> LayerNorm -> fc1 (0.02) -> GELU -> fc2
+    (0.02), optionally followed by a plain stack that does decay."""
+
+    def __init__(self, decaying_tail: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("transform", 30.0 * torch.linalg.qr(torch.randn(32, 32))[0])
+        self.proj = nn.Linear(32, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc1, self.fc2 = nn.Linear(32, 128), nn.Linear(128, 32)
+        for m in (self.fc1, self.fc2):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        self.tail = nn.Sequential(*[nn.Linear(32, 32) for _ in range(8)]) if decaying_tail \
+            else nn.Identity()
+        if decaying_tail:
+            for m in self.tail:
+                nn.init.normal_(m.weight, std=0.05)  # 0.4x Xavier's std: x0.08 per layer
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.proj(nn.functional.linear(x, self.transform)))
+        return self.tail(self.fc2(nn.functional.gelu(self.fc1(h))))
+
+
+def test_a_fixed_stem_and_a_norm_reset_are_not_a_vanishing_trend(tmp_path):
+    torch.manual_seed(0)
+    report = _lint(FixedStemThenBranch(), torch.randn(4, 32), tmp_path)
+    assert "vanishing-activations" not in _rules(report) + _rules(report, "info")
+
+
+def test_a_decay_between_norms_is_still_found(tmp_path):
+    torch.manual_seed(0)
+    report = _lint(FixedStemThenBranch(decaying_tail=True), torch.randn(4, 32), tmp_path)
+    found = [f for f in report.findings if f.rule == "vanishing-activations"]
+    assert found and found[0].severity.value in ("warning", "error")
+    assert all(not n.startswith("proj") for n in found[0].parameters), found[0].parameters
+
+
+class TanhOut(nn.Module):
+    """A linear layer too large for the tanh after it (pre-activations of std ~5)."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        self.body = nn.Linear(32, 32)
+        nn.init.normal_(self.body.weight, std=5.0 / 32**0.5)
+        self.head = nn.Linear(32, 4) if head else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_a_saturated_output_tanh_is_info_and_inside_the_network_a_warning(tmp_path):
+    torch.manual_seed(0)
+    out = _lint(TanhOut(head=False), torch.randn(64, 32), tmp_path)
+    assert "saturated-activation" not in _rules(out)
+    info = [f for f in out.findings if f.rule == "saturated-activation"]
+    assert info and "network's output" in info[0].message and info[0].evidence["saturation"] > 0.5
+    torch.manual_seed(0)
+    inner = _lint(TanhOut(head=True), torch.randn(64, 32), tmp_path)
+    assert "saturated-activation" in _rules(inner, "warning")
