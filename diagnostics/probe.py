@@ -175,7 +175,8 @@ class ProbeResult:
         if param is None or act is None or not fan_in or layer.point.is_embedding:
             return None
         s = param.stats
-        if s.nonfinite or s.constant or not s.std > 0 or act.nonfinite or not math.isfinite(act.var):
+        if s.nonfinite or s.constant or not s.std > 0 or act.nonfinite \
+                or not math.isfinite(act.var):
             return None
         return act.var / (fan_in * s.std**2)
 

@@ -47,8 +47,8 @@ class InitScale(Rule):
     input and no later normalisation's output may recover (a LayerNorm or residual path that
     restores the scale keeps the rule silent; what a later layer was fed is also read off its own
     output, Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
-    RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph), and the layers after the last normalisation (the
-    head: small logits are a deliberate start) are not judged for a shrink. A too-large weight
+    RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
+    and the layers after the last normalisation (the head: small logits are a deliberate start) are not judged for a shrink. A too-large weight
     whose distortion a norm restores is still a defect when its weight variance and its output
     variance are both `weight_factor` times the median of its peers' (the same layer in the other
     blocks: the same weight name up to its numbers, the same shape). Measured on 130 healthy
