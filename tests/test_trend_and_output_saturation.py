@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 from zoo import export_torchscript
@@ -58,6 +61,25 @@ class FixedStemThenBranch(nn.Module):
 def test_a_fixed_stem_and_a_norm_reset_are_not_a_vanishing_trend(tmp_path):
     torch.manual_seed(0)
     report = _lint(FixedStemThenBranch(), torch.randn(4, 32), tmp_path)
+    assert "vanishing-activations" not in _rules(report) + _rules(report, "info")
+
+
+@pytest.mark.slow
+def test_a_fixed_matrix_in_a_dynamo_export_is_no_weight(tmp_path):
+    """The dynamo exporter stores the buffer as an initializer like any weight; its FX metadata
+    says it is a buffer (`%b_transform`), so the layer has no weight, as in TorchScript."""
+    from gradprobe.diagnostics.loaders import load_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(FixedStemThenBranch(), (torch.randn(4, 32),), str(tmp_path / "m.onnx"),
+                          dynamo=True, verbose=False)
+    points = [p for p in load_model(tmp_path / "m.onnx", None, name="").probe_points
+              if p.role == "linear"]
+    assert points[0].weight is None and points[0].parameters, points[0]
+    assert all(p.weight for p in points[1:]), points
+    report = diagnose(str(tmp_path / "m.onnx"), DiagnoseOptions(batch_size=4))
     assert "vanishing-activations" not in _rules(report) + _rules(report, "info")
 
 
