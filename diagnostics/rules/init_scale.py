@@ -48,7 +48,8 @@ class InitScale(Rule):
     restores the scale keeps the rule silent; what a later layer was fed is also read off its own
     output, Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
     RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
-    and the layers after the last normalisation (the head: small logits are a deliberate start) are not judged for a shrink. A too-large weight
+    and the layers after the last normalisation (the head: small logits are a deliberate start)
+    are not judged for a shrink. A too-large weight
     whose distortion a norm restores is still a defect when its weight variance and its output
     variance are both `weight_factor` times the median of its peers' (the same layer in the other
     blocks: the same weight name up to its numbers, the same shape). Measured on 130 healthy
@@ -221,21 +222,12 @@ class InitScale(Rule):
 def _input_powers(probe: ProbeResult) -> dict[int, float]:
     """E[x^2] of the value feeding each probe point: the last probed value before it, or the
     unit-variance probe batch. The second moment, not the variance, is what a weight multiplies
-    (ReLU outputs have a large mean).
-
-    Graph order is not data flow: a value that is the same for every sample (the uniform
-    scores of a zero-initialised MoE router, computed just before the experts' projections)
-    cannot be what a layer whose output varies across the batch is fed, so such a layer takes
-    the last value before it that varies."""
-    powers, last, last_varying = {}, 1.0, 1.0
+    (ReLU outputs have a large mean)."""
+    powers, last = {}, 1.0
     for lp in probe.layers:
-        act = lp.activation
-        varies = act is not None and act.sample_var > 0
-        powers[lp.point.index] = last_varying if varies else last
-        if act is not None:
-            last = act.var + act.mean**2
-            if varies:
-                last_varying = last
+        powers[lp.point.index] = last
+        if lp.activation is not None:
+            last = lp.activation.var + lp.activation.mean**2
     return powers
 
 
