@@ -70,8 +70,8 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     zero or constant weight that can train (zero head) is left out, and the trend ends at one
     that cannot, or where the signal no longer depends on the input (a dead layer upstream).
     Gradients: the trend is measured behind the last layer whose gradient is exactly zero.
-    A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the axis:
-    no init sets its scale."""
+    A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the
+    activation axis: no init sets its output's scale."""
     # Positions per unit (samples x pixels or tokens): in a network that has spatial layers, a
     # layer that sees only one position per sample sits behind a global pool — a squeeze-excite
     # branch or the head — where every per-entry value is summed over the positions it pooled.
@@ -84,8 +84,8 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
             continue
         if lp.point.is_embedding or probe.normalised_before_next_layer(lp):
             continue  # a lookup has no depth; a norm restores its scale before the next layer
-        if not lp.point.weight:
-            continue  # a fixed transform (csatv2's DCT stem): no init sets its scale
+        if signal == "activation" and not lp.point.weight:
+            continue  # a fixed transform (csatv2's DCT stem): no init sets its output's scale
         if spatial and lp.activation is not None and _positions(lp) <= fewest:
             continue  # a pooled side path (squeeze-excite) or the head of a spatial network
         if signal == "activation":
