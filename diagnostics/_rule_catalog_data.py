@@ -279,13 +279,11 @@ CATALOG = [{'name': 'nonfinite-weights',
           'Thresholds:\n'
           "  a least-squares line through log10 of each parameterised layer's output variance "
           'falls by\n'
-          '  at least `decades` (3, i.e. 1000x) from the first to the last layer, and so does the '
-          'line\n'
-          '  through one run between normalisations (a norm sets the scale of what follows it); a '
-          'layer\n'
-          "  without a trainable weight (csatv2's fixed DCT stem) is no depth step; error from\n"
-          '  `error_decades` (8). A healthy ResNet drifts by ~10x; the seed examples move 1e14 '
-          'and\n'
+          '  at least `decades` (3, i.e. 1000x) from the first to the last layer (layers with a\n'
+          "  trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); "
+          'error\n'
+          '  from `error_decades` (8). A healthy ResNet drifts by ~10x; the seed examples move '
+          '1e14 and\n'
           '  more. Only info when BatchNorm was folded into the weights at export (inference\n'
           '  statistics).'},
  {'name': 'exploding-activations',
@@ -314,14 +312,12 @@ CATALOG = [{'name': 'nonfinite-weights',
           'Thresholds:\n'
           "  a least-squares line through log10 of each parameterised layer's output variance "
           'rises by\n'
-          '  at least `decades` (3, i.e. 1000x) from the first to the last layer, and so does the '
-          'line\n'
-          '  through one run between normalisations (a norm sets the scale of what follows it); a '
-          'layer\n'
-          "  without a trainable weight (csatv2's fixed DCT stem) is no depth step; error from\n"
-          '  `error_decades` (8). A fresh ResNet-18 exported in inference mode grows ~10x, which '
-          'stays\n'
-          '  silent. Only info when BatchNorm was folded at export.'},
+          '  at least `decades` (3, i.e. 1000x) from the first to the last layer (layers with a\n'
+          "  trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); "
+          'error\n'
+          '  from `error_decades` (8). A fresh ResNet-18 exported in inference mode grows ~10x, '
+          'which\n'
+          '  stays silent. Only info when BatchNorm was folded at export.'},
  {'name': 'dead-relu',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],

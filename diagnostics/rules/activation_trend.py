@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterator
 
@@ -10,13 +9,7 @@ from gradprobe.diagnostics.init_schemes import scheme_for
 from gradprobe.diagnostics.probe import ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
-from gradprobe.diagnostics.rules.depth_trend import (
-    Trend,
-    depth_layers,
-    first_beyond,
-    fit,
-    norm_free_runs,
-)
+from gradprobe.diagnostics.rules.depth_trend import Trend, depth_layers, first_beyond, fit
 
 _INIT_CODE = {
     "he_normal": 'nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")',
@@ -41,25 +34,14 @@ class ActivationTrendRule(Rule):
     direction: str  # "up" or "down"
     defaults = {"decades": 3.0, "error_decades": 8.0}
 
-    def _moved(self, trend: Trend) -> float:
-        return trend.decades if self.direction == "up" else -trend.decades
-
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         layers = depth_layers(probe, "activation")
-        whole = fit(layers, [lp.activation.var for lp in layers])  # type: ignore[union-attr]
-        if whole is None or self._moved(whole) < self.t["decades"]:
+        trend = fit(layers, [lp.activation.var for lp in layers])  # type: ignore[union-attr]
+        if trend is None:
             return
-        # The drift must also hold between normalisations: a norm sets the scale of what
-        # follows it, so a fall from the layers before it to those after it is not carried.
-        # The run that moves most is the trend reported.
-        trend, decades = None, -math.inf
-        for run in norm_free_runs(probe, layers):
-            found = fit(run, [lp.activation.var for lp in run])  # type: ignore[union-attr]
-            if found is not None and self._moved(found) > decades:
-                trend, decades = found, self._moved(found)
-        if trend is None or decades < self.t["decades"]:
+        decades = trend.decades if self.direction == "up" else -trend.decades
+        if decades < self.t["decades"]:
             return
-        decades = min(decades, self._moved(whole))
         severity = Severity.ERROR if decades >= self.t["error_decades"] else None
         folded = probe.folded_batchnorm
         if folded:

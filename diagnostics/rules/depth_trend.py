@@ -68,7 +68,9 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     their per-entry values are sums over the positions pooled. A plain stack keeps every layer.
     Only geometric drift is a trend; exact zeros have causes other rules name. Activations: a
     zero or constant weight that can train (zero head) is left out, and the trend ends at one
-    that cannot, or where the signal no longer depends on the input (a dead layer upstream).
+    that cannot, or where the signal no longer depends on the input (a dead layer upstream); a
+    layer whose value is the same for every sample while the output still varies is a side path
+    gone flat (csatv2's one-channel attention branch at 64 px), skipped, not the end of the axis.
     Gradients: the trend is measured behind the last layer whose gradient is exactly zero.
     A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the
     activation axis: no init sets its output's scale."""
@@ -97,6 +99,8 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
             if lp.activation is None:
                 continue
             if lp.activation.sample_var == 0:
+                if probe.output_varies:
+                    continue  # a side path gone flat (csatv2's one-channel attention branch)
                 break
         elif lp.gradient is None:
             continue
@@ -112,17 +116,3 @@ def _positions(lp: LayerProbe) -> float:
     return act.numel / max(act.units, 1) if act is not None else 0.0
 
 
-
-def norm_free_runs(probe: ProbeResult, layers: list[LayerProbe]) -> list[list[LayerProbe]]:
-    """`layers` cut wherever a normalisation is probed between two of them: a norm sets the
-    scale of what follows it, so an activation variance falling from the layers before it to
-    the layers after it is not a decay the network carries (csatv2: a DCT stem's parallel 1x1
-    convs, then a LayerNorm, then a 0.02-init residual branch)."""
-    norms = [lp.point.index for lp in probe.of_role("norm")]
-    runs: list[list[LayerProbe]] = []
-    for lp in layers:
-        if runs and not any(runs[-1][-1].point.index < i < lp.point.index for i in norms):
-            runs[-1].append(lp)
-        else:
-            runs.append([lp])
-    return runs
