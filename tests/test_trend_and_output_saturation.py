@@ -1,9 +1,10 @@
 """Two false alarms from the hub sweep, on models built here.
 
-- csatv2 (timm): a fixed DCT stem (a matrix no init sets), then a LayerNorm, then a 0.02-init
-  branch. An activation-variance line fitted across all of it "vanished"; a fixed transform is
-  no depth step and a norm resets the scale, so the trend is fitted between norms, over layers
-  with trainable weights only. A decay inside one norm-free run is still found.
+- csatv2 (timm): a fixed DCT stem (a matrix no init sets), then a 0.02-init residual branch,
+  then an attention branch over one channel whose LayerNorm makes it the same for every sample.
+  The activation-variance line ran from the stem to the first branch and stopped at that flat
+  side path: "vanishing". A fixed transform is no depth step, and a side path gone flat while
+  the output still varies is skipped, not the end of the axis. A real decay is still found.
 - VITS (transformers): the waveform tanh is the network's output and 76% saturated at init; the
   loss acts on it directly and training pulls it into range (0% after 50 steps), so it is info.
   The same tanh with a layer after it still blocks that layer's gradient: a warning.
@@ -89,6 +90,40 @@ def test_a_decay_between_norms_is_still_found(tmp_path):
     found = [f for f in report.findings if f.rule == "vanishing-activations"]
     assert found and found[0].severity.value in ("warning", "error")
     assert all(not n.startswith("proj") for n in found[0].parameters), found[0].parameters
+
+
+class FlatSidePath(nn.Module):
+    """A large stem, then pre-norm residual blocks with 0.02-init branches; after the first
+    block a side path through a one-channel LayerNorm (the same for every sample) is added."""
+
+    def __init__(self, blocks: int = 6) -> None:
+        super().__init__()
+        self.stem1, self.stem2 = nn.Linear(16, 32), nn.Linear(32, 32)
+        nn.init.normal_(self.stem1.weight, std=1.4)  # output variance ~30
+        self.norm0 = nn.LayerNorm(32)
+        self.norms = nn.ModuleList(nn.LayerNorm(32) for _ in range(blocks))
+        self.fc1 = nn.ModuleList(nn.Linear(32, 128) for _ in range(blocks))
+        self.fc2 = nn.ModuleList(nn.Linear(128, 32) for _ in range(blocks))
+        for m in (*self.fc1, *self.fc2):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        self.side_proj, self.side_norm = nn.Linear(32, 1), nn.LayerNorm(1)  # always its shift, 0
+        self.side_mid, self.side_out = nn.Linear(1, 4), nn.Linear(4, 32)
+        nn.init.zeros_(self.side_mid.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm0(self.stem2(self.stem1(x)))
+        for i, (norm, fc1, fc2) in enumerate(zip(self.norms, self.fc1, self.fc2, strict=True)):
+            x = x + fc2(nn.functional.gelu(fc1(norm(x))))
+            if i == 0:
+                x = x + self.side_out(self.side_mid(self.side_norm(self.side_proj(x))))
+        return x
+
+
+def test_a_side_path_gone_flat_does_not_end_the_depth_axis(tmp_path):
+    torch.manual_seed(0)
+    report = _lint(FlatSidePath(), torch.randn(8, 16), tmp_path)
+    assert "vanishing-activations" not in _rules(report), [f.message for f in report.findings]
 
 
 class TanhOut(nn.Module):
