@@ -59,7 +59,7 @@ class FixedStemThenBranch(nn.Module):
         return self.tail(self.fc2(nn.functional.gelu(self.fc1(h))))
 
 
-def test_a_fixed_stem_and_a_norm_reset_are_not_a_vanishing_trend(tmp_path):
+def test_a_fixed_transform_is_no_depth_step(tmp_path):
     torch.manual_seed(0)
     report = _lint(FixedStemThenBranch(), torch.randn(4, 32), tmp_path)
     assert "vanishing-activations" not in _rules(report) + _rules(report, "info")
@@ -84,7 +84,7 @@ def test_a_fixed_matrix_in_a_dynamo_export_is_no_weight(tmp_path):
     assert "vanishing-activations" not in _rules(report) + _rules(report, "info")
 
 
-def test_a_decay_between_norms_is_still_found(tmp_path):
+def test_a_real_decay_after_the_fixed_stem_is_still_found(tmp_path):
     torch.manual_seed(0)
     report = _lint(FixedStemThenBranch(decaying_tail=True), torch.randn(4, 32), tmp_path)
     found = [f for f in report.findings if f.rule == "vanishing-activations"]
