@@ -106,6 +106,8 @@ def worker(library: str, name: str, exports: list[str], max_params: int) -> None
 
 
 def lint_one(built: zoo.Built, how: str, directory: Path) -> dict:
+    import torch
+
     from gradprobe.diagnostics.api import diagnose
     from gradprobe.diagnostics.errors import GradprobeError, UnsupportedOperator
 
@@ -115,8 +117,19 @@ def lint_one(built: zoo.Built, how: str, directory: Path) -> dict:
     except Exception as exc:
         return {"status": EXPORT_FAILED, "detail": one_line(exc)}
     t1 = time.perf_counter()
+    options, retried = zoo.lint_options(built, how), {}
     try:
-        report = diagnose(path, zoo.lint_options(built, how))
+        try:
+            report = diagnose(path, options)
+        except GradprobeError as exc:
+            if exc.hint is None or exc.hint.option != "input_file" or len(built.inputs) != 1:
+                raise
+            # The error asks for the input the model was exported with (a trace froze sizes
+            # taken from its values: switch_transformers' tokens per expert): do as it says.
+            example = directory / "export_input.pt"
+            torch.save(built.inputs[0], example)
+            retried = {"input": "export example", "first_error": str(exc)[:300]}
+            report = diagnose(path, options.model_copy(update={"input_file": str(example)}))
     except UnsupportedOperator as exc:
         return {"status": UNSUPPORTED, "op": exc.op_type, "detail": str(exc)[:300]}
     except GradprobeError as exc:
@@ -131,7 +144,7 @@ def lint_one(built: zoo.Built, how: str, directory: Path) -> dict:
     alarms = [{"rule": f.rule, "severity": f.severity.value, "layer": f.layer,
                "message": f.message[:400]}
               for f in report.findings if f.severity.value in ("error", "warning")]
-    return {"status": LINTED, "alarms": alarms,
+    return {"status": LINTED, "alarms": alarms, **retried,
             "infos": sum(f.severity.value == "info" for f in report.findings),
             "notes": report.model.notes[:5], "export_s": round(t1 - t0, 1),
             "lint_s": round(time.perf_counter() - t1, 1)}
@@ -357,6 +370,10 @@ def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None,
     return {"schema": "gradprobe.hub-sweep/v1", "counts": counts, "false_alarms": false_alarms,
             "unsupported_ops": dict(sorted(ops.items())), "crashed": listed(CRASHED),
             "lint_errors": listed(LINT_ERROR), "timeouts": listed(TIMEOUT),
+            "linted_with_export_input": [
+                {"model": f"{r['library']}/{r['model']}:{r['export']}",
+                 "detail": r.get("first_error", "")}
+                for r in rows if r["status"] == LINTED and r.get("input") == "export example"],
             "export_failed": listed(EXPORT_FAILED), "build_failed": listed("build-failed"),
             "model_seconds": round(sum(seconds.values()), 1)}
 
@@ -388,8 +405,10 @@ def markdown(card: dict, meta: dict) -> str:
         f"{op} ({len(m)}: {', '.join(m[:4])}{' ...' if len(m) > 4 else ''})"
         for op, m in card["unsupported_ops"].items()) or "none") + "."]
     for title, key in (("Engine crashes", "crashed"), ("Other exit-2 errors", "lint_errors"),
-                       ("Timeouts", "timeouts")):
-        items = card[key]
+                       ("Timeouts", "timeouts"),
+                       ("Linted with the input they were exported with, as their first error "
+                        "asked (a trace froze sizes from its values)", "linted_with_export_input")):
+        items = card.get(key, [])
         lines.append(f"{title}: " + ("none." if not items else "; ".join(
             f"{i['model']} ({i['detail'][:160]})" for i in items[:15])
             + (" ..." if len(items) > 15 else "") + "."))

@@ -94,18 +94,22 @@ CATALOG = [{'name': 'nonfinite-weights',
           'units\n'
           '  (relative spread <= 1e-6), when every value between it and the next layer is the same '
           'for\n'
-          '  every sample (a zeroed first layer of a branch: the next layer is fed nothing, unlike '
-          'a\n'
-          '  zeroed last layer, whose residual add still varies; with nothing probed in between, '
-          'as for\n'
-          "  a zeroed factor of a product like LLaMA's `up_proj`, when the next layer's output is "
-          'the\n'
-          '  same for every sample behind a non-zero weight), or when the output no longer varies\n'
-          '  across the probe batch from this point on (the zero is where the across-batch '
-          'variance\n'
-          '  first collapses, before the last layer); info otherwise. Biases are never reported: '
-          'zero\n'
-          '  is their standard init.'},
+          "  every sample and one of them is exactly zero or the next layer's output is the same "
+          'for\n'
+          '  every sample too (a zeroed first layer of a branch: the next layer is fed nothing, '
+          'unlike\n'
+          '  a zeroed last layer, whose residual add still varies, or a zero-initialised MoE '
+          'router,\n'
+          '  whose uniform scores, sigmoid(0) = 0.5, still weigh the experts; with nothing probed '
+          'in\n'
+          "  between, as for a zeroed factor of a product like LLaMA's `up_proj`, when the next "
+          "layer's\n"
+          '  output is the same for every sample behind a non-zero weight), or when the output no\n'
+          '  longer varies across the probe batch from this point on (the zero is where the '
+          'across-\n'
+          '  batch variance first collapses, before the last layer); info otherwise. Biases are '
+          'never\n'
+          '  reported: zero is their standard init.'},
  {'name': 'constant-weights',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],
@@ -198,45 +202,55 @@ CATALOG = [{'name': 'nonfinite-weights',
           "normalisation's\n"
           '  output may recover (a LayerNorm or residual path that restores the scale keeps the '
           'rule\n'
-          '  silent), and the layers after the last normalisation (the head: small logits are a\n'
-          '  deliberate start) are not judged for a shrink. A too-large weight whose distortion a '
-          'norm\n'
-          '  restores is still a defect when its weight variance and its output variance are both\n'
-          "  `weight_factor` times the median of its peers' (the same layer in the other blocks: "
-          'the\n'
-          '  same weight name up to its numbers, the same shape). Measured on 130 healthy models '
-          'of\n'
-          '  timm, torchvision and transformers at their default init, no layer is more than 7x '
+          '  silent; what a later layer was fed is also read off its own output, Var(out) / '
+          '(fan_in\n'
+          '  Var(W)), since graph order is not data flow: a hand-written RMSNorm is no probe '
+          'point, and\n'
+          "  an MoE's expert projections follow its router in the graph), and the layers after the "
+          'last\n'
+          '  normalisation (the head: small logits are a deliberate start) are not judged for a '
+          'shrink.\n'
+          '  A too-large weight whose distortion a norm restores is still a defect when its '
+          'weight\n'
+          '  variance and its output variance are both `weight_factor` times the median of its '
+          "peers'\n"
+          '  (the same layer in the other blocks: the same weight name up to its numbers, the '
+          'same\n'
+          '  shape). Measured on 130 healthy models of timm, torchvision and transformers at '
+          'their\n'
+          "  default init, no layer is more than 7x its peers in variance (BEiT's 1/sqrt(2 * "
+          'layer_id)\n'
+          '  depth scaling, and there below the scheme); a block planted at 10x He std is 100x '
+          '(He-\n'
+          "  initialised libraries) to 2600x (timm's ViT, std 0.02). Behind BatchNorm only a "
+          'too-large\n'
+          '  weight is a defect: its variance must also be `weight_factor` times the median of '
           'its\n'
-          "  peers in variance (BEiT's 1/sqrt(2 * layer_id) depth scaling, and there below the "
-          'scheme);\n'
-          "  a block planted at 10x He std is 100x (He-initialised libraries) to 2600x (timm's "
-          'ViT, std\n'
-          '  0.02). Behind BatchNorm only a too-large weight is a defect: its variance must also '
-          'be\n'
-          "  `weight_factor` times the median of its BatchNorm-backed peers' (relative to their\n"
-          "  schemes: a library that starts every layer above He, as timm's Inception does, made "
-          'one\n'
-          '  choice), and its |g|/|w| at least `update_factor` (30) times below that of the '
-          'BatchNorm-\n'
-          "  backed layers at the library's scale around it (the geometric mean of the medians of "
+          "  BatchNorm-backed peers' (relative to their schemes: a library that starts every "
+          'layer\n'
+          "  above He, as timm's Inception does, made one choice), and its |g|/|w| at least\n"
+          '  `update_factor` (30) times below that of the BatchNorm-backed layers at the '
+          "library's\n"
+          '  scale around it (the geometric mean of the medians of the nearest four before and '
+          'after:\n'
+          '  at init |g|/|w| falls ~100x from the first stage to the last, so a whole stage is '
+          'judged\n'
+          '  against the stages on either side; a stage at 10x He std trains ~100x slower and '
+          'never\n'
+          '  catches up). A too-small weight there takes larger relative steps, its norm grows and '
           'the\n'
-          '  nearest four before and after: at init |g|/|w| falls ~100x from the first stage to '
-          'the\n'
-          '  last, so a whole stage is judged against the stages on either side; a stage at 10x He '
-          'std\n'
-          '  trains ~100x slower and never catches up). A too-small weight there takes larger '
-          'relative\n'
-          "  steps, its norm grows and the step shrinks back (BatchNorm's auto rate-tuning, Arora, "
-          'Li &\n'
-          '  Lyu, ICLR 2019): fan-out stems and depthwise convs (torchvision, timm) train fine.\n'
-          '  Depthwise kernels (one input channel per unit) and layers with fewer than 16 inputs '
-          'per\n'
-          '  unit are not compared behind BatchNorm (their |g|/|w| is noise). In a network with\n'
-          '  normalisation, the head (the layers after the last norm) is judged for a blow-up only '
-          'when\n'
-          '  the output variance reaches `head_output_var` (100: logits of std 10 saturate the\n'
-          '  softmax). Embedding tables (no fan-in) are not judged.'},
+          "  step shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): "
+          'fan-out\n'
+          '  stems and depthwise convs (torchvision, timm) train fine. Depthwise kernels (one '
+          'input\n'
+          '  channel per unit) and layers with fewer than 16 inputs per unit are not compared '
+          'behind\n'
+          '  BatchNorm (their |g|/|w| is noise). In a network with normalisation, the head (the '
+          'layers\n'
+          '  after the last norm) is judged for a blow-up only when the output variance reaches\n'
+          '  `head_output_var` (100: logits of std 10 saturate the softmax). Embedding tables (no '
+          'fan-\n'
+          '  in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],
@@ -265,9 +279,11 @@ CATALOG = [{'name': 'nonfinite-weights',
           'Thresholds:\n'
           "  a least-squares line through log10 of each parameterised layer's output variance "
           'falls by\n'
-          '  at least `decades` (3, i.e. 1000x) from the first to the last layer; error from\n'
-          '  `error_decades` (8). A healthy ResNet drifts by ~10x; the seed examples move 1e14 '
-          'and\n'
+          '  at least `decades` (3, i.e. 1000x) from the first to the last layer (layers with a\n'
+          "  trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); "
+          'error\n'
+          '  from `error_decades` (8). A healthy ResNet drifts by ~10x; the seed examples move '
+          '1e14 and\n'
           '  more. Only info when BatchNorm was folded into the weights at export (inference\n'
           '  statistics).'},
  {'name': 'exploding-activations',
@@ -296,10 +312,12 @@ CATALOG = [{'name': 'nonfinite-weights',
           'Thresholds:\n'
           "  a least-squares line through log10 of each parameterised layer's output variance "
           'rises by\n'
-          '  at least `decades` (3, i.e. 1000x) from the first to the last layer; error from\n'
-          '  `error_decades` (8). A fresh ResNet-18 exported in inference mode grows ~10x, which '
-          'stays\n'
-          '  silent. Only info when BatchNorm was folded at export.'},
+          '  at least `decades` (3, i.e. 1000x) from the first to the last layer (layers with a\n'
+          "  trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); "
+          'error\n'
+          '  from `error_decades` (8). A fresh ResNet-18 exported in inference mode grows ~10x, '
+          'which\n'
+          '  stays silent. Only info when BatchNorm was folded at export.'},
  {'name': 'dead-relu',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],
@@ -347,7 +365,7 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  units are silent, and real inputs (`--input`) should judge.'},
  {'name': 'saturated-activation',
   'severity': 'warning',
-  'verdicts': ['warning', 'error'],
+  'verdicts': ['info', 'warning', 'error'],
   'summary': 'Most outputs of a sigmoid, tanh or hard-sigmoid layer sit on its flat tails.',
   'text': 'saturated-activation (warning)\n'
           '\n'
@@ -379,7 +397,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'the\n'
           '  layer before carries a bias averaging beyond +-1 (a gate shut by its bias), the fix '
           'resets\n'
-          '  that bias to 0 as well.'},
+          "  that bias to 0 as well. A layer whose value is the network's output (no "
+          'parameterised\n'
+          '  layer or norm after it) is info below `error_share`: the loss acts on it directly and '
+          'the\n'
+          "  unsaturated entries pull the layer before into range (transformers' VITS waveform "
+          'tanh:\n'
+          '  76% saturated at init, 0% after 50 AdamW steps on an L1 target; BCE on a sigmoid '
+          'output\n'
+          '  cancels its derivative).'},
  {'name': 'vanishing-gradients',
   'severity': 'warning',
   'verdicts': ['warning'],

@@ -193,6 +193,10 @@ _SHAPE_CLUES = re.compile(r"shape|size of tensor|must match the size|invalid for
                           r"expected input\[|Expected .*input|dimension|cannot be multiplied",
                           re.IGNORECASE)
 _NO_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+# A size the export fixed from its example input's values: a trace unrolls a list whose length
+# came from the data (TorchScript's ListUnpack), an ONNX Split keeps the sizes it saw (ours).
+_FROZEN_SIZE = re.compile(r"Expected (\d+) elements in a list but found (\d+)|"
+                          r"fixed them for the input it was exported with")
 
 
 def _explain(text: str, model: LoadedModel, infos: list[InputInfo],
@@ -207,6 +211,16 @@ def _explain(text: str, model: LoadedModel, infos: list[InputInfo],
             f"traced or scripted under torch.no_grad() or torch.inference_mode() records "
             f"inference-only kernels (nn.MultiheadAttention's fast path): re-trace it with "
             f"gradients enabled and the module in train() mode, then save it again")
+    frozen = _FROZEN_SIZE.search(text)
+    if frozen:
+        what = (f"a list the export unrolled for {frozen.group(1)} elements has "
+                f"{frozen.group(2)}" if frozen.group(1) else _short(text))
+        return InputSpecError(
+            f"the graph fixes sizes from the values of the input it was exported with (a trace "
+            f"freezes data-dependent sizes, such as a mixture-of-experts' tokens per expert) and "
+            f"the probe batch ({given}) gives other sizes: {what}. Lint it with the input it "
+            f"was exported with",
+            hint=Hint("input_file"))
     if _DTYPE_CLUES.search(text):
         weights = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters.values()
                           if p.dtype.is_floating_point})

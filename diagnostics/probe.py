@@ -137,9 +137,17 @@ class ProbeResult:
 
     def starves_next_layer(self, layer: LayerProbe) -> bool:
         """True when every value probed between this layer and the next parameterised one is
-        identical across the batch: the next layer is fed nothing (a zeroed first layer of a
-        residual branch, in front of GELU, norm or ReLU). A deliberate zero at the end of a
-        branch is followed by the residual add, whose activation still varies.
+        identical across the batch and what it hands on carries nothing: the next layer is fed
+        nothing (a zeroed first layer of a residual branch, in front of GELU, norm or ReLU). A
+        deliberate zero at the end of a branch is followed by the residual add, whose activation
+        still varies.
+
+        Graph order is not data flow: the next layer in the graph need not read these values.
+        A value that is exactly zero carries nothing wherever it goes (a product with it is
+        zero: LLaMA's `act(gate_proj(x)) * up_proj(x)` with a zeroed gate_proj). A constant that
+        is not zero still weighs or averages input-dependent values (a zero-initialised MoE
+        router: sigmoid(0) = 0.5 for every expert, uniform routing, as AFMoE starts), so it
+        starves the next layer only when that layer's own output is the same for every sample.
 
         When nothing is probed in between (a product of two projections: LLaMA's
         `down_proj(act(gate_proj(x)) * up_proj(x))`), the next layer's own output tells: with a
@@ -149,12 +157,29 @@ class ProbeResult:
             if lp.point.index <= layer.point.index:
                 continue
             if lp.point.role == "linear":
-                if not between:
-                    return self._fed_nothing(lp)
-                return all(b.activation is not None and b.activation.sample_var == 0
-                           for b in between)
+                if not between or not all(b.activation is not None
+                                          and b.activation.sample_var == 0 for b in between):
+                    return not between and self._fed_nothing(lp)
+                return any(_all_zero(b.activation) for b in between) or self._fed_nothing(lp)
             between.append(lp)
         return False
+
+    def fed_power(self, layer: LayerProbe) -> float | None:
+        """E[x^2] of what this layer was fed, read off its own output: at init a weight is drawn
+        independently of its input, so Var(out) ~ fan_in * Var(W) * E[x^2] per output entry.
+        This goes by data flow, not graph order: the layer before it in the graph need not be
+        what it reads (LLaMA's q_proj reads the RMSNorm of the residual stream, not the
+        previous block's down_proj; a hand-written RMSNorm is no probe point). None where the
+        weight says nothing (a lookup table, a zero or constant weight, no fan-in)."""
+        param = self.params.get(layer.point.weight or "")
+        act, fan_in = layer.activation, layer.point.fan_in
+        if param is None or act is None or not fan_in or layer.point.is_embedding:
+            return None
+        s = param.stats
+        if s.nonfinite or s.constant or not s.std > 0 or act.nonfinite \
+                or not math.isfinite(act.var):
+            return None
+        return act.var / (fan_in * s.std**2)
 
     def _fed_nothing(self, layer: LayerProbe) -> bool:
         """A layer with a finite non-zero weight whose output is the same for every sample."""
@@ -177,6 +202,10 @@ class ProbeResult:
         return any(p.stats.nonfinite or p.stats.nonfinite_grad for p in self.params.values()) or any(
             (lp.activation and lp.activation.nonfinite) or (lp.gradient and lp.gradient.nonfinite)
             for lp in self.layers)
+
+
+def _all_zero(act: ActivationStats | None) -> bool:
+    return act is not None and act.nonfinite == 0 and act.min == 0 and act.max == 0
 
 
 # --- statistics -----------------------------------------------------------------------------

@@ -46,6 +46,12 @@ HEALTHY = [
     ("transformers", "llama", "torchscript"),
     ("transformers", "llama", "onnx_dynamo"),
     ("transformers", "vit", "torchscript"),
+    # a zero-initialised MoE router (uniform routing) computed just before the experts
+    ("transformers", "afmoe", "torchscript"),
+    # a fixed DCT stem, parallel 1x1 convs, a LayerNorm, then 0.02-init residual branches
+    ("timm", "csatv2", "torchscript"),
+    # HiFi-GAN's waveform tanh is the output, 76% saturated at transformers' init; it trains
+    ("transformers", "vits", "torchscript"),
 ]
 
 PLANTED = [

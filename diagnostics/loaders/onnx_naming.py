@@ -134,6 +134,23 @@ def class_hierarchy(node: onnx.NodeProto) -> list[str]:
     return _literal_list(_metadata(node).get(_CLASS_HIERARCHY)) or []
 
 
+_FX_NODE = "pkg.torch.onnx.fx_node"
+# torch.export names the graph's lifted inputs by kind: `p_` parameters, `b_` buffers, `c_`
+# constant tensors (the dynamo exporter writes the FX node in each ONNX node's metadata).
+_FX_ARGS = re.compile(r"\(args = \((.*?)\)(?:, kwargs|\)\s*$)")
+_FX_LIFTED = re.compile(r"%([pbc])_\w+")
+
+
+def reads_only_buffers(node: onnx.NodeProto) -> bool:
+    """True when the FX call this node came from (dynamo export) takes buffers or constants
+    and no parameter: a fixed matrix, such as csatv2's DCT (`F.linear(x, self.weights)` with a
+    registered buffer), whose initializer the file cannot tell from a weight. TorchScript keeps
+    buffers apart from parameters on its own."""
+    match = _FX_ARGS.search(_metadata(node).get(_FX_NODE, ""))
+    kinds = set(_FX_LIFTED.findall(match.group(1))) if match else set()
+    return bool(kinds) and "p" not in kinds
+
+
 class ScopeNamer:
     """Module paths for every node of a graph, with legacy reuse suffixes folded back.
 

@@ -33,6 +33,7 @@ from gradprobe.diagnostics.loaders.onnx_naming import (
     is_anonymous,
     module_class,
     owner_of,
+    reads_only_buffers,
     unique_names,
 )
 
@@ -288,12 +289,16 @@ def _linear(view: GraphView, node: GraphNode) -> _Draft | None:
                        fan_in=fan_in, fan_out=fan_out, channel_axis=-1)
     if draft is None:
         return None
+    if op in ("MatMul", "Gemm", "Conv", "ConvTranspose") and reads_only_buffers(node.proto):
+        # A fixed transform (a buffer, not a parameter): no init sets it, no rule judges it;
+        # as TorchScript, which never makes a buffer a parameter, sees it.
+        draft.weight = None
     if draft.bias is None and op in ("MatMul", "Gemm"):
         after = _bias_after(view, draft.value)
         if after is not None:
             draft.bias, draft.value, draft.step = after
     own = [n for n in node.inputs if n in view.params]
-    extra = [draft.weight] if draft.weight not in own else []
+    extra = [draft.weight] if draft.weight and draft.weight not in own else []
     extra += [draft.bias] if draft.bias and draft.bias not in own else []
     draft.parameters = tuple(dict.fromkeys(own + extra))
     draft.folded = _folded_batchnorm(node, draft)

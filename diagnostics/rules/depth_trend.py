@@ -68,8 +68,12 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     their per-entry values are sums over the positions pooled. A plain stack keeps every layer.
     Only geometric drift is a trend; exact zeros have causes other rules name. Activations: a
     zero or constant weight that can train (zero head) is left out, and the trend ends at one
-    that cannot, or where the signal no longer depends on the input (a dead layer upstream).
-    Gradients: the trend is measured behind the last layer whose gradient is exactly zero."""
+    that cannot, or where the signal no longer depends on the input (a dead layer upstream); a
+    layer whose value is the same for every sample while the output still varies is a side path
+    gone flat (csatv2's one-channel attention branch at 64 px), skipped, not the end of the axis.
+    Gradients: the trend is measured behind the last layer whose gradient is exactly zero.
+    A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the
+    activation axis: no init sets its output's scale."""
     # Positions per unit (samples x pixels or tokens): in a network that has spatial layers, a
     # layer that sees only one position per sample sits behind a global pool — a squeeze-excite
     # branch or the head — where every per-entry value is summed over the positions it pooled.
@@ -82,6 +86,8 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
             continue
         if lp.point.is_embedding or probe.normalised_before_next_layer(lp):
             continue  # a lookup has no depth; a norm restores its scale before the next layer
+        if signal == "activation" and not lp.point.weight:
+            continue  # a fixed transform (csatv2's DCT stem): no init sets its output's scale
         if spatial and lp.activation is not None and _positions(lp) <= fewest:
             continue  # a pooled side path (squeeze-excite) or the head of a spatial network
         if signal == "activation":
@@ -93,6 +99,8 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
             if lp.activation is None:
                 continue
             if lp.activation.sample_var == 0:
+                if probe.output_varies:
+                    continue  # a side path gone flat (csatv2's one-channel attention branch)
                 break
         elif lp.gradient is None:
             continue
@@ -106,4 +114,5 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
 def _positions(lp: LayerProbe) -> float:
     act = lp.activation
     return act.numel / max(act.units, 1) if act is not None else 0.0
+
 

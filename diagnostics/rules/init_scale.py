@@ -45,8 +45,11 @@ class InitScale(Rule):
     direction, and the distortion must reach what the following layers are fed: for a blow-up,
     every later layer's input (or, for the last layer, the output); for a shrink, no later layer's
     input and no later normalisation's output may recover (a LayerNorm or residual path that
-    restores the scale keeps the rule silent), and the layers after the last normalisation (the
-    head: small logits are a deliberate start) are not judged for a shrink. A too-large weight
+    restores the scale keeps the rule silent; what a later layer was fed is also read off its own
+    output, Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
+    RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
+    and the layers after the last normalisation (the head: small logits are a deliberate start)
+    are not judged for a shrink. A too-large weight
     whose distortion a norm restores is still a defect when its weight variance and its output
     variance are both `weight_factor` times the median of its peers' (the same layer in the other
     blocks: the same weight name up to its numbers, the same shape). Measured on 130 healthy
@@ -155,6 +158,11 @@ class InitScale(Rule):
                 # layer) are a deliberate start (BERT, ViT, torchvision's classifiers): not
                 # judged. A later norm that restores the scale undoes the shrink.
                 later += [v / power for i, v in norm_powers.items() if i > point.index]
+                # What later layers were actually fed, read off their own outputs: a residual
+                # stream or a norm the probe does not see (a hand-written RMSNorm) that restores
+                # the scale shows there, whatever the graph order says.
+                later += [fed / power for x in judged if x.point.index > point.index
+                          and (fed := probe.fed_power(x)) is not None]
                 carried = max(later)
                 if carried <= 1 / ff:
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
