@@ -143,8 +143,12 @@ class ProbeResult:
         still varies.
 
         Graph order is not data flow: the next layer in the graph need not read these values.
-        A value that is exactly zero carries nothing wherever it goes (a product with it is
-        zero: LLaMA's `act(gate_proj(x)) * up_proj(x)` with a zeroed gate_proj). A constant that
+        A value that is exactly zero starves what it multiplies (LLaMA's
+        `act(gate_proj(x)) * up_proj(x)` with a zeroed gate_proj: `down_proj` is then fed
+        nothing), but not what it is added to: a branch whose last layer starts at zero (its
+        BatchNorm scale 0, folded into the conv by an eval-mode ONNX export) hands the shortcut
+        on unchanged, and in DarkNet/CSP blocks no activation after the add shows it. So a zero
+        starves only when a later layer, before the next norm, is fed nothing. A constant that
         is not zero still weighs or averages input-dependent values (a zero-initialised MoE
         router: sigmoid(0) = 0.5 for every expert, uniform routing, as AFMoE starts), so it
         starves the next layer only when that layer's own output is the same for every sample.
@@ -160,8 +164,20 @@ class ProbeResult:
                 if not between or not all(b.activation is not None
                                           and b.activation.sample_var == 0 for b in between):
                     return not between and self._fed_nothing(lp)
-                return any(_all_zero(b.activation) for b in between) or self._fed_nothing(lp)
+                return self._fed_nothing(lp) or (any(_all_zero(b.activation) for b in between)
+                                                  and self._fed_nothing_from(lp))
             between.append(lp)
+        return False
+
+    def _fed_nothing_from(self, start: LayerProbe) -> bool:
+        """Some parameterised layer from `start` on, before the next norm, is fed nothing."""
+        for lp in self.layers:
+            if lp.point.index < start.point.index:
+                continue
+            if lp.point.role == "norm":
+                return False
+            if lp.point.role == "linear" and self._fed_nothing(lp):
+                return True
         return False
 
     def fed_power(self, layer: LayerProbe) -> float | None:

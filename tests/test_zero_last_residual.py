@@ -1,0 +1,76 @@
+"""A residual branch whose last layer starts at zero (BatchNorm scale 0, as timm's
+`zero_init_last` and torchvision's `zero_init_residual` do) stays silent when an eval-mode ONNX
+export folds that BatchNorm into its convolution: the folded weight is exactly zero, the branch's
+activation of it is zero for every sample, and the block's output is the shortcut, with no
+activation after the add for the probe to see (DarkNet/CSP blocks). A zeroed FIRST layer of the
+branch is still an error: the layer after it is fed nothing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gradprobe.diagnostics.api import diagnose
+from gradprobe.diagnostics.options import DiagnoseOptions
+
+
+def conv_bn_act(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1))
+
+
+class Block(nn.Module):
+    """DarkNet's residual block: x + conv2(conv1(x)), nothing after the add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn_act(c, c // 2, 1)
+        self.conv2 = conv_bn_act(c // 2, c)
+        nn.init.zeros_(self.conv2[1].weight)  # zero-init last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.conv1(x))
+
+
+def darknet_like() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(conv_bn_act(3, 16), Block(16), conv_bn_act(16, 32), Block(32),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def export(net: nn.Module, how: str, path) -> None:  # noqa: ANN001
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if how == "onnx":
+            torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"],
+                              output_names=["y"], dynamic_axes={"x": {0: "batch"}})
+        else:
+            torch.jit.save(torch.jit.trace(net, (x,)), str(path))
+
+
+def serious(report) -> set[tuple[str, str]]:  # noqa: ANN001
+    return {(f.rule, f.layer) for f in report.findings if f.severity.value != "info"}
+
+
+@pytest.mark.parametrize("how", ["onnx", "torchscript"])
+def test_zero_init_last_in_a_folded_block_is_silent(tmp_path, how):
+    path = tmp_path / ("net.onnx" if how == "onnx" else "net.pt")
+    export(darknet_like(), how, path)
+    options = DiagnoseOptions(input_shapes=[[4, 3, 32, 32]])
+    assert serious(diagnose(path, options)) == set()
+
+
+@pytest.mark.parametrize("how", ["onnx", "torchscript"])
+def test_zeroed_first_layer_of_the_block_is_an_error(tmp_path, how):
+    net = darknet_like()
+    nn.init.zeros_(net[3].conv1[0].weight)
+    path = tmp_path / ("net.onnx" if how == "onnx" else "net.pt")
+    export(net, how, path)
+    report = diagnose(path, DiagnoseOptions(input_shapes=[[4, 3, 32, 32]]))
+    errors = {(f.rule, f.layer) for f in report.findings if f.severity.value == "error"}
+    assert any(rule == "zero-weights" and "3.conv1" in layer for rule, layer in errors), errors
