@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -157,26 +158,50 @@ class ProbeResult:
         `down_proj(act(gate_proj(x)) * up_proj(x))`), the next layer's own output tells: with a
         non-zero weight it varies across the batch whenever its input does."""
         between = []
+        # A squeeze-excite branch after the layer pools what it hands on and scales it back:
+        # pooled, a deliberate zero at the end of a branch feeds the excitation's projections
+        # nothing, and they do not carry the signal on; the next layer on the main path does.
+        skip_pooled = not self.behind_global_pool(layer)
         for lp in self.layers:
             if lp.point.index <= layer.point.index:
+                continue
+            if lp.point.role == "linear" and skip_pooled and self.behind_global_pool(lp):
                 continue
             if lp.point.role == "linear":
                 if not between or not all(b.activation is not None
                                           and b.activation.sample_var == 0 for b in between):
                     return not between and self._fed_nothing(lp)
                 return self._fed_nothing(lp) or (any(_all_zero(b.activation) for b in between)
-                                                  and self._fed_nothing_from(lp))
+                                                  and self._fed_nothing_from(lp, skip_pooled))
             between.append(lp)
         return False
 
-    def _fed_nothing_from(self, start: LayerProbe) -> bool:
-        """Some parameterised layer from `start` on, before the next norm, is fed nothing."""
+    def behind_global_pool(self, layer: LayerProbe) -> bool:
+        """In a network with spatial (or sequence) layers, a parameterised layer that sees one
+        position per sample sits behind a global pool: a squeeze-excite branch or the head.
+        Its per-entry values are sums over the positions pooled. A plain stack has none."""
+        sizes = self._positions_per_unit
+        fewest = min(sizes.values(), default=0.0)
+        mine = sizes.get(layer.point.index)
+        return (mine is not None and mine <= fewest
+                and any(size > fewest for size in sizes.values()))
+
+    @cached_property
+    def _positions_per_unit(self) -> dict[int, float]:
+        """Samples x positions each parameterised layer's output unit was measured on."""
+        return {lp.point.index: lp.activation.numel / max(lp.activation.units, 1)
+                for lp in self.layers if lp.point.role == "linear" and lp.activation is not None}
+
+    def _fed_nothing_from(self, start: LayerProbe, skip_pooled: bool) -> bool:
+        """Some parameterised layer from `start` on, before the next norm, is fed nothing
+        (leaving out squeeze-excite projections with `skip_pooled`)."""
         for lp in self.layers:
             if lp.point.index < start.point.index:
                 continue
             if lp.point.role == "norm":
                 return False
-            if lp.point.role == "linear" and self._fed_nothing(lp):
+            if lp.point.role == "linear" and self._fed_nothing(lp) and not (
+                    skip_pooled and self.behind_global_pool(lp)):
                 return True
         return False
 

@@ -55,6 +55,8 @@ HEALTHY = [
     # zero_init_last BatchNorm folded into the last conv of each block by the eval export, and
     # nothing after the residual add
     ("timm", "darknet17", "onnx_legacy"),
+    # the same with a squeeze-excite at the end of each branch, fed the pooled zero
+    ("timm", "seresnet18", "onnx_legacy"),
 ]
 
 PLANTED = [

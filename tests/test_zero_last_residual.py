@@ -2,8 +2,9 @@
 `zero_init_last` and torchvision's `zero_init_residual` do) stays silent when an eval-mode ONNX
 export folds that BatchNorm into its convolution: the folded weight is exactly zero, the branch's
 activation of it is zero for every sample, and the block's output is the shortcut, with no
-activation after the add for the probe to see (DarkNet/CSP blocks). A zeroed FIRST layer of the
-branch is still an error: the layer after it is fed nothing."""
+activation after the add for the probe to see (DarkNet/CSP blocks), or a squeeze-excite whose
+projections are fed the pooled zero (SE-ResNet). A zeroed FIRST layer of the branch is still an
+error: the layer after it is fed nothing."""
 
 from __future__ import annotations
 
@@ -22,22 +23,34 @@ def conv_bn_act(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
                          nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1))
 
 
-class Block(nn.Module):
-    """DarkNet's residual block: x + conv2(conv1(x)), nothing after the add."""
-
+class SqueezeExcite(nn.Module):
     def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+
+
+class Block(nn.Module):
+    """DarkNet's residual block: x + conv2(conv1(x)), nothing after the add; with `se`, the
+    branch ends in a squeeze-excite (SE-ResNet), whose projections see the pooled zero."""
+
+    def __init__(self, c: int, se: bool = False) -> None:
         super().__init__()
         self.conv1 = conv_bn_act(c, c // 2, 1)
         self.conv2 = conv_bn_act(c // 2, c)
         nn.init.zeros_(self.conv2[1].weight)  # zero-init last
+        self.se = SqueezeExcite(c) if se else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.conv1(x))
+        return x + self.se(self.conv2(self.conv1(x)))
 
 
-def darknet_like() -> nn.Module:
+def darknet_like(se: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(conv_bn_act(3, 16), Block(16), conv_bn_act(16, 32), Block(32),
+    return nn.Sequential(conv_bn_act(3, 16), Block(16, se), conv_bn_act(16, 32), Block(32, se),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
@@ -57,17 +70,19 @@ def serious(report) -> set[tuple[str, str]]:  # noqa: ANN001
     return {(f.rule, f.layer) for f in report.findings if f.severity.value != "info"}
 
 
+@pytest.mark.parametrize("se", [False, True], ids=["plain", "squeeze-excite"])
 @pytest.mark.parametrize("how", ["onnx", "torchscript"])
-def test_zero_init_last_in_a_folded_block_is_silent(tmp_path, how):
+def test_zero_init_last_in_a_folded_block_is_silent(tmp_path, how, se):
     path = tmp_path / ("net.onnx" if how == "onnx" else "net.pt")
-    export(darknet_like(), how, path)
+    export(darknet_like(se), how, path)
     options = DiagnoseOptions(input_shapes=[[4, 3, 32, 32]])
     assert serious(diagnose(path, options)) == set()
 
 
+@pytest.mark.parametrize("se", [False, True], ids=["plain", "squeeze-excite"])
 @pytest.mark.parametrize("how", ["onnx", "torchscript"])
-def test_zeroed_first_layer_of_the_block_is_an_error(tmp_path, how):
-    net = darknet_like()
+def test_zeroed_first_layer_of_the_block_is_an_error(tmp_path, how, se):
+    net = darknet_like(se)
     nn.init.zeros_(net[3].conv1[0].weight)
     path = tmp_path / ("net.onnx" if how == "onnx" else "net.pt")
     export(net, how, path)

@@ -74,12 +74,6 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     Gradients: the trend is measured behind the last layer whose gradient is exactly zero.
     A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the
     activation axis: no init sets its output's scale."""
-    # Positions per unit (samples x pixels or tokens): in a network that has spatial layers, a
-    # layer that sees only one position per sample sits behind a global pool — a squeeze-excite
-    # branch or the head — where every per-entry value is summed over the positions it pooled.
-    sizes = [_positions(lp) for lp in probe.of_role("linear") if lp.activation is not None]
-    fewest = min(sizes, default=0.0)
-    spatial = any(size > fewest for size in sizes)
     out: list[LayerProbe] = []
     for lp in probe.layers:
         if lp.point.role != "linear":
@@ -88,7 +82,7 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
             continue  # a lookup has no depth; a norm restores its scale before the next layer
         if signal == "activation" and not lp.point.weight:
             continue  # a fixed transform (csatv2's DCT stem): no init sets its output's scale
-        if spatial and lp.activation is not None and _positions(lp) <= fewest:
+        if probe.behind_global_pool(lp):
             continue  # a pooled side path (squeeze-excite) or the head of a spatial network
         if signal == "activation":
             param = probe.params.get(lp.point.weight or "")
@@ -109,10 +103,5 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
         blocked = [i for i, lp in enumerate(out) if lp.gradient and lp.gradient.rms == 0]
         out = out[blocked[-1] + 1:] if blocked else out
     return out
-
-
-def _positions(lp: LayerProbe) -> float:
-    act = lp.activation
-    return act.numel / max(act.units, 1) if act is not None else 0.0
 
 
