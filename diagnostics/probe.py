@@ -401,6 +401,17 @@ class _Scratch:
         return buffer[:rows * width].view(rows, width)
 
 
+def _copy_chunks(xs: Sequence[torch.Tensor]) -> Iterator[slice]:
+    """Slices of `xs` for reductions that make temporary copies: the whole list on a CPU, which
+    measures one tensor at a time without a copy; on a GPU, chunks whose copies stay within twice
+    the device's statistics batch (the tensors themselves are alive anyway)."""
+    if not xs:
+        return iter(())
+    if _one_at_a_time(xs):
+        return iter([slice(0, len(xs))])
+    return _chunks(xs, 2 * _flush_bytes(xs[0].device))
+
+
 def _extremes_and_nonzero(xs: list[torch.Tensor], exact: bool, count: bool = True) -> tuple[
         list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Per tensor: the maximum, minus the minimum, and (`count`) the number of non-zero
@@ -720,16 +731,15 @@ def _weight_sums(sums: _DeviceSums, params: list[torch.Tensor], exact: bool = Fa
         record(full, {"w_norm": torch._foreach_norm(ws, 2, dtype=acc)})
         if _one_at_a_time(ws):
             maxima, neg_minima, _ = _extremes_and_nonzero(ws, exact, count=False)
-            totals = [w.sum(dtype=acc) for w in ws]
+            totals = _signed_sums(ws)
             record(full, {"w_max": maxima, "w_neg_max": neg_minima, "w_sum": totals})
             if exact:
                 record(full, {"w_nonfinite": _nonfinite_counts(ws)})
         else:
-            copy_bytes = 2 * _flush_bytes(ws[0].device)
             w_abs = torch._foreach_norm(ws, 1, dtype=acc)
             record(full, {"w_max": torch._foreach_max(ws)})
             neg_sums: list[torch.Tensor] = []
-            for part in _chunks(ws, copy_bytes):
+            for part in _copy_chunks(ws):
                 neg = torch._foreach_neg(ws[part])
                 columns = {"w_neg_max": torch._foreach_max(neg)}
                 torch._foreach_clamp_min_(neg, 0.0)  # sum(w) = sum|w| - 2 sum max(-w, 0)
@@ -742,12 +752,9 @@ def _weight_sums(sums: _DeviceSums, params: list[torch.Tensor], exact: bool = Fa
             record(full, {"w_sum": totals})
         # The spread about the mean, second pass: exact even when the mean dwarfs it.
         means = torch._foreach_div(totals, [float(w.numel()) for w in ws])
-        if _one_at_a_time(ws):
-            record(full, {"w_dev_norm": _deviation_norms(ws, means, _Scratch())})
-        else:
-            for part in _chunks(ws, 2 * _flush_bytes(ws[0].device)):
-                record(full[part], {"w_dev_norm": _deviation_norms(ws[part], means[part],
-                                                                   _Scratch())})
+        scratch = _Scratch()
+        for part in _copy_chunks(ws):
+            record(full[part], {"w_dev_norm": _deviation_norms(ws[part], means[part], scratch)})
     return found
 
 
@@ -762,12 +769,8 @@ def _grad_sums(sums: _DeviceSums, params: list[torch.Tensor], grads: list[torch.
         with_grad = [i for i, g in enumerate(grads) if g is not None and g.numel()]
         gs = [grads[i] for i in with_grad]
         if gs:
-            copy_bytes = 2 * _flush_bytes(gs[0].device)  # type: ignore[union-attr]
             record(with_grad, {"g_norm": torch._foreach_norm(gs, 2, dtype=_acc(gs))})
-        # One chunk on a CPU: it counts without a copy.
-        chunks = [slice(0, len(gs))] if _one_at_a_time(gs) else (  # type: ignore[arg-type]
-            _chunks(gs, copy_bytes) if gs else ())  # type: ignore[arg-type]
-        for part in chunks:
+        for part in _copy_chunks(gs):  # type: ignore[arg-type]
             columns = {"g_nonzero": _nonzero_counts(gs[part], exact)}  # type: ignore[arg-type]
             if exact:
                 columns["g_nonfinite"] = _nonfinite_counts(gs[part])
