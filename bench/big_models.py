@@ -36,7 +36,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from memory_worker import MALLOC_ENV, _reset_cpu_peak, _status_kib
+from memory_worker import MALLOC_ENV, _reset_cpu_peak, _status_kib, measure
+from phases import synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -196,13 +197,22 @@ def worker(phase: str, name: str, path: Path | None, fmt: str | None,
     if warmup:
         eager()
         probed()
+    return _paired_times(eager, probed, rounds, torch.device("cpu"))
+
+
+def _paired_times(eager, probed, rounds: int,  # noqa: ANN001 - zero-argument callables
+                  device: torch.device) -> dict[str, float]:
+    """Both steps in turn, `rounds` times (the device synchronised around each): medians of
+    each step and of the per-round ratio, so a change of the machine's load hits both alike."""
     pairs = []
     for _ in range(rounds):
         times = []
         for step in (eager, probed):
             gc.collect()
+            synchronize(device)
             began = time.perf_counter()
             step()
+            synchronize(device)
             times.append(time.perf_counter() - began)
         pairs.append(times)
     return {"eager_s": statistics.median(t[0] for t in pairs),
@@ -218,33 +228,15 @@ def on_cuda(name: str, module: torch.nn.Module, path: Path, fmt: str, rounds: in
     eager, probed = _eager_step(name, device, module), _probe_step(name, path, fmt, device)
     for step in (eager, probed, eager, probed):  # warm-up: kernels, cuBLAS/cuDNN handles
         step()
-    pairs = []
-    for _ in range(rounds):
-        times = []
-        for step in (eager, probed):
-            torch.cuda.synchronize(device)
-            began = time.perf_counter()
-            step()
-            torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - began)
-        pairs.append(times)
+    timed = _paired_times(eager, probed, rounds, device)
     peaks = {}
     for key, step in (("eager", eager), ("probe", probed)):
         for p in (*eager.params, *probed.params):
             p.grad = None
-        gc.collect()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        peaks[key] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peaks[f"{key}_peak_mb"] = measure(step, device)["peak"] / 2**20
     for p in (*eager.params, *probed.params):
         p.grad = None
-    return {"eager_s": statistics.median(t[0] for t in pairs),
-            "probe_s": statistics.median(t[1] for t in pairs),
-            "time_ratio": statistics.median(t[1] / t[0] for t in pairs),
-            "eager_peak_mb": peaks["eager"], "probe_peak_mb": peaks["probe"]}
+    return {**timed, **peaks}
 
 
 def in_fresh_process(args: list[str], *, for_memory: bool, rounds: int = 1) -> dict[str, float]:
