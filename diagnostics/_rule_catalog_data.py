@@ -94,22 +94,23 @@ CATALOG = [{'name': 'nonfinite-weights',
           'units\n'
           '  (relative spread <= 1e-6), when every value between it and the next layer is the same '
           'for\n'
-          "  every sample and one of them is exactly zero or the next layer's output is the same "
-          'for\n'
-          '  every sample too (a zeroed first layer of a branch: the next layer is fed nothing, '
-          'unlike\n'
-          '  a zeroed last layer, whose residual add still varies, or a zero-initialised MoE '
-          'router,\n'
-          '  whose uniform scores, sigmoid(0) = 0.5, still weigh the experts; with nothing probed '
-          'in\n'
-          "  between, as for a zeroed factor of a product like LLaMA's `up_proj`, when the next "
-          "layer's\n"
-          '  output is the same for every sample behind a non-zero weight), or when the output no\n'
-          '  longer varies across the probe batch from this point on (the zero is where the '
-          'across-\n'
-          '  batch variance first collapses, before the last layer); info otherwise. Biases are '
-          'never\n'
-          '  reported: zero is their standard init.'},
+          "  every sample and the next layer's output is the same for every sample too, or one of "
+          'them\n'
+          '  is exactly zero and a later layer before the next norm is fed nothing (a zeroed '
+          'first\n'
+          '  layer of a branch: the next layer is fed nothing, unlike a zeroed last layer, whose\n'
+          '  residual add still varies, even folded into its conv with nothing after the add or\n'
+          '  followed by a squeeze-excite whose pooled projections alone see the zero, or a zero-\n'
+          '  initialised MoE router, whose uniform scores, sigmoid(0) = 0.5, still weigh the '
+          'experts;\n'
+          "  with nothing probed in between, as for a zeroed factor of a product like LLaMA's\n"
+          "  `up_proj`, when the next layer's output is the same for every sample behind a "
+          'non-zero\n'
+          '  weight), or when the output no longer varies across the probe batch from this point '
+          'on\n'
+          '  (the zero is where the across-batch variance first collapses, before the last layer); '
+          'info\n'
+          '  otherwise. Biases are never reported: zero is their standard init.'},
  {'name': 'constant-weights',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],
