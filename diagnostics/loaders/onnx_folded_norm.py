@@ -29,11 +29,12 @@ def batch_renormalised(op: Any) -> Any:
     def run(ctx: Any, inputs: list[Any], attrs: dict[str, Any]) -> torch.Tensor:
         bias = inputs[2] if len(inputs) > 2 else None
         z = op(ctx, inputs[:2], attrs)
-        dims = [d for d in range(z.dim()) if d != 1]
-        var, mean = torch.var_mean(z, dim=dims, keepdim=True, correction=0)
-        z = (z - mean) * torch.rsqrt(var + BN_EPS)
-        if bias is not None:
-            z = z + bias.reshape(1, -1, *([1] * (z.dim() - 2)))
-        return z
+        # Training-mode BatchNorm with no running statistics and unit scale is exactly this
+        # normalisation plus the shift, in one fused kernel that keeps only the input and two
+        # per-channel vectors for backward (the composite kept four full-size tensors). The
+        # aten op, not F.batch_norm: one value per channel (batch 1, 1x1 output) normalises to
+        # 0 as the composite did, where F.batch_norm refuses it.
+        return torch.batch_norm(z, None, bias, None, None, True, 0.0, BN_EPS,
+                                torch.backends.cudnn.enabled)
 
     return run
