@@ -118,6 +118,23 @@ def test_activation_rows_match_the_definitions_to_float32_rounding():
                 (field, tuple(x.shape), got[field], want[field])
 
 
+def test_the_fast_path_counts_what_the_exact_path_counts_on_finite_values():
+    # The fast path counts non-zero entries as sum |sign(x)| in blocks, the exact one with
+    # count_nonzero: on finite values every field is the same to the last bit.
+    for x, p in cases():
+        x = x.contiguous() if x.dim() > 2 else x  # both layouts: contiguous and transposed
+        exact = _activation_row(x, p, exact=True).tolist()
+        fast = _activation_row(x, p, exact=False).tolist()
+        assert fast == exact, tuple(x.shape)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(3, 300_000, generator=gen)
+    sparse = torch.relu(torch.randn(3, 300_000, generator=gen))  # half its entries are zero
+    fast = _param_row(weight, sparse, None, exact=False)
+    torch.testing.assert_close(fast, _param_row(weight, sparse, None, exact=True), rtol=0, atol=0,
+                               equal_nan=True)  # unit_spread: NaN without an owning layer
+    assert fast[_PARAM_FIELDS.index("zero_grad_fraction")] == float((sparse == 0).double().mean())
+
+
 def test_nonfinite_activations_are_counted_and_poison_the_moments():
     x = torch.randn(4, 6)
     x[0, 0], x[1, 3], x[2, 2] = math.nan, math.inf, -math.inf
