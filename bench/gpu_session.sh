@@ -59,7 +59,7 @@ tests)
         --tb=short \
         -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/tests/test_onnx_ops.py" \
         "$ROOT/tests/test_live.py" "$ROOT/tests/test_torchscript_loader.py" \
-        -k "accelerator or cuda")
+        "$ROOT/tests/test_signal_reach.py" -k "accelerator or cuda")
     sed -n '/= FAILURES =/,$p' "$OUT/tests.log" | cut -c1-200 | head -150
     tail -1 "$OUT/tests.log"
     ;;

@@ -124,25 +124,32 @@ def export_legacy_eval(model: nn.Module, path: Path) -> Path:
     return path
 
 
-def test_a_folded_conv_output_is_normalised_per_channel_then_shifted(tmp_path):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA device"))])
+def test_a_folded_conv_output_is_normalised_per_channel_then_shifted(tmp_path, device):
     torch.manual_seed(0)
     conv, norm = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)  # the shift is beta alone
     with torch.no_grad():
         conv.weight.mul_(7.0)  # a scale the normalisation must remove
         norm.bias.copy_(torch.linspace(-1.0, 1.0, 8))
     path = export_legacy_eval(nn.Sequential(conv, norm, nn.ReLU()), tmp_path / "cbr.onnx")
-    model = load_onnx(path)
+    model = load_onnx(path).to(torch.device(device))
     conv_point = next(p for p in model.probe_points if p.role == "linear")
     seen: dict[str, torch.Tensor] = {}
-    model.run([torch.randn(4, 3, 16, 16)], tap=lambda p, v: seen.setdefault(p.node, v.detach()))
-    z = seen[conv_point.node].double()
-    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+
+    def conv_output(x: torch.Tensor) -> torch.Tensor:
+        seen.clear()
+        model.run([x.to(device)], tap=lambda p, v: seen.setdefault(p.node, v.detach()))
+        return seen[conv_point.node].double().cpu()
+
+    var, mean = torch.var_mean(conv_output(torch.randn(4, 3, 16, 16)), dim=(0, 2, 3),
+                               correction=0)
     assert torch.allclose(mean, norm.bias.double(), atol=1e-5)
     assert torch.allclose(var, torch.ones(8, dtype=torch.float64), atol=1e-3)
     # One value per channel (batch 1, 1x1 output): normalised to 0, the shift alone remains.
-    seen.clear()
-    model.run([torch.randn(1, 3, 3, 3)], tap=lambda p, v: seen.setdefault(p.node, v.detach()))
-    assert torch.allclose(seen[conv_point.node].flatten(), norm.bias, atol=1e-3)
+    assert torch.allclose(conv_output(torch.randn(1, 3, 3, 3)).flatten(), norm.bias.double(),
+                          atol=1e-3)
 
 
 @pytest.mark.slow
