@@ -20,7 +20,7 @@ from gradprobe.diagnostics.errors import (
     UnsupportedOperator,
 )
 from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
-from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, node_scope
+from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, is_anonymous, node_scope
 
 
 def _zero_mlp() -> torch.nn.Module:
@@ -256,6 +256,16 @@ def test_node_scope(name: str, scopes: str | None, expected: str | None) -> None
         entry = node.metadata_props.add()
         entry.key, entry.value = "pkg.torch.onnx.name_scopes", scopes
     assert node_scope(node) == expected
+
+
+@pytest.mark.parametrize("name, anonymous", [
+    ("onnx::Conv_123", True), ("val_12", True), ("_val_3", True), ("42", True),
+    ("scalar_tensor_default", True), ("full_default_3", True),  # the dynamo exporter's constants
+    ("net.2.weight", False), ("cls_token", False), ("features.3.1.attn.relative_position_bias_table",
+                                                    False), ("default", False),
+])
+def test_exporter_invented_names_are_told_from_state_dict_names(name: str, anonymous: bool) -> None:
+    assert is_anonymous(name) is anonymous
 
 
 def test_legacy_reuse_suffix_folds_only_for_a_module_called_twice() -> None:

@@ -29,8 +29,10 @@ _CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
 _NAMESPACE = "namespace"
 
 # Initializer names that exporters invent (not the user's): `onnx::Conv_123`, `val_12`, `_val_3`,
-# bare numbers from old exporters.
-_ANONYMOUS = re.compile(r"^(?:.*::.*|_?val_\d+|\d+|_?v_\d+|[A-Za-z]*[Cc]onstant\w*_\d+)$")
+# bare numbers from old exporters, and the dynamo exporter's constants named after the aten
+# overload that made them (`scalar_tensor_default`: Swin's attention-mask fill value).
+_ANONYMOUS = re.compile(
+    r"^(?:.*::.*|_?val_\d+|\d+|_?v_\d+|[A-Za-z]*[Cc]onstant\w*_\d+|[a-z_]+_default(?:_\d+)?)$")
 _REUSE_SUFFIX = re.compile(r"^(.+)_(\d+)$")
 
 
