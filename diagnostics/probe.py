@@ -865,9 +865,11 @@ def _param_fields(table: list[dict[str, float | None]],
     return rows
 
 
-def _measure_weights(params: list[torch.Tensor]) -> list[dict[str, float | None]]:
-    """The weights' sums (_WEIGHT_SUMS), in one host copy before the passes; measured again
-    with exact non-finite counts when a sum says there are some."""
+def _measure_weights(params: list[torch.Tensor]) -> tuple[list[dict[str, float | None]],
+                                                          list[dict[str, float]]]:
+    """The weights' sums (_WEIGHT_SUMS), in one host copy before the passes, and the
+    _PARAM_FIELDS they give with no gradient yet; measured again with exact non-finite counts
+    when a sum says there are some."""
     for exact in (False, True):
         sums = _DeviceSums()
         found = _weight_sums(sums, params, exact)
@@ -875,7 +877,7 @@ def _measure_weights(params: list[torch.Tensor]) -> list[dict[str, float | None]
         fields = _param_fields([{**_GRAD_SUMS, **s} for s in table], [p.numel() for p in params])
         if not any(math.isnan(f["nonfinite"]) for f in fields):
             break
-    return table
+    return table, fields
 
 
 def _param_row(p: torch.Tensor, grad: torch.Tensor | None, owner: ProbePoint | None,
@@ -1094,10 +1096,8 @@ def _unblocked_value(param: torch.Tensor, point: ProbePoint, seed: int) -> torch
 def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> ProbeResult:
     owners = _weight_owners(model)
     names = list(model.parameters)
-    weights = _measure_weights(list(model.parameters.values()))
-    weight_fields = dict(zip(names, _param_fields(
-        [{**_GRAD_SUMS, **w} for w in weights], [p.numel() for p in model.parameters.values()]),
-        strict=True))
+    weights, fields = _measure_weights(list(model.parameters.values()))
+    weight_fields = dict(zip(names, fields, strict=True))
     # Only a constant (or zero) weight is judged by its unit spread: units that start equal
     # stay equal when their updates are equal.
     constant = frozenset(n for n in owners if n in weight_fields and weight_fields[n]["constant"])

@@ -49,7 +49,7 @@ def _loaded(tmp_path, fmt: str, zero_head: bool):  # noqa: ANN001, ANN202
 def _full_pass(model, inputs):  # noqa: ANN001, ANN202
     """Everything measured, every gradient backpropagated: what every pass did before."""
     owners = _weight_owners(model)
-    weights = _measure_weights(list(model.parameters.values()))
+    weights, _ = _measure_weights(list(model.parameters.values()))
     return _one_pass(model, inputs, 0, owners, weights, _PassPlan(spread_of=frozenset(owners)))
 
 
