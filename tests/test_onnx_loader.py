@@ -261,8 +261,8 @@ def test_node_scope(name: str, scopes: str | None, expected: str | None) -> None
 @pytest.mark.parametrize("name, anonymous", [
     ("onnx::Conv_123", True), ("val_12", True), ("_val_3", True), ("42", True),
     ("scalar_tensor_default", True), ("full_default_3", True),  # the dynamo exporter's constants
-    ("net.2.weight", False), ("cls_token", False), ("features.3.1.attn.relative_position_bias_table",
-                                                    False), ("default", False),
+    ("net.2.weight", False), ("cls_token", False), ("default", False),
+    ("features.3.1.attn.relative_position_bias_table", False),
 ])
 def test_exporter_invented_names_are_told_from_state_dict_names(name: str, anonymous: bool) -> None:
     assert is_anonymous(name) is anonymous

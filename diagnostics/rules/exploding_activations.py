@@ -14,8 +14,8 @@ class ExplodingActivations(ActivationTrendRule):
     Fix: initialise each layer for its nonlinearity (He for ReLU, Xavier for tanh/sigmoid/linear,
     LeCun for SELU); for very deep stacks add normalisation or scale residual branches down.
     Thresholds: a least-squares line through log10 of each parameterised layer's output variance
-    rises by at least `decades` (3, i.e. 1000x) from the first to the last layer (layers
-    with a trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); error from
+    rises by at least `decades` (3, i.e. 1000x) from the first to the last layer (layers with a
+    trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); error from
     `error_decades` (8). A fresh ResNet-18 exported in inference mode grows ~10x, which stays
     silent. Only info when BatchNorm was folded at export.
     """

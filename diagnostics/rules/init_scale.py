@@ -49,17 +49,16 @@ class InitScale(Rule):
     output, Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
     RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
     and the layers after the last normalisation (the head: small logits are a deliberate start)
-    are not judged for a shrink. A too-large weight
-    whose distortion a norm restores is still a defect when its weight variance and its output
-    variance are both `weight_factor` times the median of its peers' (the same layer in the other
-    blocks: the same weight name up to its numbers, the same shape). Measured on 130 healthy
-    models of timm, torchvision and transformers at their default init, no layer is more than
-    7x its peers in variance (BEiT's 1/sqrt(2 * layer_id) depth scaling, and there below the
-    scheme); a block planted at 10x He std is 100x (He-initialised libraries) to 2600x (timm's
-    ViT, std 0.02). Behind BatchNorm only
-    a too-large weight is a defect: its variance must also be `weight_factor` times the median of
-    its BatchNorm-backed peers' (relative to their schemes: a library that starts every layer
-    above He, as timm's Inception does, made one choice), and its |g|/|w| at least
+    are not judged for a shrink. A too-large weight whose distortion a norm restores is still a
+    defect when its weight variance and its output variance are both `weight_factor` times the
+    median of its peers' (the same layer in the other blocks: the same weight name up to its
+    numbers, the same shape). Measured on 130 healthy models of timm, torchvision and
+    transformers at their default init, no layer is more than 7x its peers in variance (BEiT's
+    1/sqrt(2 * layer_id) depth scaling, and there below the scheme); a block planted at 10x He
+    std is 100x (He-initialised libraries) to 2600x (timm's ViT, std 0.02). Behind BatchNorm
+    only a too-large weight is a defect: its variance must also be `weight_factor` times the
+    median of its BatchNorm-backed peers' (relative to their schemes: a library that starts
+    every layer above He, as timm's Inception does, made one choice), and its |g|/|w| at least
     `update_factor` (30) times below that of the BatchNorm-backed layers at the library's scale
     around it (the geometric mean of the medians of the nearest four before and after: at init
     |g|/|w| falls ~100x from the first stage to the last, so a whole stage is judged against the

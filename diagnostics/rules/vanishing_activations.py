@@ -15,8 +15,8 @@ class VanishingActivations(ActivationTrendRule):
     ReLU, Xavier for tanh/sigmoid/linear, LeCun for SELU); add normalisation or residual paths for
     very deep stacks.
     Thresholds: a least-squares line through log10 of each parameterised layer's output variance
-    falls by at least `decades` (3, i.e. 1000x) from the first to the last layer (layers
-    with a trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); error from
+    falls by at least `decades` (3, i.e. 1000x) from the first to the last layer (layers with a
+    trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); error from
     `error_decades` (8). A healthy ResNet drifts by ~10x; the seed examples move 1e14 and more.
     Only info when BatchNorm was folded into the weights at export (inference statistics).
     """

@@ -36,10 +36,9 @@ class ZeroWeights(Rule):
     router, whose uniform scores, sigmoid(0) = 0.5, still weigh the experts; with nothing probed
     in between, as for a zeroed factor of a product like LLaMA's `up_proj`, when the next
     layer's output is the same for every sample behind a non-zero weight), or when the output
-    no longer varies
-    across the probe batch from this point on (the zero is where the across-batch variance first
-    collapses, before the last layer); info otherwise. Biases are never reported: zero is their
-    standard init.
+    no longer varies across the probe batch from this point on (the zero is where the
+    across-batch variance first collapses, before the last layer); info otherwise. Biases are
+    never reported: zero is their standard init.
     """
 
     name = "zero-weights"
