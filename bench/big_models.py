@@ -128,11 +128,15 @@ def export(module: torch.nn.Module, name: str, fmt: str, folder: Path) -> Path:
 
 # --- the worker: one phase in a fresh process ------------------------------------------------
 
+def _drop_grads(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
 def _measured(run, params, warmup: bool) -> dict[str, float]:  # noqa: ANN001
     if warmup:
         run()
-        for p in params:  # the warm-up's gradients would count as already there
-            p.grad = None
+        _drop_grads(params)  # the warm-up's gradients would count as already there
     gc.collect()
     _reset_cpu_peak()
     base = _status_kib("VmRSS")
@@ -231,11 +235,9 @@ def on_cuda(name: str, module: torch.nn.Module, path: Path, fmt: str, rounds: in
     timed = _paired_times(eager, probed, rounds, device)
     peaks = {}
     for key, step in (("eager", eager), ("probe", probed)):
-        for p in (*eager.params, *probed.params):
-            p.grad = None
+        _drop_grads(eager.params + probed.params)
         peaks[f"{key}_peak_mb"] = measure(step, device)["peak"] / 2**20
-    for p in (*eager.params, *probed.params):
-        p.grad = None
+    _drop_grads(eager.params + probed.params)
     return {**timed, **peaks}
 
 
