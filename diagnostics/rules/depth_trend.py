@@ -2,16 +2,19 @@
 
 A signal that is multiplied by the same factor at every layer is a straight line in log space;
 a least-squares line through log10 of the per-layer values measures that factor while ignoring
-one-off bumps (a projection) that a first/last ratio would over-weight. The depth axis holds
-only layers whose values the network carries forward (see `depth_layers`): through a global
-average pool the per-entry gradient shrinks by the number of positions pooled, a factor set by
-the probe's resolution, and a trend across the pool called one small CNN healthy at 8x8 and
-vanishing at 64x64.
+one-off bumps (a projection) that a first/last ratio would over-weight. For gradients the line
+compares each kind of layer with itself (`fit` with kinds) and leaves out values the layers
+behind them do not show (`without_spikes`). The depth axis holds only layers whose values
+the network carries forward (see `depth_layers`): through a global average pool the per-entry
+gradient shrinks by the number of positions pooled, a factor set by the probe's resolution,
+and a trend across the pool called one small CNN healthy at 8x8 and vanishing at 64x64.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,17 +36,73 @@ class Trend:
         return math.log10(self.total) if self.total > 0 else -math.inf
 
 
-def fit(layers: Sequence[LayerProbe], values: Sequence[float]) -> Trend | None:
-    """None when there are too few layers for a trend (fewer than 3)."""
-    pairs = [(lp, v) for lp, v in zip(layers, values) if not math.isnan(v)]
-    if len(pairs) < 3:
+def fit(layers: Sequence[LayerProbe], values: Sequence[float],
+        kinds: Sequence[str] | None = None) -> Trend | None:
+    """None when there are too few layers for a trend (fewer than 3).
+
+    With `kinds` (one per layer, see `layer_kind`) the slope compares each kind of layer with
+    itself: a line per kind, one slope shared by all (a fixed-effects fit). Different kinds sit
+    at different levels for reasons that are not depth: a query projection's gradient passes
+    softmax's Jacobian and is ~100x below the value projection's beside it, a sigmoid gate on a
+    position bias (WavLM) gets 1e-5 of the convolutions before it. One line through all of them
+    reads a block's pattern, or the last layer's kind, as a drift. Kinds met once carry no
+    slope; when fewer than 3 layers share a kind with another, the plain fit is all there is."""
+    kept = [i for i, v in enumerate(values) if not math.isnan(v)]
+    if len(kept) < 3:
         return None
-    ys = [math.log10(min(max(v, TINY), 1e300)) for _, v in pairs]
-    n = len(ys)
-    xm, ym = (n - 1) / 2, sum(ys) / n
-    sxx = sum((i - xm) ** 2 for i in range(n))
-    slope = sum((i - xm) * (y - ym) for i, y in enumerate(ys)) / sxx
-    return Trend([lp for lp, _ in pairs], [v for _, v in pairs], 10**slope, 10 ** (slope * (n - 1)))
+    ys = [math.log10(min(max(values[i], TINY), 1e300)) for i in kept]
+    xs = list(range(len(kept)))
+    groups: dict[str, list[int]] = defaultdict(list)
+    if kinds is not None:
+        for j, i in enumerate(kept):
+            groups[kinds[i]].append(j)
+    repeated = [g for g in groups.values() if len(g) >= 2]
+    if sum(map(len, repeated)) < 3:
+        repeated = [xs]
+    sxx = sxy = 0.0
+    for group in repeated:
+        xm = sum(group) / len(group)
+        ym = sum(ys[j] for j in group) / len(group)
+        sxx += sum((j - xm) ** 2 for j in group)
+        sxy += sum((j - xm) * (ys[j] - ym) for j in group)
+    slope = sxy / sxx
+    n = len(kept)
+    return Trend([layers[i] for i in kept], [values[i] for i in kept], 10**slope,
+                 10 ** (slope * (n - 1)))
+
+
+def layer_kind(name: str) -> str:
+    """What a layer is, block index left out: `encoder.layer.3.attention.self.query` and
+    `encoder.layer.7.attention.self.query` are one kind; `net.0` and `net.4` of a plain stack
+    are one kind too."""
+    return re.sub(r"\d+", "#", name)
+
+
+def without_spikes(layers: Sequence[LayerProbe], values: Sequence[float],
+                   decades: float = 3.0) -> tuple[list[LayerProbe], list[float]]:
+    """Leave out a layer whose value is more than `decades` off the log-line between its two
+    neighbours on the axis, in the same direction as both (largest first, until none is left).
+    Backpropagation multiplies the gradient by each layer's factor in turn, so a vanishing or
+    exploding gradient reaches the layers behind it; a value the next layer back no longer
+    shows did not propagate. It is a local effect at that point: Swin v2's cosine attention at
+    64 px divides zero-padded keys by F.normalize's eps, and its `qkv` output gradient reaches
+    1e10 on rows whose input is zero, so none of it reaches a weight (eager PyTorch's qkv
+    weight gradients grow towards the input there). The axis's two ends have one neighbour
+    each and are kept."""
+    kept = list(range(len(values)))
+    logs = [math.log10(min(max(v, TINY), 1e300)) if not math.isnan(v) else math.nan
+            for v in values]
+    while True:  # the largest spike first: beside it, its neighbour may look like one
+        worst, worst_off = None, decades
+        for k in range(1, len(kept) - 1):
+            before, here, after = (logs[kept[k - 1]], logs[kept[k]], logs[kept[k + 1]])
+            off = here - (before + after) / 2  # NaN anywhere: the comparisons below are False
+            if abs(off) > worst_off and (here - before) * (here - after) > 0:
+                worst, worst_off = k, abs(off)
+        if worst is None:
+            break
+        del kept[worst]
+    return [layers[i] for i in kept], [values[i] for i in kept]
 
 
 def first_beyond(trend: Trend, factor: float) -> LayerProbe:

@@ -8,7 +8,7 @@ from gradprobe.diagnostics.probe import ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.activation_trend import whole_model_fix
 from gradprobe.diagnostics.rules.base import Rule
-from gradprobe.diagnostics.rules.depth_trend import depth_layers, fit
+from gradprobe.diagnostics.rules.depth_trend import depth_layers, fit, layer_kind, without_spikes
 
 
 class GradientTrendRule(Rule):
@@ -18,8 +18,9 @@ class GradientTrendRule(Rule):
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         if probe.has_nonfinite:
             return  # nonfinite-* rules say what happened; a trend through NaN means nothing
-        layers = depth_layers(probe, "gradient")
-        trend = fit(layers, [lp.gradient.rms for lp in layers])  # type: ignore[union-attr]
+        axis = depth_layers(probe, "gradient")
+        layers, values = without_spikes(axis, [lp.gradient.rms for lp in axis])  # type: ignore[union-attr]
+        trend = fit(layers, values, [layer_kind(lp.point.layer) for lp in layers])
         if trend is None or trend.total <= 0:
             return
         # trend.total is last/first in forward order; gradients flow backwards.
