@@ -515,15 +515,20 @@ CATALOG = [{'name': 'nonfinite-weights',
           'ONNX\n'
           '  exporter computed and named (`val_12`) that no layer reads as a weight: a folded '
           'constant\n'
-          '  such as an attention mask, not a parameter. A 1-D shift (`*bias`) in a network with\n'
-          '  normalisation is only info: a norm after it subtracts the mean, which cancels any '
-          'shift (a\n'
-          "  conv bias before BatchNorm, timm's learnable affine before BN). Measured with "
-          'deliberate\n'
-          '  zero layers set to their textbook init (a zero head blocks every gradient at step 0 '
-          'only),\n'
-          '  and not reported where another rule names the cause: the zero/constant weight '
-          'itself,\n'
-          '  layers behind a fully dead ReLU or behind the point where the output stops depending '
-          'on\n'
-          '  the input, non-finite values.'}]
+          '  such as an attention mask, not a parameter. So is a parameter of an attention whose\n'
+          "  softmax normalises over one position at the probe's input size (every output exactly "
+          '1:\n'
+          "  LeViT's last stage at 64 px, one token): its logits cannot move the output at that "
+          'size,\n'
+          '  whatever the weights. A 1-D shift (`*bias`) in a network with normalisation is only '
+          'info:\n'
+          '  a norm after it subtracts the mean, which cancels any shift (a conv bias before '
+          'BatchNorm,\n'
+          "  timm's learnable affine before BN). Measured with deliberate zero layers set to "
+          'their\n'
+          '  textbook init (a zero head blocks every gradient at step 0 only), and not reported '
+          'where\n'
+          '  another rule names the cause: the zero/constant weight itself, layers behind a fully '
+          'dead\n'
+          '  ReLU or behind the point where the output stops depending on the input, non-finite '
+          'values.'}]

@@ -274,3 +274,46 @@ def test_a_zeroed_factor_of_a_product_is_an_error_there_and_fix_repairs_it(tmp_p
         model.down.weight.zero_()
     report = lint_traced(model, torch.randn(4, 16), tmp_path / "down.pt")
     assert serious(report) == []
+
+
+class TinyAttention(nn.Module):
+    """One attention with a learned bias per pair of positions (LeViT, T5 style)."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.pos_bias = nn.Parameter(torch.randn(4, 4) * 0.02)
+        self.register_buffer("mask", torch.zeros(4, 4) if masked else torch.ones(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        n = x.shape[1]
+        logits = q @ k.transpose(-1, -2) / 4 + (self.pos_bias * self.mask)[:n, :n]
+        return self.proj(logits.softmax(dim=-1) @ v)
+
+
+class AttentionClassifier(nn.Module):
+    def __init__(self, masked: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn, self.head = TinyAttention(masked), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x).mean(dim=1))
+
+
+def test_a_softmax_over_one_position_explains_a_bias_that_gets_no_gradient(tmp_path):
+    # One token: the softmax is 1 whatever its logits, so the bias cannot move the output.
+    # The input size did that, not the weights (timm's LeViT at 64 px: one token in its last
+    # stage; before, an error "will never train" on each attention bias).
+    one = lint_traced(AttentionClassifier(), torch.randn(2, 1, 16), tmp_path / "one.pt")
+    found = [f for f in one.findings if f.rule == "dead-gradients"]
+    assert [(f.severity.value, f.parameters) for f in found] == [("info", ["attn.pos_bias"])]
+    assert "one position at this input size" in found[0].message
+    four = lint_traced(AttentionClassifier(), torch.randn(2, 4, 16), tmp_path / "four.pt")
+    assert serious(four) == [] and not [f for f in four.findings if f.rule == "dead-gradients"]
+    # A bias multiplied by a zero mask is still an error where the softmax spans positions.
+    cut = lint_traced(AttentionClassifier(masked=True), torch.randn(2, 4, 16),
+                      tmp_path / "cut.pt")
+    assert [(f.severity.value, f.parameters) for f in cut.findings
+            if f.rule == "dead-gradients"] == [("error", ["attn.pos_bias"])]

@@ -17,21 +17,21 @@ class DeadGradients(Rule):
     Example: `y = x + 0 * self.proj(x)`, or a layer whose output goes through `.detach()`.
     Fix: find why no gradient flows to it (detach, integer cast, zero mask, unused branch) or
     remove the parameter.
-    Thresholds: every entry of the gradient exactly 0 on the probe batch. A parameter the
-    exported forward never reads (no gradient at all) is info: an eval-mode export leaves out
-    training-only parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is
-    one reader's copy of a tensor the file stores once for several layers when another reader
-    gives it a gradient (a module shared by several blocks: torch sums the readers), and a
-    tensor an ONNX exporter computed and named (`val_12`) that no layer reads as a weight: a
-    folded constant such as an attention mask, not a parameter. A 1-D
-    shift (`*bias`)
-    in a network with normalisation is only info: a norm after it subtracts the mean, which
-    cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). Measured
-    with deliberate
-    zero layers set to their textbook init (a zero head blocks every gradient at step 0 only), and
-    not reported where another rule names the cause: the zero/constant weight itself, layers behind
-    a fully dead ReLU or behind the point where the output stops depending on the input,
-    non-finite values.
+    Thresholds: every entry of the gradient exactly 0 on the probe batch. A parameter the exported
+    forward never reads (no gradient at all) is info: an eval-mode export leaves out training-only
+    parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is one reader's copy
+    of a tensor the file stores once for several layers when another reader gives it a gradient (a
+    module shared by several blocks: torch sums the readers), and a tensor an ONNX exporter computed
+    and named (`val_12`) that no layer reads as a weight: a folded constant such as an attention
+    mask, not a parameter. So is a parameter of an attention whose softmax normalises over one
+    position at the probe's input size (every output exactly 1: LeViT's last stage at 64 px, one
+    token): its logits cannot move the output at that size, whatever the weights. A 1-D shift
+    (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
+    which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
+    Measured with deliberate zero layers set to their textbook init (a zero head blocks every
+    gradient at step 0 only), and not reported where another rule names the cause: the zero/constant
+    weight itself, layers behind a fully dead ReLU or behind the point where the output stops
+    depending on the input, non-finite values.
     """
 
     name = "dead-gradients"
@@ -56,6 +56,7 @@ class DeadGradients(Rule):
         wall = max(dead_walls) if dead_walls else -1
         judged_by_symmetry = {lp.point.weight for lp in probe.layers if lp.point.weight}
         has_norm = probe.has_normalisation
+        one_position = _single_position_attention(probe)
         # A weight whose layer output no longer depends on the input gets a zero gradient
         # because its input is zero: a consequence of the dead layer upstream.
         signal_lost = {lp.point.weight for lp in probe.layers
@@ -74,6 +75,10 @@ class DeadGradients(Rule):
             if (probe.model.format == "onnx" and name not in index_of_layer
                     and is_anonymous(name.split("#", 1)[0])):  # `val_12#2`: an untied copy
                 yield self._export_constant(name, param.layer)
+                continue
+            attention = _attention_of(name, probe, one_position)
+            if attention is not None:
+                yield self._single_position(name, param.layer, attention)
                 continue
             trained_copies = [c for c in probe.model.copies_of(name) if c != name
                               and c in probe.params and probe.params[c].stats.grad_norm != 0]
@@ -101,6 +106,21 @@ class DeadGradients(Rule):
                 severity=Severity.INFO if param.unused else None, parameters=[name],
                 nodes=[lp.point.node for lp in probe.layers if name in lp.point.parameters][:5])
 
+    def _single_position(self, name: str, layer: str, attention: str) -> Finding:
+        # A softmax over one element is 1 whatever its logits, so its Jacobian is exactly zero:
+        # what only shapes those logits (LeViT's attention biases when the last stage has one
+        # token left at 64 px, T5's relative-position bias with one token) does not move the
+        # output. The input size did this, not the weights; at the size the model is trained
+        # at the same parameter trains.
+        return self.finding(
+            layer, f"{name} gets exactly zero gradient because the softmax in {attention} "
+                   f"normalises over one position at this input size (every output is exactly "
+                   f"1, whatever the logits): what only shapes those logits has no effect on "
+                   f"the output. Not a defect of the weights; probe at the input size you "
+                   f"train at (at this one, that attention is a no-op).",
+            evidence={"unused": False, "grad_norm": 0.0, "single_position_softmax": attention},
+            severity=Severity.INFO, parameters=[name])
+
     def _trained_through_copies(self, name: str, layer: str, copies: list[str]) -> Finding:
         # The file stores this tensor once and other layers read it too. A module shared by
         # several blocks (CoaT's relative-position convs, one per scale, called by every block
@@ -127,3 +147,34 @@ class DeadGradients(Rule):
                    f"not a parameter of the model.",
             evidence={"unused": False, "grad_norm": 0.0, "anonymous": True},
             severity=Severity.INFO, parameters=[name])
+
+
+def _single_position_attention(probe: ProbeResult) -> list[str]:
+    """Modules holding a softmax whose every output is exactly 1: it normalises over a single
+    element (over two or more, some entry of each row is below 1). `attn:softmax` (a traced
+    functional call) and `attn.softmax` (a module, or an ONNX node in `attn`'s scope) both
+    belong to `attn`."""
+    modules = []
+    for lp in probe.activations("softmax"):
+        a = lp.activation
+        if a is None or a.nonfinite or a.numel == 0 or not (a.min == a.max == 1.0):
+            continue
+        base, functional, _ = lp.point.layer.partition(":")
+        module = base if functional else base.rpartition(".")[0]
+        if module:
+            modules.append(module)
+    return modules
+
+
+def _attention_of(name: str, probe: ProbeResult, modules: list[str]) -> str | None:
+    """The module among `modules` that the parameter belongs to, by its name or its layer's,
+    or by those of the other layers reading the same stored tensor (the dynamo exporter stores
+    LeViT's equal, gathered attention biases once: `index_14`, and the loader names the other
+    readers' copies by their scope, `...blocks.1.attn.index_14`)."""
+    for copy in [name, *probe.model.copies_of(name)]:
+        param = probe.params.get(copy)
+        where = [copy] + ([param.layer] if param is not None else [])
+        for module in modules:
+            if any(w == module or w.startswith(module + ".") for w in where):
+                return module
+    return None

@@ -109,7 +109,7 @@ def first_beyond(trend: Trend, factor: float) -> LayerProbe:
     """The first layer whose value has moved `factor` (>1 up, <1 down) from the first layer's:
     where the trend has become visible. Falls back to the last layer."""
     base = max(trend.values[0], TINY)
-    for lp, v in zip(trend.layers, trend.values):
+    for lp, v in zip(trend.layers, trend.values, strict=True):
         if (factor > 1 and v >= base * factor) or (factor < 1 and v <= base * factor):
             return lp
     return trend.layers[-1]
