@@ -110,7 +110,11 @@ CATALOG = [{'name': 'nonfinite-weights',
           'on\n'
           '  (the zero is where the across-batch variance first collapses, before the last layer); '
           'info\n'
-          '  otherwise. Biases are never reported: zero is their standard init.'},
+          '  otherwise. Biases are never reported: zero is their standard init. Where an '
+          'eval-mode\n'
+          '  export folded a BatchNorm into the layer (the file keeps no name for it), the finding '
+          'says\n'
+          "  the zero may be that BatchNorm's scale rather than the layer's weight."},
  {'name': 'constant-weights',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],

@@ -170,6 +170,25 @@ def test_folded_batchnorm_is_renormalised_like_training(tmp_path):
     assert not [f for f in report.findings if f.rule.startswith("exploding")]
 
 
+def test_a_zero_folded_into_a_conv_names_the_batchnorm_it_may_be(tmp_path):
+    # The eval export folds bn1 into conv1 and keeps no trace of bn1's name: a zero folded
+    # weight is a zero conv weight or a zero BatchNorm scale, and the finding must say both
+    # (before: "initialise conv1 with he_normal", a fix that does nothing to a zeroed bn1).
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    nn.init.zeros_(model.bn1.weight)
+    folded = diagnose(str(export_legacy_eval(model, tmp_path / "bn.onnx")))
+    errors = [f for f in folded.findings if f.severity.value == "error"]
+    assert [(f.rule, f.layer) for f in errors] == [("zero-weights", "conv1")], serious(folded)
+    assert "BatchNorm is folded into conv1" in errors[0].message
+    assert "scale (its weight; initialise it with ones)" in errors[0].message
+    # Unfolded, the BatchNorm is its own layer: named, and no word about a fold.
+    traced = lint_traced(model.eval(), torch.randn(2, 3, 64, 64), tmp_path / "bn.pt")
+    zero = [f for f in traced.findings if f.rule == "zero-weights" and f.severity.value != "info"]
+    assert [f.layer for f in zero] == ["bn1"] and "folded" not in zero[0].message
+
+
 def test_a_zeroed_first_layer_of_a_gelu_branch_is_an_error_and_the_last_is_deliberate(tmp_path):
     model = tiny_bert()
     ids = torch.randint(0, 1000, (2, 16))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from gradprobe.diagnostics.graph import ProbePoint
 from gradprobe.diagnostics.init_schemes import param_expr, recommended_init
 from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
@@ -38,7 +39,9 @@ class ZeroWeights(Rule):
     layer's output is the same for every sample behind a non-zero weight), or when the output
     no longer varies across the probe batch from this point on (the zero is where the
     across-batch variance first collapses, before the last layer); info otherwise. Biases are
-    never reported: zero is their standard init.
+    never reported: zero is their standard init. Where an eval-mode export folded a BatchNorm
+    into the layer (the file keeps no name for it), the finding says the zero may be that
+    BatchNorm's scale rather than the layer's weight.
     """
 
     name = "zero-weights"
@@ -70,7 +73,8 @@ class ZeroWeights(Rule):
                         f"(what reaches the next layer is the same for every sample): the "
                         f"path through {point.layer} carries no signal and the layers behind it get "
                         f"no gradient at step 0. Initialise it with {fix.init} (std {fix.std:.3g}); "
-                        f"to start a residual branch at zero, zero its last layer instead.",
+                        f"to start a residual branch at zero, zero its last layer instead."
+                        + _folded_note(point),
                     evidence={**evidence, "starves_next_layer": True}, fix=fix,
                     parameters=[point.weight])
                 continue
@@ -84,7 +88,8 @@ class ZeroWeights(Rule):
             fix = recommended_init(point)
             yield self.finding(
                 lp, f"{point.layer}.weight is all zeros and {verdict.reason}: this layer cannot "
-                    f"learn. Initialise it with {fix.init} (std {fix.std:.3g}).",
+                    f"learn. Initialise it with {fix.init} (std {fix.std:.3g})."
+                    + _folded_note(point),
                 evidence=evidence, fix=fix, parameters=[point.weight])
         if cut_named or (cut is None and probe.output_varies):
             return
@@ -114,6 +119,19 @@ class ZeroWeights(Rule):
             lp, f"the network's output no longer depends on its input from {layer} on: "
                 f"every sample gives the same value there and nothing after it varies again, "
                 f"because {names} {'is' if len(zeros) == 1 else 'are'} all zeros with no path "
-                f"around. Initialise it non-zero{how}.",
+                f"around. Initialise it non-zero{how}."
+                + ("" if isinstance(lp, str) else _folded_note(lp.point)),
             evidence={**evidence, "sample_var": 0.0}, fix=fix, parameters=list(zeros))
 
+
+
+def _folded_note(point: ProbePoint) -> str:
+    """An eval-mode export folds a BatchNorm into the conv before it (W * gamma / sqrt(var +
+    eps)), and the file keeps no trace of the BatchNorm's name: a zero folded weight is a zero
+    conv weight or a zero BatchNorm scale in the user's model, which the file cannot tell
+    apart. Say both, so the fix goes where the zero is."""
+    if not point.folded_batchnorm:
+        return ""
+    return (f" In this file a BatchNorm is folded into {point.layer} (an eval-mode export): in "
+            f"your model the zero may be that BatchNorm's scale (its weight; initialise it with "
+            f"ones) rather than {point.layer}'s weight.")
