@@ -55,8 +55,9 @@ def serious(report) -> list:
 
 
 def brief(f) -> dict:
+    folded = (f.evidence or {}).get("folded_norm")
     return {"rule": f.rule, "severity": f.severity.value, "layer": f.layer,
-            "message": f.message[:300]}
+            "message": f.message[:300], **({"folded_norm": folded} if folded else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def worker(family_name: str, wanted: list[str], exports: list[str]) -> None:
                 expected = defects.EXPECTED[defect]
                 new = [f for f in serious(report) if (f.rule, f.layer) not in baseline]
                 hits = [f for f in new if expected is None or f.rule in expected]
-                located = [f for f in hits if defects.at_site(f.layer, paths)]
+                located = [f for f in hits if defects.finding_at_site(f, paths)]
                 row = {"status": "done", "site": f"model.{site}", "detected": bool(hits),
                        "right_layer": bool(located),
                        "errors": sum(f.severity.value == "error" for f in hits),
@@ -176,7 +177,7 @@ def scorecard(rows: list[dict]) -> dict:
             family = defects.family_named(r["family"])
             layers = defects.site_layers(family, r["defect"])
             r["right_layer"] = bool(r["detected"]) and any(
-                defects.at_site(f["layer"], layers) for f in r["findings"])
+                defects.finding_at_site(f, layers) for f in r["findings"])
     per_defect: dict[str, dict] = {}
     for r in rows:
         if r["defect"] == "healthy":

@@ -112,9 +112,10 @@ CATALOG = [{'name': 'nonfinite-weights',
           'info\n'
           '  otherwise. Biases are never reported: zero is their standard init. Where an '
           'eval-mode\n'
-          '  export folded a BatchNorm into the layer (the file keeps no name for it), the finding '
-          'says\n'
-          "  the zero may be that BatchNorm's scale rather than the layer's weight."},
+          '  export folded a BatchNorm into the layer, the finding says the zero may be that\n'
+          "  BatchNorm's scale rather than the layer's weight (the file cannot tell them apart), "
+          'naming\n'
+          '  the BatchNorm where the file keeps its name (dynamo exports; legacy ones keep none).'},
  {'name': 'constant-weights',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],

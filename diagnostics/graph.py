@@ -70,6 +70,9 @@ class ProbePoint:
     feeds: tuple[str, ...] = ()
     # True when the loader saw a BatchNorm folded into this layer's weights at export time.
     folded_batchnorm: bool = False
+    # The folded BatchNorm's module path where the file keeps it (the dynamo exporter leaves
+    # the BatchNorm's scope on the fused node; the legacy one keeps no trace of it).
+    folded_norm: str | None = None
     # True when a BatchNorm follows this layer in the graph (run on batch statistics).
     followed_by_norm: bool = False
 
@@ -96,6 +99,9 @@ class LoadedModel(ABC):
     probe_points: list[ProbePoint]
     # Parameter name -> layers that used one shared tensor in the file (exporter de-duplication).
     shared_parameters: dict[str, list[str]] = field(default_factory=dict)
+    # Parameter name -> the layer that reads it, where the file says more than the name (the
+    # ONNX loader: the module scope of an anonymous initializer's reader).
+    parameter_layers: dict[str, str] = field(default_factory=dict)
     # Facts about the export a user should know ("BatchNorm folded into 20 convs", ...).
     notes: list[str] = field(default_factory=list)
 

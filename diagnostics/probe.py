@@ -1068,7 +1068,8 @@ def _layer_of(model: LoadedModel) -> dict[str, str]:
         for name in point.parameters:
             layer.setdefault(name, point.layer)
     for name in model.parameters:
-        layer.setdefault(name, name.rsplit(".", 1)[0] if "." in name else name)
+        layer.setdefault(name, model.parameter_layers.get(name)
+                         or (name.rsplit(".", 1)[0] if "." in name else name))
     return layer
 
 

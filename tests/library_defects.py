@@ -221,9 +221,19 @@ def site_layers(family: Family, defect: str) -> list[str]:
     return ["model." + p for p in (family.sites[defect], *family.also.get(defect, ()))]
 
 
-def at_site(layer: str | None, layers: list[str]) -> bool:
+def at_site(layer: str | None, layers: list[str], folded_norm: str | None = None) -> bool:
     """A finding is at the planted site when its layer is the site or a node inside it. The
     parameters a finding lists do not count: a depth-trend finding lists every layer of the
-    trend, the planted one among them."""
-    layer = layer or ""
-    return any(layer == p or layer.startswith((p + ".", p + ":")) for p in layers)
+    trend, the planted one among them. A zeroed BatchNorm that an eval export folded into its
+    conv is at the site when the finding names it as the folded BatchNorm (`folded_norm`: the
+    dynamo exporter keeps its name; the file cannot tell a zero scale from a zero conv)."""
+    return any(name == p or name.startswith((p + ".", p + ":"))
+               for name in (layer or "", folded_norm or "") if name for p in layers)
+
+
+def finding_at_site(finding: object, layers: list[str]) -> bool:
+    """`at_site` for a report Finding or a stored one (a dict with `layer`, `folded_norm`)."""
+    if isinstance(finding, dict):
+        return at_site(finding.get("layer"), layers, finding.get("folded_norm"))
+    evidence = getattr(finding, "evidence", None) or {}
+    return at_site(getattr(finding, "layer", None), layers, evidence.get("folded_norm"))

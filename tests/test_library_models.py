@@ -131,7 +131,7 @@ def test_planted_defect_is_found_at_its_layer(tmp_path, family_name, defect, how
     expected = defects.EXPECTED[defect]
     hits = [f for f in _serious(report) if expected is None or f.rule in expected]
     layers = defects.site_layers(family, defect)
-    located = [f for f in hits if defects.at_site(f.layer, layers)]
+    located = [f for f in hits if defects.finding_at_site(f, layers)]
     assert located, (f"{defect} planted at {layers[0]} ({', '.join(changed)}) not reported there "
                      f"by {sorted(expected) if expected else 'any rule'}; findings:\n"
                      + _show(_serious(report)))

@@ -183,10 +183,52 @@ def test_a_zero_folded_into_a_conv_names_the_batchnorm_it_may_be(tmp_path):
     assert [(f.rule, f.layer) for f in errors] == [("zero-weights", "conv1")], serious(folded)
     assert "BatchNorm is folded into conv1" in errors[0].message
     assert "scale (its weight; initialise it with ones)" in errors[0].message
+    # The dynamo exporter keeps the BatchNorm's scope on the fused conv: name it, with its line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(2, 3, 64, 64),), str(tmp_path / "d.onnx"),
+                          dynamo=True)
+    dynamo = diagnose(str(tmp_path / "d.onnx"))
+    errors = [f for f in dynamo.findings if f.severity.value == "error"]
+    assert [(f.rule, f.layer, f.evidence.get("folded_norm")) for f in errors] == [
+        ("zero-weights", "conv1", "bn1")], serious(dynamo)
+    assert "nn.init.ones_(model.bn1.weight)" in errors[0].message
     # Unfolded, the BatchNorm is its own layer: named, and no word about a fold.
     traced = lint_traced(model.eval(), torch.randn(2, 3, 64, 64), tmp_path / "bn.pt")
     zero = [f for f in traced.findings if f.rule == "zero-weights" and f.severity.value != "info"]
     assert [f.layer for f in zero] == ["bn1"] and "folded" not in zero[0].message
+
+
+class AudioStem(nn.Module):
+    """wav2vec2's first feature-extractor layer: conv, GroupNorm over every channel, GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(1, 16, 10, stride=5, bias=False)
+        self.layer_norm = nn.GroupNorm(16, 16)
+        self.conv2 = nn.Conv1d(16, 16, 3, stride=2, bias=False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.layer_norm(self.conv(x)))
+        return self.head(torch.nn.functional.gelu(self.conv2(h)).mean(dim=-1))
+
+
+def test_a_zeroed_groupnorm_scale_is_named_in_a_legacy_onnx_file(tmp_path):
+    # The legacy exporter writes GroupNorm as InstanceNormalization then a Mul by its weight, so
+    # the zeroed scale is no layer's weight; the finding used to name the GELU after it, where
+    # the variance collapses, instead of the GroupNorm that holds the zero.
+    model = AudioStem()
+    nn.init.zeros_(model.layer_norm.weight)
+    path = tmp_path / "stem.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(2, 1, 400),), str(path), dynamo=False)
+    report = diagnose(str(path))
+    errors = [f for f in report.findings if f.severity.value == "error"]
+    assert [(f.rule, f.layer) for f in errors] == [("zero-weights", "layer_norm")], serious(report)
+    assert "from layer_norm on" in errors[0].message
 
 
 def test_a_zeroed_first_layer_of_a_gelu_branch_is_an_error_and_the_last_is_deliberate(tmp_path):

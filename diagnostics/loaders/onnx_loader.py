@@ -322,6 +322,7 @@ class _Builder:
             path=self.path, parameters=params, inputs=specs,
             probe_points=[p.point for p in plans], shared_parameters=_shared(bindings, plans,
                                                                             nodes),
+            parameter_layers=_reader_layers(bindings, plans, nodes),
             notes=self.notes, model=self.model, plan=plan, constants=constants,
             init_order=init_order, init_types=init_types,
             file_tensors={n: t for n, t in tensors.items()  # only what nothing else holds
@@ -596,6 +597,21 @@ def _shared(bindings: dict[str, _Binding], plans: list[PointPlan],
     members: dict[str, list[str]] = {}
     for name, binding in bindings.items():
         members.setdefault(binding.file_tensor, []).append(name)
+    layer_of = _reader_layers(bindings, plans, nodes)
+    shared = {}
+    for group in members.values():
+        if len(group) > 1:
+            layers = list(dict.fromkeys(layer_of.get(p, p) for p in group))
+            for p in group:
+                shared[p] = layers
+    return shared
+
+
+def _reader_layers(bindings: dict[str, _Binding], plans: list[PointPlan],
+                   nodes: list[GraphNode]) -> dict[str, str]:
+    """Parameter -> the layer that reads it: the probe point that owns it, else the module
+    scope of the first node reading it (a legacy export writes GroupNorm as
+    InstanceNormalization then a Mul by an anonymous `onnx::Mul_27`, read in `layer_norm`)."""
     layer_of: dict[str, str] = {}
     for plan in plans:
         for param in plan.point.parameters:
@@ -604,13 +620,7 @@ def _shared(bindings: dict[str, _Binding], plans: list[PointPlan],
         for value in node.inputs:
             if value in bindings and value not in layer_of:
                 layer_of[value] = node.scope or node.name
-    shared = {}
-    for group in members.values():
-        if len(group) > 1:
-            layers = list(dict.fromkeys(layer_of.get(p, p) for p in group))
-            for p in group:
-                shared[p] = layers
-    return shared
+    return layer_of
 
 
 def _input_spec(vi: onnx.ValueInfoProto, view: GraphView) -> InputSpec:
@@ -771,14 +781,14 @@ class OnnxModel(LoadedModel):
 
     def __init__(self, *, path: str | None, parameters: dict[str, torch.nn.Parameter],
                  inputs: list[InputSpec], probe_points: list[ProbePoint],
-                 shared_parameters: dict[str, list[str]], notes: list[str],
-                 model: onnx.ModelProto, plan: _Plan, constants: dict[str, torch.Tensor],
-                 init_order: list[str], init_types: dict[str, int],
-                 file_tensors: dict[str, torch.Tensor], bindings: dict[str, _Binding],
-                 label: str) -> None:
+                 shared_parameters: dict[str, list[str]], parameter_layers: dict[str, str],
+                 notes: list[str], model: onnx.ModelProto, plan: _Plan,
+                 constants: dict[str, torch.Tensor], init_order: list[str],
+                 init_types: dict[str, int], file_tensors: dict[str, torch.Tensor],
+                 bindings: dict[str, _Binding], label: str) -> None:
         super().__init__(format="onnx", path=path, parameters=parameters, inputs=inputs,
                          probe_points=probe_points, shared_parameters=shared_parameters,
-                         notes=notes)
+                         parameter_layers=parameter_layers, notes=notes)
         self._model = model  # the file without its initializers (the tensors hold them)
         self._plan = plan
         self._constants = constants

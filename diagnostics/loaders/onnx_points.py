@@ -32,6 +32,7 @@ from gradprobe.diagnostics.loaders.onnx_naming import (
     class_hierarchy,
     is_anonymous,
     module_class,
+    node_scope,
     owner_of,
     reads_only_buffers,
     unique_names,
@@ -125,6 +126,7 @@ class _Draft:
     layout: Literal["out_in", "in_out"] = "out_in"
     channel_axis: int = 1
     folded: bool = False
+    folded_norm: str | None = None
     nonlinearity: str | None = None
     feeds: tuple[str, ...] = ()
     followed_by_norm: bool = False
@@ -172,7 +174,7 @@ def build_points(view: GraphView) -> list[PointPlan]:
             nonlinearity=d.kind if d.role == "activation" else d.nonlinearity,
             parameters=d.parameters, weight=d.weight, bias=d.bias, fan_in=d.fan_in,
             fan_out=d.fan_out, weight_layout=d.layout, channel_axis=d.channel_axis,
-            feeds=d.feeds, folded_batchnorm=d.folded,
+            feeds=d.feeds, folded_batchnorm=d.folded, folded_norm=d.folded_norm,
             # the interpreter re-normalises a folded conv on batch statistics (onnx_folded_norm)
             followed_by_norm=d.followed_by_norm or (d.folded and d.node.op_type in FOLDABLE),
         )
@@ -302,7 +304,17 @@ def _linear(view: GraphView, node: GraphNode) -> _Draft | None:
     extra += [draft.bias] if draft.bias and draft.bias not in own else []
     draft.parameters = tuple(dict.fromkeys(own + extra))
     draft.folded = _folded_batchnorm(node, draft)
+    draft.folded_norm = _folded_norm_path(node) if draft.folded else None
     return draft
+
+
+def _folded_norm_path(node: GraphNode) -> str | None:
+    """The BatchNorm's module path on a node the dynamo exporter fused it into: the fused node
+    keeps the BatchNorm's metadata (`bn1`) while its weight keeps the conv's name."""
+    module = module_class(node.proto) or ""
+    if "BatchNorm" not in module:
+        return None
+    return node_scope(node.proto) or None
 
 
 def _folded_batchnorm(node: GraphNode, draft: _Draft) -> bool:

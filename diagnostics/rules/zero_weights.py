@@ -40,8 +40,9 @@ class ZeroWeights(Rule):
     no longer varies across the probe batch from this point on (the zero is where the
     across-batch variance first collapses, before the last layer); info otherwise. Biases are
     never reported: zero is their standard init. Where an eval-mode export folded a BatchNorm
-    into the layer (the file keeps no name for it), the finding says the zero may be that
-    BatchNorm's scale rather than the layer's weight.
+    into the layer, the finding says the zero may be that BatchNorm's scale rather than the
+    layer's weight (the file cannot tell them apart), naming the BatchNorm where the file keeps
+    its name (dynamo exports; legacy ones keep none).
     """
 
     name = "zero-weights"
@@ -75,7 +76,8 @@ class ZeroWeights(Rule):
                         f"no gradient at step 0. Initialise it with {fix.init} (std {fix.std:.3g}); "
                         f"to start a residual branch at zero, zero its last layer instead."
                         + _folded_note(point),
-                    evidence={**evidence, "starves_next_layer": True}, fix=fix,
+                    evidence={**evidence, "starves_next_layer": True, **_folded_evidence(point)},
+                    fix=fix,
                     parameters=[point.weight])
                 continue
             if verdict.can_train or point.role == "norm":
@@ -90,7 +92,8 @@ class ZeroWeights(Rule):
                 lp, f"{point.layer}.weight is all zeros and {verdict.reason}: this layer cannot "
                     f"learn. Initialise it with {fix.init} (std {fix.std:.3g})."
                     + _folded_note(point),
-                evidence=evidence, fix=fix, parameters=[point.weight])
+                evidence={**evidence, **_folded_evidence(point)}, fix=fix,
+                parameters=[point.weight])
         if cut_named or (cut is None and probe.output_varies):
             return
         heads = [lp for lp in probe.of_role("linear") if lp.point.weight]
@@ -100,7 +103,16 @@ class ZeroWeights(Rule):
         # one (a final RMSNorm's scale): name the all-zero tensors no layer owns as suspects.
         suspects = probe.zero_tensors_outside_layers()
         if suspects:
-            where = cut if cut is not None else suspects[0].rsplit(".", 1)[0]
+            owners = {probe.params[name].layer if name in probe.params
+                      else name.rpartition(".")[0] for name in suspects}
+            # One module holds every zero: it is where the defect is, the cut only where it
+            # shows (a legacy ONNX export splits GroupNorm into InstanceNormalization and a Mul
+            # by its weight, so a zeroed scale is no layer's weight; the activation after it is
+            # where the variance collapses).
+            one_module = len(owners) == 1 and "" not in owners
+            where: LayerProbe | str = (next(iter(owners)) if cut is not None and one_module
+                                       else cut if cut is not None
+                                       else suspects[0].rsplit(".", 1)[0])
             yield self._cut_finding(where, suspects, {"suspects": len(suspects)})
 
     def _cut_finding(self, lp: LayerProbe | str, zeros: list[str],
@@ -121,17 +133,32 @@ class ZeroWeights(Rule):
                 f"because {names} {'is' if len(zeros) == 1 else 'are'} all zeros with no path "
                 f"around. Initialise it non-zero{how}."
                 + ("" if isinstance(lp, str) else _folded_note(lp.point)),
-            evidence={**evidence, "sample_var": 0.0}, fix=fix, parameters=list(zeros))
+            evidence={**evidence, "sample_var": 0.0,
+                      **({} if isinstance(lp, str) else _folded_evidence(lp.point))},
+            fix=fix, parameters=list(zeros))
 
 
 
 def _folded_note(point: ProbePoint) -> str:
     """An eval-mode export folds a BatchNorm into the conv before it (W * gamma / sqrt(var +
-    eps)), and the file keeps no trace of the BatchNorm's name: a zero folded weight is a zero
-    conv weight or a zero BatchNorm scale in the user's model, which the file cannot tell
-    apart. Say both, so the fix goes where the zero is."""
+    eps)): a zero folded weight is a zero conv weight or a zero BatchNorm scale in the user's
+    model, which the file cannot tell apart. Say both, so the fix goes where the zero is; name
+    the BatchNorm where the file keeps its name (dynamo)."""
     if not point.folded_batchnorm:
         return ""
+    norm = point.folded_norm
+    if norm:
+        return (f" In this file the BatchNorm {norm} is folded into {point.layer} (an eval-mode "
+                f"export): in your model the zero may be {norm}.weight (initialise it with "
+                f"ones: nn.init.ones_({param_expr(norm + '.weight', norm)})) rather than "
+                f"{point.layer}'s weight.")
     return (f" In this file a BatchNorm is folded into {point.layer} (an eval-mode export): in "
             f"your model the zero may be that BatchNorm's scale (its weight; initialise it with "
             f"ones) rather than {point.layer}'s weight.")
+
+
+def _folded_evidence(point: ProbePoint) -> dict[str, object]:
+    if not point.folded_batchnorm:
+        return {}
+    return {"folded_batchnorm": True, **({"folded_norm": point.folded_norm}
+                                         if point.folded_norm else {})}
