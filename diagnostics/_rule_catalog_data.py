@@ -108,14 +108,19 @@ CATALOG = [{'name': 'nonfinite-weights',
           'non-zero\n'
           '  weight), or when the output no longer varies across the probe batch from this point '
           'on\n'
-          '  (the zero is where the across-batch variance first collapses, before the last layer); '
-          'info\n'
-          '  otherwise. Biases are never reported: zero is their standard init. Where an '
-          'eval-mode\n'
-          '  export folded a BatchNorm into the layer, the finding says the zero may be that\n'
-          "  BatchNorm's scale rather than the layer's weight (the file cannot tell them apart), "
-          'naming\n'
-          '  the BatchNorm where the file keeps its name (dynamo exports; legacy ones keep none).'},
+          '  (the zero is where the across-batch variance first collapses, before the last layer, '
+          'or\n'
+          '  the module that holds a zero no layer owns, such as a GroupNorm scale a legacy ONNX '
+          'export\n'
+          '  multiplies in after InstanceNormalization); info otherwise. Biases are never '
+          'reported:\n'
+          '  zero is their standard init. Where an eval-mode export folded a BatchNorm into the '
+          'layer,\n'
+          "  the finding says the zero may be that BatchNorm's scale rather than the layer's "
+          'weight\n'
+          '  (the file cannot tell them apart), naming the BatchNorm where the file keeps its '
+          'name\n'
+          '  (dynamo exports; legacy ones keep none).'},
  {'name': 'constant-weights',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],

@@ -91,6 +91,10 @@ PLANTED = [
     ("t5-encoder", "zero_norm", "torchscript"),
     ("whisper-encoder", "stage_10x", "torchscript"),
     ("wav2vec2", "zero_norm", "torchscript"),
+    # GroupNorm decomposed, its zeroed scale read by a Mul; zero mask constants in every block
+    ("wav2vec2", "zero_norm", "onnx_dynamo"),
+    # bn1 folded into conv1: the finding names bn1 as what may hold the zero
+    ("resnet18", "zero_norm", "onnx_dynamo"),
     ("llama", "gate_zero", "torchscript"),
     ("llama", "zero_branch", "torchscript"),
 ]

@@ -28,21 +28,22 @@ class ZeroWeights(Rule):
     the ReLU family, Xavier for tanh/sigmoid/linear, LeCun for SELU; ones for a norm scale or a
     multiplicative gate); the finding carries the std, bound and the PyTorch line.
     Thresholds: every entry exactly 0. Error when the gradient is zero or identical across output
-    units (relative spread <= 1e-6), when every value between it and the next layer is the same
-    for every sample and the next layer's output is the same for every sample too, or one of
-    them is exactly zero and a later layer before the next norm is fed nothing (a zeroed first
-    layer of a branch: the next layer is fed nothing, unlike a zeroed last layer, whose residual
-    add still varies, even folded into its conv with nothing after the add or followed by a
-    squeeze-excite whose pooled projections alone see the zero, or a zero-initialised MoE
-    router, whose uniform scores, sigmoid(0) = 0.5, still weigh the experts; with nothing probed
-    in between, as for a zeroed factor of a product like LLaMA's `up_proj`, when the next
-    layer's output is the same for every sample behind a non-zero weight), or when the output
-    no longer varies across the probe batch from this point on (the zero is where the
-    across-batch variance first collapses, before the last layer); info otherwise. Biases are
-    never reported: zero is their standard init. Where an eval-mode export folded a BatchNorm
-    into the layer, the finding says the zero may be that BatchNorm's scale rather than the
-    layer's weight (the file cannot tell them apart), naming the BatchNorm where the file keeps
-    its name (dynamo exports; legacy ones keep none).
+    units (relative spread <= 1e-6), when every value between it and the next layer is the same for
+    every sample and the next layer's output is the same for every sample too, or one of them is
+    exactly zero and a later layer before the next norm is fed nothing (a zeroed first layer of a
+    branch: the next layer is fed nothing, unlike a zeroed last layer, whose residual add still
+    varies, even folded into its conv with nothing after the add or followed by a squeeze-excite
+    whose pooled projections alone see the zero, or a zero-initialised MoE router, whose uniform
+    scores, sigmoid(0) = 0.5, still weigh the experts; with nothing probed in between, as for a
+    zeroed factor of a product like LLaMA's `up_proj`, when the next layer's output is the same for
+    every sample behind a non-zero weight), or when the output no longer varies across the probe
+    batch from this point on (the zero is where the across-batch variance first collapses, before
+    the last layer, or the module that holds a zero no layer owns, such as a GroupNorm scale a
+    legacy ONNX export multiplies in after InstanceNormalization); info otherwise. Biases are never
+    reported: zero is their standard init. Where an eval-mode export folded a BatchNorm into the
+    layer, the finding says the zero may be that BatchNorm's scale rather than the layer's weight
+    (the file cannot tell them apart), naming the BatchNorm where the file keeps its name (dynamo
+    exports; legacy ones keep none).
     """
 
     name = "zero-weights"
@@ -102,14 +103,20 @@ class ZeroWeights(Rule):
         # The zero sits between probe points (a gate or scale multiplied in) or after the last
         # one (a final RMSNorm's scale): name the all-zero tensors no layer owns as suspects.
         suspects = probe.zero_tensors_outside_layers()
+        if cut is not None:
+            # A zero read only after the cut did not make it (the dynamo exporter stores zero
+            # constants for an attention's masks, read in every block).
+            before = [n for n in suspects if _first_point(probe, probe.params[n].layer)
+                      <= cut.point.index]
+            suspects = before or suspects
         if suspects:
-            owners = {probe.params[name].layer if name in probe.params
-                      else name.rpartition(".")[0] for name in suspects}
+            owners = {probe.params[name].layer for name in suspects}
             # One module holds every zero: it is where the defect is, the cut only where it
             # shows (a legacy ONNX export splits GroupNorm into InstanceNormalization and a Mul
             # by its weight, so a zeroed scale is no layer's weight; the activation after it is
-            # where the variance collapses).
-            one_module = len(owners) == 1 and "" not in owners
+            # where the variance collapses). A root attribute's layer is its own name: no
+            # module to name, so the cut is where.
+            one_module = len(owners) == 1 and not owners & {"", *suspects}
             where: LayerProbe | str = (next(iter(owners)) if cut is not None and one_module
                                        else cut if cut is not None
                                        else suspects[0].rsplit(".", 1)[0])
@@ -137,6 +144,13 @@ class ZeroWeights(Rule):
                       **({} if isinstance(lp, str) else _folded_evidence(lp.point))},
             fix=fix, parameters=list(zeros))
 
+
+
+def _first_point(probe: ProbeResult, layer: str) -> int:
+    """Index of the first probe point in `layer` (or inside it); -1 when none is: position
+    unknown, so the caller keeps it."""
+    return next((lp.point.index for lp in probe.layers if lp.point.layer == layer
+                 or lp.point.layer.startswith((layer + ".", layer + ":", layer + "#"))), -1)
 
 
 def _folded_note(point: ProbePoint) -> str:
