@@ -200,8 +200,9 @@ def scorecard(rows: list[dict]) -> dict:
                "after_fix": r.get("after_fix", [])[:2]}
               for r in rows if r["defect"] != "healthy" and r["status"] not in ("skipped",)
               and not (r.get("detected") and r.get("right_layer") and r.get("fixed"))]
+    # A baseline the exporter could not write is no alarm: it is listed with its cases.
     healthy = {f"{r['family']}:{r['export']}": r.get("findings", r.get("detail"))
-               for r in rows if r["defect"] == "healthy"}
+               for r in rows if r["defect"] == "healthy" and r["status"] != "export-failed"}
     return {"schema": "gradprobe.planted-sweep/v1",
             "families": len({r["family"] for r in rows}),
             "total": dict(total), "per_defect": {k: dict(v) for k, v in per_defect.items()},
