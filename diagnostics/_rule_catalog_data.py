@@ -539,9 +539,9 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  textbook init (a zero head blocks every gradient at step 0 only) and zero gains no '
           'layer\n'
           "  owns set to 1 (a normaliser-free net's zero_init_last gain, a LayerScale or ReZero at "
-          '0;\n'
-          '  not in ONNX files, which cannot tell a gain from a buffer such as a zero mask), and '
-          'not\n'
-          '  reported where another rule names the cause: the zero/constant weight itself, layers\n'
-          '  behind a fully dead ReLU or behind the point where the output stops depending on the\n'
-          '  input, non-finite values.'}]
+          '0),\n'
+          '  and not reported where another rule names the cause: the zero/constant weight '
+          'itself,\n'
+          '  layers behind a fully dead ReLU or behind the point where the output stops depending '
+          'on\n'
+          '  the input, non-finite values.'}]
