@@ -22,6 +22,7 @@ import torch
 from gradprobe.diagnostics.errors import ProbeError
 from gradprobe.diagnostics.graph import LoadedModel, ProbePoint
 from gradprobe.diagnostics.init_schemes import recommended_init
+from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
 from gradprobe.diagnostics.report import ActivationStats, GradientStats, ParameterStats
 
 # A sigmoid/tanh entry is saturated when its local derivative is below 1% of its peak
@@ -1079,8 +1080,8 @@ def _blocking_zeros(model: LoadedModel, weights: dict[str, dict[str, float]]
     zero gains no layer owns (None): a block's last conv whose weight-standardisation gain
     starts at 0 (timm's normaliser-free nets, `zero_init_last`), a LayerScale or ReZero at
     0. Each blocks every gradient upstream of it at step 0 only. Biases stay zero (their
-    textbook init). Gains only where the file tells parameters from buffers: an ONNX
-    initializer may be a buffer, such as a zero mask that cuts a branch's gradient for good."""
+    textbook init), and so do tensors an exporter invented (`val_141`: an attention mask's
+    zeros), which are no parameter of the model."""
     found: list[tuple[str, ProbePoint | None]] = []
     for point in model.probe_points:
         if point.role not in ("linear", "norm") or not point.weight:
@@ -1088,12 +1089,11 @@ def _blocking_zeros(model: LoadedModel, weights: dict[str, dict[str, float]]
         stats = weights.get(point.weight)
         if stats and stats["abs_max"] == 0:
             found.append((point.weight, point))
-    if model.format == "onnx":
-        return found
     owned = {n for p in model.probe_points for n in (p.weight, p.bias) if n}
     for name in model.parameters:
         stats = weights.get(name)
-        if stats and stats["abs_max"] == 0 and name not in owned and not name.endswith("bias"):
+        if (stats and stats["abs_max"] == 0 and name not in owned and not name.endswith("bias")
+                and not is_anonymous(name.split("#", 1)[0])):
             found.append((name, None))
     return found
 
