@@ -536,12 +536,9 @@ CATALOG = [{'name': 'nonfinite-weights',
           'BatchNorm,\n'
           "  timm's learnable affine before BN). Measured with deliberate zero layers set to "
           'their\n'
-          '  textbook init (a zero head blocks every gradient at step 0 only) and zero gains no '
-          'layer\n'
-          "  owns set to 1 (a normaliser-free net's zero_init_last gain, a LayerScale or ReZero at "
-          '0),\n'
-          '  and not reported where another rule names the cause: the zero/constant weight '
-          'itself,\n'
-          '  layers behind a fully dead ReLU or behind the point where the output stops depending '
-          'on\n'
-          '  the input, non-finite values.'}]
+          '  textbook init (a zero head blocks every gradient at step 0 only), and not reported '
+          'where\n'
+          '  another rule names the cause: the zero/constant weight itself, layers behind a fully '
+          'dead\n'
+          '  ReLU or behind the point where the output stops depending on the input, non-finite '
+          'values.'}]

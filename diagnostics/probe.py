@@ -22,7 +22,6 @@ import torch
 from gradprobe.diagnostics.errors import ProbeError
 from gradprobe.diagnostics.graph import LoadedModel, ProbePoint
 from gradprobe.diagnostics.init_schemes import recommended_init
-from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
 from gradprobe.diagnostics.report import ActivationStats, GradientStats, ParameterStats
 
 # A sigmoid/tanh entry is saturated when its local derivative is below 1% of its peak
@@ -1074,32 +1073,21 @@ def _layer_of(model: LoadedModel) -> dict[str, str]:
     return layer
 
 
-def _blocking_zeros(model: LoadedModel, weights: dict[str, dict[str, float]]
-                    ) -> list[tuple[str, ProbePoint | None]]:
-    """Zero weights (linear layers) and zero scales (norm layers) that stop gradients, and
-    zero gains no layer owns (None): a block's last conv whose weight-standardisation gain
-    starts at 0 (timm's normaliser-free nets, `zero_init_last`), a LayerScale or ReZero at
-    0. Each blocks every gradient upstream of it at step 0 only. Biases stay zero (their
-    textbook init), and so do tensors an exporter invented (`val_141`: an attention mask's
-    zeros), which are no parameter of the model."""
-    found: list[tuple[str, ProbePoint | None]] = []
+def _blocking_zeros(model: LoadedModel,
+                    weights: dict[str, dict[str, float]]) -> list[tuple[str, ProbePoint]]:
+    """Zero weights (linear layers) and zero scales (norm layers) that stop gradients."""
+    found = []
     for point in model.probe_points:
         if point.role not in ("linear", "norm") or not point.weight:
             continue
         stats = weights.get(point.weight)
         if stats and stats["abs_max"] == 0:
             found.append((point.weight, point))
-    owned = {n for p in model.probe_points for n in (p.weight, p.bias) if n}
-    for name in model.parameters:
-        stats = weights.get(name)
-        if (stats and stats["abs_max"] == 0 and name not in owned and not name.endswith("bias")
-                and not is_anonymous(name.split("#", 1)[0])):
-            found.append((name, None))
     return found
 
 
-def _unblocked_value(param: torch.Tensor, point: ProbePoint | None, seed: int) -> torch.Tensor:
-    if point is None or point.role == "norm":
+def _unblocked_value(param: torch.Tensor, point: ProbePoint, seed: int) -> torch.Tensor:
+    if point.role == "norm":
         return torch.ones_like(param)
     std = recommended_init(point).std or 0.02
     gen = torch.Generator().manual_seed(seed + 7)

@@ -378,33 +378,3 @@ def test_a_softmax_over_one_position_explains_a_bias_that_gets_no_gradient(tmp_p
                       tmp_path / "cut.pt")
     assert [(f.severity.value, f.parameters) for f in cut.findings
             if f.rule == "dead-gradients"] == [("error", ["attn.pos_bias"])]
-
-
-class ZeroGainResNet(nn.Module):
-    """Residual blocks whose branch ends in a gain that starts at 0 (timm's normaliser-free
-    nets with zero_init_last, a LayerScale or ReZero at 0): deliberate, it trains from step 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.convs = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1) for _ in range(4))
-        self.gains = nn.ParameterList(nn.Parameter(torch.zeros(16, 1, 1)) for _ in range(2))
-        self.head = nn.Linear(16, 10)
-        for conv in [self.stem, *self.convs]:
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.stem(x))
-        for b, gain in enumerate(self.gains):
-            branch = self.convs[2 * b + 1](torch.relu(self.convs[2 * b](h)))
-            h = h + gain * branch
-        return self.head(h.mean(dim=(2, 3)))
-
-
-def test_a_zero_gain_at_the_end_of_a_branch_is_deliberate(tmp_path):
-    # Before: dead-gradients errors on every conv of every branch (the gain blocks their
-    # gradient at step 0 only). A gain no layer owns is unblocked like a zero layer.
-    report = lint_traced(ZeroGainResNet(), torch.randn(2, 3, 16, 16), tmp_path / "gain.pt")
-    assert serious(report) == []
-    assert any("gains.0" in note and "textbook init" in note for note in report.model.notes)

@@ -29,10 +29,9 @@ class DeadGradients(Rule):
     (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
     which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
     Measured with deliberate zero layers set to their textbook init (a zero head blocks every
-    gradient at step 0 only) and zero gains no layer owns set to 1 (a normaliser-free net's
-    zero_init_last gain, a LayerScale or ReZero at 0), and not reported where another rule names the
-    cause: the zero/constant weight itself, layers behind a fully dead ReLU or behind the point
-    where the output stops depending on the input, non-finite values.
+    gradient at step 0 only), and not reported where another rule names the cause: the zero/constant
+    weight itself, layers behind a fully dead ReLU or behind the point where the output stops
+    depending on the input, non-finite values.
     """
 
     name = "dead-gradients"
