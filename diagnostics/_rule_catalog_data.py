@@ -444,19 +444,22 @@ CATALOG = [{'name': 'nonfinite-weights',
           'verdict\n'
           "  depend on the probe's resolution), a least-squares line in log space from the first "
           'to the\n'
-          '  last layer, each kind of layer compared with itself from block to block (a query\n'
-          "  projection with the next block's query projection) and a value its neighbours do not "
-          'pass\n'
-          '  on (>3 decades off both) left out; warning when early/late <= `ratio` (1e-3, '
-          "AUTOTRAINER's\n"
-          '  vanishing ratio). Measured with deliberate zero layers (zero head, zero-init '
-          'residual) set\n'
-          '  to their textbook init, as after step one. Always a warning: in our training check a\n'
-          '  twelve-layer sigmoid stack re-initialised with Xavier learns no better than before '
-          '(the\n'
-          '  remedy is architectural), so the rule cannot promise that a fix restores training; '
-          'where\n'
-          '  the activations themselves collapse, vanishing-activations reports the error.'},
+          '  last layer, and the same with each kind of layer compared with itself from block to '
+          'block\n'
+          "  (a query projection with the next block's): the milder of the two counts; a value "
+          'its\n'
+          '  neighbours do not pass on (>3 decades off both) is left out; warning when early/late '
+          '<=\n'
+          "  `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers "
+          '(zero\n'
+          '  head, zero-init residual) set to their textbook init, as after step one. Always a '
+          'warning:\n'
+          '  in our training check a twelve-layer sigmoid stack re-initialised with Xavier learns '
+          'no\n'
+          '  better than before (the remedy is architectural), so the rule cannot promise that a '
+          'fix\n'
+          '  restores training; where the activations themselves collapse, vanishing-activations\n'
+          '  reports the error.'},
  {'name': 'exploding-gradients',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
@@ -483,13 +486,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'keeps:\n'
           '  no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the '
           'verdict\n'
-          "  depend on the probe's resolution), a least-squares line in log space, each kind of "
-          'layer\n'
-          '  compared with itself from block to block and a value its neighbours do not pass on '
-          '(>3\n'
-          '  decades off both) left out; warning when early/late >= `ratio` (100; AUTOTRAINER uses '
-          '70\n'
-          '  during training, we allow more at step 0), error from `error_ratio` (1e4).'},
+          "  depend on the probe's resolution), a least-squares line in log space, and the same "
+          'with\n'
+          '  each kind of layer compared with itself from block to block: the milder counts; a '
+          'value\n'
+          '  its neighbours do not pass on (>3 decades off both) is left out; warning when '
+          'early/late\n'
+          '  >= `ratio` (100; AUTOTRAINER uses 70 during training, we allow more at step 0), error '
+          'from\n'
+          '  `error_ratio` (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
   'verdicts': ['info', 'error'],

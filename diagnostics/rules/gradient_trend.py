@@ -20,9 +20,16 @@ class GradientTrendRule(Rule):
             return  # nonfinite-* rules say what happened; a trend through NaN means nothing
         axis = depth_layers(probe, "gradient")
         layers, values = without_spikes(axis, [lp.gradient.rms for lp in axis])  # type: ignore[union-attr]
-        trend = fit(layers, values, [layer_kind(lp.point.layer) for lp in layers])
-        if trend is None or trend.total <= 0:
+        # Each fit can be fooled one way: one line through every layer reads a kind's own
+        # level (a gate on WavLM's position bias, 1e-5 of the convs) as drift; per-kind lines
+        # lose the layers met once (the head that anchors a pre-LN stack whose one oversized
+        # block, init-scale's finding, drowns the blocks after it). A drift both see is real.
+        fits = [t for t in (fit(layers, values),
+                            fit(layers, values, [layer_kind(lp.point.layer) for lp in layers]))
+                if t is not None and t.total > 0]
+        if len(fits) < 2:
             return
+        trend = min(fits, key=lambda t: abs(t.decades))
         # trend.total is last/first in forward order; gradients flow backwards.
         early_to_late = 1 / trend.total
         # A rule without an `error_ratio` threshold is never an error.

@@ -15,9 +15,9 @@ class VanishingGradients(GradientTrendRule):
     Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers depth_trend
     keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the
     verdict depend on the probe's resolution), a least-squares line in log space from the first
-    to the last layer, each kind of layer compared with itself from block to block (a query
-    projection with the next block's query projection) and a value its neighbours do not pass
-    on (>3 decades off both) left out; warning when early/late <= `ratio` (1e-3, AUTOTRAINER's
+    to the last layer, and the same with each kind of layer compared with itself from block to
+    block (a query projection with the next block's): the milder of the two counts; a value its
+    neighbours do not pass on (>3 decades off both) is left out; warning when early/late <= `ratio` (1e-3, AUTOTRAINER's
     vanishing ratio). Measured with deliberate zero layers (zero head, zero-init
     residual) set to their textbook init, as after step one. Always a warning: in our training
     check a twelve-layer sigmoid stack re-initialised with Xavier learns no better than before
