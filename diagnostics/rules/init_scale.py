@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Iterator
 
@@ -9,10 +8,10 @@ from gradprobe.diagnostics.init_schemes import recommended_init, target_variance
 from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
+from gradprobe.diagnostics.rules.depth_trend import layer_kind
 
 # Fewer inputs per unit than this and |g|/|w| behind BatchNorm is noise.
 MIN_FAN_IN_BEHIND_BN = 16
-_DIGITS = re.compile(r"\d+")
 
 
 class InitScale(Rule):
@@ -240,7 +239,7 @@ def _same_role_peers(probe: ProbeResult, judged: list[LayerProbe]) -> dict[int, 
         stats = probe.params[lp.point.weight].stats  # type: ignore[index]
         if stats.constant or stats.nonfinite:
             continue
-        groups.setdefault((_DIGITS.sub("#", lp.point.weight or ""), tuple(stats.shape)),
+        groups.setdefault((layer_kind(lp.point.weight or ""), tuple(stats.shape)),
                           []).append(lp)
     return {lp.point.index: [x for x in group if x is not lp]
             for group in groups.values() if len(group) > 1 for lp in group}
