@@ -318,11 +318,11 @@ class _Builder:
                         constants, [vi.name for vi in inputs], outputs,
                         renormalise_folded=self.renormalise_folded)
         self._note_exports(plans, nodes, bindings)
+        reader_layers = _reader_layers(bindings, plans, nodes)
         return OnnxModel(
             path=self.path, parameters=params, inputs=specs,
-            probe_points=[p.point for p in plans], shared_parameters=_shared(bindings, plans,
-                                                                            nodes),
-            parameter_layers=_reader_layers(bindings, plans, nodes),
+            probe_points=[p.point for p in plans],
+            shared_parameters=_shared(bindings, reader_layers), parameter_layers=reader_layers,
             notes=self.notes, model=self.model, plan=plan, constants=constants,
             init_order=init_order, init_types=init_types,
             file_tensors={n: t for n, t in tensors.items()  # only what nothing else holds
@@ -591,13 +591,12 @@ def _untied_name(name: str, scope: str | None, canonical: str | None, taken: set
     return candidate
 
 
-def _shared(bindings: dict[str, _Binding], plans: list[PointPlan],
-            nodes: list[GraphNode]) -> dict[str, list[str]]:
+def _shared(bindings: dict[str, _Binding],
+            layer_of: dict[str, str]) -> dict[str, list[str]]:
     """Parameter -> layers that read one tensor in the file, for tensors read by several."""
     members: dict[str, list[str]] = {}
     for name, binding in bindings.items():
         members.setdefault(binding.file_tensor, []).append(name)
-    layer_of = _reader_layers(bindings, plans, nodes)
     shared = {}
     for group in members.values():
         if len(group) > 1:

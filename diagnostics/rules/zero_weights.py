@@ -116,10 +116,13 @@ class ZeroWeights(Rule):
             # by its weight, so a zeroed scale is no layer's weight; the activation after it is
             # where the variance collapses). A root attribute's layer is its own name: no
             # module to name, so the cut is where.
-            one_module = len(owners) == 1 and not owners & {"", *suspects}
-            where: LayerProbe | str = (next(iter(owners)) if cut is not None and one_module
-                                       else cut if cut is not None
-                                       else suspects[0].rsplit(".", 1)[0])
+            where: LayerProbe | str
+            if cut is None:
+                where = suspects[0].rsplit(".", 1)[0]
+            elif len(owners) == 1 and not owners & {"", *suspects}:
+                where = next(iter(owners))
+            else:
+                where = cut
             yield self._cut_finding(where, suspects, {"suspects": len(suspects)})
 
     def _cut_finding(self, lp: LayerProbe | str, zeros: list[str],
