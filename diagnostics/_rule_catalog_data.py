@@ -444,10 +444,11 @@ CATALOG = [{'name': 'nonfinite-weights',
           'verdict\n'
           "  depend on the probe's resolution), a least-squares line in log space from the first "
           'to the\n'
-          '  last layer, and the same with each kind of layer compared with itself from block to '
-          'block\n'
-          "  (a query projection with the next block's): the milder of the two counts; a value "
-          'its\n'
+          '  last layer, the same with each kind of layer compared with itself from block to block '
+          '(a\n'
+          "  query projection with the next block's), and with the layers of each resolution "
+          'compared\n'
+          "  among themselves (a stage's layers): the mildest of the three counts; a value its\n"
           '  neighbours do not pass on (>3 decades off both) is left out; warning when early/late '
           '<=\n'
           "  `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers "
@@ -486,15 +487,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'keeps:\n'
           '  no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the '
           'verdict\n'
-          "  depend on the probe's resolution), a least-squares line in log space, and the same "
-          'with\n'
-          '  each kind of layer compared with itself from block to block: the milder counts; a '
-          'value\n'
-          '  its neighbours do not pass on (>3 decades off both) is left out; warning when '
-          'early/late\n'
-          '  >= `ratio` (100; AUTOTRAINER uses 70 during training, we allow more at step 0), error '
-          'from\n'
-          '  `error_ratio` (1e4).'},
+          "  depend on the probe's resolution), a least-squares line in log space, the same with "
+          'each\n'
+          '  kind of layer compared with itself from block to block, and with the layers of each\n'
+          '  resolution compared among themselves: the mildest counts; a value its neighbours do '
+          'not\n'
+          '  pass on (>3 decades off both) is left out; warning when early/late >= `ratio` (100;\n'
+          '  AUTOTRAINER uses 70 during training, we allow more at step 0), error from '
+          '`error_ratio`\n'
+          '  (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
   'verdicts': ['info', 'error'],

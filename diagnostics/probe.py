@@ -186,6 +186,12 @@ class ProbeResult:
         return (mine is not None and mine <= fewest
                 and any(size > fewest for size in sizes.values()))
 
+    def positions_per_unit(self, layer: LayerProbe) -> float | None:
+        """Samples x positions the layer's output units were measured on: its resolution. A
+        per-entry gradient is a sum over the positions downstream of it, so values compare
+        between layers at one resolution."""
+        return self._positions_per_unit.get(layer.point.index)
+
     @cached_property
     def _positions_per_unit(self) -> dict[int, float]:
         """Samples x positions each parameterised layer's output unit was measured on."""

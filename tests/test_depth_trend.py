@@ -83,3 +83,19 @@ def test_what_propagates_is_kept(values):
     names = [f"l{i}" for i in range(len(values))]
     kept, _ = without_spikes(names, values)  # type: ignore[arg-type]
     assert kept == names
+
+
+def test_a_step_where_the_resolution_changes_is_not_a_drift_inside_a_stage():
+    # timm's EdgeNeXt: flat within each stage, ~35x per stage going forwards (its strided conv
+    # shrinks the residual stream, the LayerNorms reading it hand back 1/scale in the gradient).
+    names, values, resolutions = [], [], []
+    for stage, (blocks, level) in enumerate([(3, 2.7e-8), (3, 4.5e-7), (9, 6.6e-6), (3, 1.3e-4)]):
+        for b in range(blocks):
+            names.append(f"stages.{stage}.blocks.{b}.mlp.fc2")
+            values.append(level)
+            resolutions.append(str(512 // 4**stage))
+    assert decades(kinds_fit(names, values).total) > 3  # one slope across the steps
+    assert fit(names, values, resolutions).total == pytest.approx(1.0)  # type: ignore[arg-type]
+    # A drift inside each stage is one all the same: 10x per layer going forwards.
+    ramp = [v * 10**b for v, b in zip(values, [0, 1, 2, 0, 1, 2] + list(range(9)) + [0, 1, 2])]
+    assert fit(names, ramp, resolutions).per_layer == pytest.approx(10.0)  # type: ignore[arg-type]

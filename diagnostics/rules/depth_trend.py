@@ -2,12 +2,13 @@
 
 A signal that is multiplied by the same factor at every layer is a straight line in log space; a
 least-squares line through log10 of the per-layer values measures that factor while ignoring one-off
-bumps (a projection) that a first/last ratio would over-weight. For gradients a second line compares
-each kind of layer with itself (`fit` with kinds), the milder of the two counts, and values the
-layers behind them do not show are left out (`without_spikes`). The depth axis holds only layers
-whose values the network carries forward (see `depth_layers`): through a global average pool the
-per-entry gradient shrinks by the number of positions pooled, a factor set by the probe's
-resolution, and a trend across the pool called one small CNN healthy at 8x8 and vanishing at 64x64.
+bumps (a projection) that a first/last ratio would over-weight. For gradients two more lines compare
+each kind of layer with itself and each resolution with itself (`fit` with kinds), the mildest of
+the three counts, and values the layers behind them do not show are left out (`without_spikes`). The
+depth axis holds only layers whose values the network carries forward (see `depth_layers`): through
+a global average pool the per-entry gradient shrinks by the number of positions pooled, a factor set
+by the probe's resolution, and a trend across the pool called one small CNN healthy at 8x8 and
+vanishing at 64x64.
 """
 
 from __future__ import annotations

@@ -23,11 +23,18 @@ class GradientTrendRule(Rule):
         # Each fit can be fooled one way: one line through every layer reads a kind's own
         # level (a gate on WavLM's position bias, 1e-5 of the convs) as drift; per-kind lines
         # lose the layers met once (the head that anchors a pre-LN stack whose one oversized
-        # block, init-scale's finding, drowns the blocks after it). A drift both see is real.
+        # block, init-scale's finding, drowns the blocks after it); both read a step where the
+        # resolution changes as drift. A per-entry gradient compares between layers at one
+        # resolution: timm's EdgeNeXt shrinks its residual stream ~10x at each stage's strided
+        # conv (std 0.02), and the LayerNorms that read the stream hand back 1/scale in the
+        # gradient, flat within each stage (1.2e-4x "vanishing" over 4 stages, none inside
+        # one). A drift all three see is real.
+        resolutions = [str(probe.positions_per_unit(lp)) for lp in layers]
         fits = [t for t in (fit(layers, values),
-                            fit(layers, values, [layer_kind(lp.point.layer) for lp in layers]))
+                            fit(layers, values, [layer_kind(lp.point.layer) for lp in layers]),
+                            fit(layers, values, resolutions))
                 if t is not None and t.total > 0]
-        if len(fits) < 2:
+        if len(fits) < 3:
             return
         trend = min(fits, key=lambda t: abs(t.decades))
         # trend.total is last/first in forward order; gradients flow backwards.

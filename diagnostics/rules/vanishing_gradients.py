@@ -13,16 +13,17 @@ class VanishingGradients(GradientTrendRule):
     Fix: ReLU-family activations with He init instead of sigmoid/tanh stacks; normalisation;
     residual connections.
     Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers depth_trend
-    keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the
-    verdict depend on the probe's resolution), a least-squares line in log space from the first
-    to the last layer, and the same with each kind of layer compared with itself from block to
-    block (a query projection with the next block's): the milder of the two counts; a value its
-    neighbours do not pass on (>3 decades off both) is left out; warning when early/late <= `ratio` (1e-3, AUTOTRAINER's
-    vanishing ratio). Measured with deliberate zero layers (zero head, zero-init
-    residual) set to their textbook init, as after step one. Always a warning: in our training
-    check a twelve-layer sigmoid stack re-initialised with Xavier learns no better than before
-    (the remedy is architectural), so the rule cannot promise that a fix restores training; where
-    the activations themselves collapse, vanishing-activations reports the error.
+    keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the verdict
+    depend on the probe's resolution), a least-squares line in log space from the first to the last
+    layer, the same with each kind of layer compared with itself from block to block (a query
+    projection with the next block's), and with the layers of each resolution compared among
+    themselves (a stage's layers): the mildest of the three counts; a value its neighbours do not
+    pass on (>3 decades off both) is left out; warning when early/late <= `ratio` (1e-3,
+    AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers (zero head, zero-init
+    residual) set to their textbook init, as after step one. Always a warning: in our training check
+    a twelve-layer sigmoid stack re-initialised with Xavier learns no better than before (the remedy
+    is architectural), so the rule cannot promise that a fix restores training; where the
+    activations themselves collapse, vanishing-activations reports the error.
     """
 
     name = "vanishing-gradients"
