@@ -75,6 +75,16 @@ class ProbePoint:
     folded_norm: str | None = None
     # True when a BatchNorm follows this layer in the graph (run on batch statistics).
     followed_by_norm: bool = False
+    # A norm over a weight tensor, not over the signal (weight standardisation: timm's
+    # ScaledStdConv2d normalises its conv's weight, scaled by `gain`): its value is the same for
+    # any input, and it restores no activation's scale; its scale is a parameter all the same.
+    # Where the file stores that scale with its fixed factor folded in (ONNX: one tensor for
+    # gain * gamma / sqrt(fan_in)), the loader sets fan_in: a unit gain is then ~sqrt(2/fan_in).
+    on_weights: bool = False
+
+    @property
+    def normalises_signal(self) -> bool:
+        return self.role == "norm" and not self.on_weights
 
     @property
     def is_embedding(self) -> bool:

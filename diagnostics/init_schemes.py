@@ -68,6 +68,16 @@ def scheme_for(nonlinearity: str | None) -> str:
     return "xavier_uniform"  # tanh, sigmoid, softmax, hardsigmoid, linear
 
 
+def unit_scale(point: ProbePoint) -> float:
+    """What a norm's scale is at a textbook start: 1, except a weight standardisation's scale
+    stored with its fixed factor folded in (ProbePoint.on_weights with a fan_in: ONNX keeps
+    gain * gamma / sqrt(fan_in) as one tensor), where a unit gain is He's sqrt(2 / fan_in);
+    ones there would make its conv ~sqrt(fan_in)x too strong (40x in nf_seresnet26)."""
+    if point.role == "norm" and point.on_weights and point.fan_in:
+        return math.sqrt(2.0 / point.fan_in)
+    return 1.0
+
+
 def gain_for(nonlinearity: str | None) -> float:
     if nonlinearity == "leaky_relu":
         return math.sqrt(2.0 / (1 + LEAKY_SLOPE**2))

@@ -49,12 +49,12 @@ def draw(scheme: str, shape: torch.Size | tuple[int, ...], *, std: float | None 
          bound: float | None = None, gain: float = 1.0, layout: Layout = "out_in",
          gen: torch.Generator) -> torch.Tensor:
     """New float32 CPU values: normal(0, std) for the *_normal schemes, uniform(-bound, bound)
-    for the *_uniform ones, an orthogonal matrix for 'orthogonal', zeros for 'zeros', ones for
-    'ones' (a norm scale or gate that cut the signal)."""
+    for the *_uniform ones, an orthogonal matrix for 'orthogonal', zeros for 'zeros', `gain` for
+    'ones' (a norm scale or gate that cut the signal: 1, see init_schemes.unit_scale)."""
     if scheme == "zeros":
         return torch.zeros(shape)
     if scheme == "ones":
-        return torch.ones(shape)
+        return torch.full(shape, gain)
     if scheme == "orthogonal":
         return orthogonal(shape, layout, gain, gen)
     if scheme.endswith("_uniform"):

@@ -21,7 +21,7 @@ import torch
 
 from gradprobe.diagnostics.errors import ProbeError
 from gradprobe.diagnostics.graph import LoadedModel, ProbePoint
-from gradprobe.diagnostics.init_schemes import recommended_init
+from gradprobe.diagnostics.init_schemes import recommended_init, unit_scale
 from gradprobe.diagnostics.report import ActivationStats, GradientStats, ParameterStats
 
 # A sigmoid/tanh entry is saturated when its local derivative is below 1% of its peak
@@ -67,7 +67,9 @@ class ProbeResult:
     output_varies: bool = True
 
     def of_role(self, role: str) -> Iterator[LayerProbe]:
-        return (lp for lp in self.layers if lp.point.role == role)
+        """Points of a role; "norm" means the norms of the signal (not weight standardisation)."""
+        return (lp for lp in self.layers if lp.point.role == role
+                and not (role == "norm" and lp.point.on_weights))
 
     def activations(self, *kinds: str) -> Iterator[LayerProbe]:
         return (lp for lp in self.layers
@@ -83,7 +85,7 @@ class ProbeResult:
         BatchNorm -> ReLU), if any: its shift, not the conv's bias, decides what the ReLU sees."""
         if not producer.point.followed_by_norm:
             return None
-        between = [lp for lp in self.layers if lp.point.role == "norm"
+        between = [lp for lp in self.layers if lp.point.normalises_signal
                    and producer.point.index < lp.point.index < activation.point.index]
         return between[-1] if between else None
 
@@ -101,7 +103,8 @@ class ProbeResult:
         if self.output_varies:
             return None
         varying = [lp for lp in self.layers if lp.activation is not None
-                   and not lp.point.is_embedding and lp.activation.nonfinite == 0]
+                   and not lp.point.is_embedding and not lp.point.on_weights
+                   and lp.activation.nonfinite == 0]
         cut = None
         for lp in reversed(varying):
             if lp.activation.sample_var != 0:  # type: ignore[union-attr]
@@ -132,7 +135,7 @@ class ProbeResult:
                 continue
             if lp.point.role == "linear":
                 return False
-            if lp.point.role == "norm":
+            if lp.point.normalises_signal:
                 return True
         return False
 
@@ -163,7 +166,7 @@ class ProbeResult:
         # nothing, and they do not carry the signal on; the next layer on the main path does.
         skip_pooled = not self.behind_global_pool(layer)
         for lp in self.layers:
-            if lp.point.index <= layer.point.index:
+            if lp.point.index <= layer.point.index or lp.point.on_weights:
                 continue
             if lp.point.role == "linear" and skip_pooled and self.behind_global_pool(lp):
                 continue
@@ -204,7 +207,7 @@ class ProbeResult:
         for lp in self.layers:
             if lp.point.index < start.point.index:
                 continue
-            if lp.point.role == "norm":
+            if lp.point.normalises_signal:
                 return False
             if lp.point.role == "linear" and self._fed_nothing(lp) and not (
                     skip_pooled and self.behind_global_pool(lp)):
@@ -238,7 +241,7 @@ class ProbeResult:
     @property
     def has_normalisation(self) -> bool:
         """A norm layer anywhere, or a BatchNorm folded into or following a layer."""
-        return any(lp.point.role == "norm" or lp.point.followed_by_norm for lp in self.layers)
+        return any(lp.point.normalises_signal or lp.point.followed_by_norm for lp in self.layers)
 
     @property
     def folded_batchnorm(self) -> bool:
@@ -1094,7 +1097,7 @@ def _blocking_zeros(model: LoadedModel,
 
 def _unblocked_value(param: torch.Tensor, point: ProbePoint, seed: int) -> torch.Tensor:
     if point.role == "norm":
-        return torch.ones_like(param)
+        return torch.full_like(param, unit_scale(point))
     std = recommended_init(point).std or 0.02
     gen = torch.Generator().manual_seed(seed + 7)
     return (torch.randn(param.shape, generator=gen) * std).to(param)

@@ -32,7 +32,7 @@ import torch
 from gradprobe.diagnostics.api import diagnose, pick_device
 from gradprobe.diagnostics.errors import ConfigError
 from gradprobe.diagnostics.graph import LoadedModel, ProbePoint
-from gradprobe.diagnostics.init_schemes import recommended_init, user_expr
+from gradprobe.diagnostics.init_schemes import recommended_init, unit_scale, user_expr
 from gradprobe.diagnostics.init_values import draw, generator_for
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
@@ -274,8 +274,10 @@ class _Plan:
         if name not in self.model.parameters or self.protected.get(name, "").startswith("deliberate"):
             return False
         if name not in self.changed:
+            owner = self._owner.get(name)
             self.changed[name] = ChangedTensor(name, layer, "ones", reasons=[rule],
-                                               round=self._round)
+                                               round=self._round,
+                                               gain=unit_scale(owner) if owner else None)
         return True
 
     def values(self, names: list[str], seed: int) -> dict[str, torch.Tensor]:

@@ -68,6 +68,16 @@ HEALTHY = [
     # at 64 px its last stage has one token: each attention's softmax is over one position, so
     # its attention biases get no gradient at that size (info, not "will never train")
     ("timm", "levit_256d", "torchscript"),
+    # each stage's strided conv shrinks the residual stream ~10x and the LayerNorms reading it
+    # hand back 1/scale in the gradient: a step per resolution, flat within each stage
+    ("timm", "edgenext_small_rw", "torchscript"),
+    # weight-standardised convs (ScaledStdConv2d), the last gain of each branch zero-initialised;
+    # legacy ONNX keeps the standardisation as ops, so its convs have no stored weight
+    ("timm", "nf_seresnet26", "torchscript"),
+    ("timm", "nf_seresnet26", "onnx_legacy"),
+    # the dynamo file stores gain * gamma / sqrt(fan_in) as one tensor: the unblocked pass
+    # must restore a unit gain there, not ones (each branch 40x: an exploding-gradients error)
+    ("timm", "nf_seresnet26", "onnx_dynamo"),
 ]
 
 PLANTED = [

@@ -378,3 +378,69 @@ def test_a_softmax_over_one_position_explains_a_bias_that_gets_no_gradient(tmp_p
                       tmp_path / "cut.pt")
     assert [(f.severity.value, f.parameters) for f in cut.findings
             if f.rule == "dead-gradients"] == [("error", ["attn.pos_bias"])]
+
+
+class StdConvBlocks(nn.Module):
+    """NF-ResNet's residual blocks (timm's ScaledStdConv2d: weight standardisation with a
+    per-channel `gain`), the last gain of each branch zeroed as timm's zero_init_last does.
+    Without `skip` the branch is all there is: the first block's zero gain cuts the signal
+    (the second block's gain is left at 1, so there is one cut)."""
+
+    def __init__(self, skip: bool) -> None:
+        super().__init__()
+        from timm.layers import ScaledStdConv2d
+        torch.manual_seed(0)
+        self.skip = skip
+        self.stem = ScaledStdConv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([ScaledStdConv2d(16, 16, 3, padding=1),
+                           ScaledStdConv2d(16, 16, 3, padding=1)]) for _ in range(2))
+        for first, last in self.blocks if skip else self.blocks[:1]:
+            nn.init.zeros_(last.gain)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        for first, last in self.blocks:
+            branch = last(torch.relu(first(x)))
+            x = torch.relu(x + branch if self.skip else branch)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("how", ["torchscript", "onnx_legacy", "onnx_dynamo"])
+def test_a_zero_gain_of_a_standardised_conv_is_a_deliberate_zero_behind_a_skip(tmp_path, how):
+    # timm's nf_seresnet26: the gain is the scale of a batch_norm over the conv's weight, read
+    # through `(gain * c).view(-1)` (TorchScript) or a Reshape of a BatchNormalization over an
+    # initializer (ONNX). Before: TorchScript gave "will never train" on every conv (the probe
+    # never unblocked the gain), and legacy ONNX saw no conv at all, only the head.
+    pytest.importorskip("timm")
+    from gradprobe.diagnostics.repair import repair
+
+    example = torch.randn(2, 3, 16, 16)
+    options = DiagnoseOptions(input_shapes=[list(example.shape)])
+    for skip in (True, False):
+        model = StdConvBlocks(skip).eval()
+        path = tmp_path / f"std{skip}.{'pt' if how == 'torchscript' else 'onnx'}"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if how == "torchscript":
+                export_torchscript(model, (example,), path)
+            else:
+                torch.onnx.export(model, (example,), str(path), dynamo=how == "onnx_dynamo")
+        report = diagnose(str(path), options)
+        zero = [f for f in report.findings if f.rule == "zero-weights"]
+        if skip:
+            assert serious(report) == [], how
+            assert {f.severity.value for f in zero} == {"info"} and len(zero) == 2, how
+        else:
+            # Nothing goes around the zero: the output no longer depends on the input, from the
+            # conv whose standardised weight the zero gain scales (before: "deliberate", info).
+            assert serious(report) == ["error zero-weights blocks.0.1"], how
+            assert "no longer depends on its input" in zero[0].message
+            # ONNX stores gain * gamma / sqrt(fan_in) as one tensor: the repair restores a unit
+            # gain there (ones would make the conv 12x too strong at fan_in 144)
+            out = repair(path, tmp_path / f"fixed{path.suffix}", options)
+            assert serious(out.after) == [], how
+            if how == "onnx_legacy":
+                assert [(c.scheme, c.gain) for c in out.changed] == [
+                    ("ones", pytest.approx((2 / 144) ** 0.5))]

@@ -130,6 +130,7 @@ class _Draft:
     nonlinearity: str | None = None
     feeds: tuple[str, ...] = ()
     followed_by_norm: bool = False
+    on_weights: bool = False
     layer: str = ""
 
 
@@ -177,6 +178,7 @@ def build_points(view: GraphView) -> list[PointPlan]:
             feeds=d.feeds, folded_batchnorm=d.folded, folded_norm=d.folded_norm,
             # the interpreter re-normalises a folded conv on batch statistics (onnx_folded_norm)
             followed_by_norm=d.followed_by_norm or (d.folded and d.node.op_type in FOLDABLE),
+            on_weights=d.on_weights,
         )
         plans.append(PointPlan(point=point, value=d.value, step=d.step))
     return plans
@@ -206,6 +208,30 @@ def _weight_source(view: GraphView, value: str) -> tuple[str, bool] | None:
             transposed = not transposed
         value = node.inputs[0]
     return None
+
+
+def _parameters_behind(view: GraphView, value: str) -> list[str]:
+    """The parameters `value` is computed from when it is computed from initializers and
+    constants alone (empty when it depends on the data, or on no parameter): a
+    reparameterised weight (weight standardisation, weight norm), as timm's ScaledStdConv2d
+    exports it (a BatchNormalization over the weight, then Reshape)."""
+    seen: set[str] = set()
+    todo, params = [value], []
+    while todo:
+        current = todo.pop()
+        if current in seen or not current:
+            continue
+        seen.add(current)
+        if current in view.params:
+            params.append(current)
+            continue
+        if current in view.constants:
+            continue
+        producer = view.producer.get(current)
+        if producer is None or len(seen) > _UPSTREAM_LIMIT:
+            return []  # a graph input: the value depends on the data
+        todo.extend(view.nodes[producer].inputs)
+    return params
 
 
 def _param_input(view: GraphView, node: GraphNode, slot: int) -> str | None:
@@ -242,6 +268,12 @@ def _linear(view: GraphView, node: GraphNode) -> _Draft | None:
     draft: _Draft | None = None
     if op in ("Conv", "ConvTranspose") and len(node.inputs) >= 2:
         source = _weight_source(view, node.inputs[1])
+        if source is None and _parameters_behind(view, node.inputs[1]):
+            # A layer all the same; its stored tensors are not its weight as applied, so no
+            # rule judges their init (TorchScript sees such a conv the same way).
+            return _Draft(node, "linear", node.outputs[0], node.index,
+                          bias=_param_input(view, node, 2), channel_axis=1,
+                          parameters=tuple(n for n in node.inputs[2:3] if n in view.params))
         if source is None or view.params[source[0]].dim() < 3:
             return None
         weight = source[0]
@@ -338,8 +370,16 @@ def _norm(view: GraphView, node: GraphNode) -> _Draft | None:
     weight = _param_input(view, node, 1)
     bias = _param_input(view, node, 2)
     axis = -1 if node.op_type == "LayerNormalization" else 1
-    return _Draft(node, "norm", node.outputs[0], node.index, weight=weight, bias=bias,
-                  parameters=tuple(n for n in (weight, bias) if n), channel_axis=axis)
+    draft = _Draft(node, "norm", node.outputs[0], node.index, weight=weight, bias=bias,
+                   parameters=tuple(n for n in (weight, bias) if n), channel_axis=axis)
+    normalised = _parameters_behind(view, node.inputs[0])
+    draft.on_weights = bool(normalised)
+    if normalised and weight:
+        # An exporter folds the scale's fixed factor in (timm: gain * gamma / sqrt(fan_in) is
+        # one stored tensor): the fan-in says what a unit gain is (graph.ProbePoint.fan_in).
+        units = max(view.params[weight].numel(), 1)
+        draft.fan_in = max(view.params[n].numel() for n in normalised) // units or None
+    return draft
 
 
 def _clip_is_relu(view: GraphView, node: GraphNode) -> bool:

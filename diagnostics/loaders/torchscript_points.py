@@ -87,6 +87,8 @@ class _Candidate:
     weight: str | None = None
     bias: str | None = None
     weight_path: str | None = None
+    owner_path: str | None = None  # the module holding a norm's computed scale: its name
+    on_weights: bool = False  # a norm over a parameter (weight standardisation)
     weight_layout: str = "out_in"
     fan_in: int | None = None
     fan_out: int | None = None
@@ -270,6 +272,7 @@ def _classify(node: Node, resolver: _ParameterResolver) -> _Candidate | None:
         candidate = _Candidate(node, value, "norm", kind, _NORM_OPS[kind])
         _attach_weight(candidate, node, resolver, "weight", "bias", transposed=False)
         candidate.fan_in = candidate.fan_out = None
+        candidate.on_weights = resolver.parameter(_scale_source(node.inputsAt(0))) is not None
         return candidate
     # an in-place activation the passes had to keep (its input is aliased) is still one
     canonical = _ACTIVATION_OPS.get(kind.removesuffix("_")) or _hardtanh_as_relu(node)
@@ -308,16 +311,45 @@ def _strip_layout_ops(value: Value) -> tuple[Value, int]:
     return value, flips
 
 
+_RESHAPING = frozenset({"aten::view", "aten::reshape", "aten::flatten"})
+
+
+def _scale_source(value: Value) -> Value:
+    """The tensor a norm's scale is read from through reshapes and a constant factor: weight
+    standardisation (timm's ScaledStdConv2d) passes `(gain * c).view(-1)` as the scale of a
+    batch_norm over the conv's weight, and a zero-initialised `gain` is that norm's zero scale."""
+    while True:
+        node = value.node()
+        if node.kind() in _TRANSPOSING | _LAYOUT_NEUTRAL | _RESHAPING:
+            value = node.inputsAt(0)
+        elif node.kind() in ("aten::mul", "aten::div") and node.inputsSize() == 2:
+            first, second = node.inputsAt(0), node.inputsAt(1)
+            if second.node().kind() == "prim::Constant":
+                value = first
+            elif node.kind() == "aten::mul" and first.node().kind() == "prim::Constant":
+                value = second
+            else:
+                return value
+        else:
+            return value
+
+
 def _attach_weight(candidate: _Candidate, node: Node, resolver: _ParameterResolver,
                    weight_arg: str, bias_arg: str | None, *, transposed: bool) -> None:
     """Fill weight/bias/fans. `transposed`: the weight is stored (in, out) (`x @ W`)."""
     names: list[str] = []
     weight_index = argument_index(node, weight_arg)
     if weight_index is not None:
-        found = resolver.parameter(_strip_layout_ops(node.inputsAt(weight_index))[0])
+        direct = _strip_layout_ops(node.inputsAt(weight_index))[0]
+        found = resolver.parameter(direct)
         if found:
             candidate.weight_path, candidate.weight = found
             names.append(found[1])
+        elif candidate.role == "norm":
+            found = resolver.parameter(_scale_source(direct))
+            if found:
+                candidate.owner_path, candidate.weight = found[0].rpartition(".")[0], found[1]
+                names.append(found[1])
     bias_index = argument_index(node, bias_arg) if bias_arg else None
     if bias_index is not None:
         found = resolver.parameter(node.inputsAt(bias_index))
@@ -368,6 +400,8 @@ def _name_layers(candidates: list[_Candidate], by_node: dict[int, _Candidate],
 
 def _base_name(candidate: _Candidate, by_node: dict[int, _Candidate],
                module_paths: _ModulePaths) -> str:
+    if candidate.owner_path:
+        return candidate.owner_path
     if candidate.weight_path and candidate.role != "activation":
         owner, _, attribute = candidate.weight_path.rpartition(".")
         if attribute == "weight" or candidate.op in _RNN_OPS or not owner:
@@ -448,6 +482,7 @@ def _to_point(index: int, c: _Candidate) -> ProbePoint:
         nonlinearity=c.nonlinearity, parameters=c.parameters, weight=c.weight, bias=c.bias,
         fan_in=c.fan_in, fan_out=c.fan_out, weight_layout=c.weight_layout,  # type: ignore[arg-type]
         channel_axis=c.channel_axis, feeds=tuple(c.feeds), followed_by_norm=c.followed_by_norm,
+        on_weights=c.on_weights,
     )
 
 

@@ -73,5 +73,6 @@ class SaturatedActivation(Rule):
 
 def _is_output(probe: ProbeResult, lp: LayerProbe) -> bool:
     """No parameterised layer or normalisation after it: its value is what the loss sees."""
-    return not any(x.point.index > lp.point.index and x.point.role in ("linear", "norm")
+    return not any(x.point.index > lp.point.index
+                   and (x.point.role == "linear" or x.point.normalises_signal)
                    for x in probe.layers)

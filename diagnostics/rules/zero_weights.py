@@ -63,7 +63,7 @@ class ZeroWeights(Rule):
             evidence = {"grad_norm": param.stats.grad_norm, "shape": param.stats.shape}
             if param.unit_spread is not None:
                 evidence["unit_grad_spread"] = param.unit_spread
-            cut_here = cut is not None and cut.point.index == point.index
+            cut_here = cut is not None and _cut_by(probe, point, cut)
             cut_named |= cut_here
             if cut_here and (verdict.can_train or point.role == "norm"):
                 yield self._cut_finding(lp, [point.weight], evidence)
@@ -147,6 +147,17 @@ class ZeroWeights(Rule):
                       **({} if isinstance(lp, str) else _folded_evidence(lp.point))},
             fix=fix, parameters=list(zeros))
 
+
+
+def _cut_by(probe: ProbeResult, point: ProbePoint, cut: LayerProbe) -> bool:
+    """The cut is at this zero's point, or, for a norm over a weight (weight standardisation),
+    at the layer whose weight it computes: the next parameterised layer."""
+    if cut.point.index == point.index:
+        return True
+    if not point.on_weights:
+        return False
+    reader = next((lp for lp in probe.of_role("linear") if lp.point.index > point.index), None)
+    return reader is cut
 
 
 def _first_point(probe: ProbeResult, layer: str) -> int:
