@@ -89,3 +89,31 @@ def test_a_separate_parameter_that_never_trains_is_still_an_error(tmp_path) -> N
     errors = [f for f in report.findings if f.rule == "dead-gradients"
               and f.severity.value == "error"]
     assert errors and any("blocks.1.encoding" in p for f in errors for p in f.parameters)
+
+
+def test_one_node_reading_a_tensor_twice_gets_a_copy_per_slot(tmp_path) -> None:
+    # The dynamo exporter stores nf_seresnet's folded zero gain and the zero shift of the same
+    # weight-standardisation BatchNormalization as one tensor. Before, the probe's unblocked
+    # pass reset the scale and so moved the shift too: every weight of that conv shifted by
+    # the new scale, and nf_seresnet50's dynamo file got an exploding-gradients error.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    zeros = numpy_helper.from_array(torch.zeros(4).numpy(), "shared_zero")
+    ones = numpy_helper.from_array(torch.ones(4).numpy(), "unit_var")
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "shared_zero", "shared_zero",
+                                                 "shared_zero", "unit_var"], ["y"])],
+        "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 3])],
+        [zeros, ones])
+    path = tmp_path / "bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = load_onnx(path)
+    scale_and_shift = [n for n in model.parameters if n.startswith("shared_zero")]
+    assert len(scale_and_shift) == 2 and "shared_zero" in scale_and_shift
+    point = next(p for p in model.probe_points if p.role == "norm")
+    assert (point.weight, point.bias) == ("shared_zero", scale_and_shift[1])
+    with torch.no_grad():
+        model.parameters["shared_zero"].fill_(1.0)
+    assert torch.all(model.parameters[scale_and_shift[1]] == 0)

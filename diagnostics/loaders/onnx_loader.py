@@ -397,8 +397,10 @@ class _Builder:
                 continue
             groups = _group_by_scope(uses[source])
             canonical = _canonical_group(source, groups)
-            for key, group_uses in groups.items():
-                if key == canonical:
+            parts = [(key, part, part_uses) for key, group_uses in groups.items()
+                     for part, part_uses in enumerate(_split_repeated_reads(group_uses))]
+            for key, part, group_uses in parts:
+                if key == canonical and part == 0:
                     name = source
                     binding = _Binding(root, identity_node=identity_of.get(source))
                 else:
@@ -409,7 +411,8 @@ class _Builder:
                     for node, slot in group_uses:
                         node.inputs[slot] = name
                 # the first reader of a file tensor shares its memory; copies for the rest
-                value = tensor if key == canonical and source == root else tensor.clone()
+                value = (tensor if key == canonical and part == 0 and source == root
+                         else tensor.clone())
                 params[name] = torch.nn.Parameter(value, requires_grad=True)
                 bindings[name] = binding
         reads = [v for n in nodes for v in n.inputs]  # after untying: list params by first use
@@ -561,6 +564,25 @@ def _group_by_scope(uses: Uses) -> dict[str | None, Uses]:
         unknown = groups.pop(None)
         next(iter(groups.values())).extend(unknown)
     return groups
+
+
+def _split_repeated_reads(uses: Uses) -> list[Uses]:
+    """One node reading a tensor in two slots got equal constants stored once: the dynamo
+    exporter gives nf_seresnet's weight-standardisation BatchNormalization one zero tensor as
+    both its scale (the zero-init gain, folded) and its shift. Each further slot gets its own
+    copy, so resetting the scale leaves the shift alone; reads as state (running statistics)
+    stay with the first."""
+    parts: list[Uses] = []
+    seen: dict[int, int] = {}  # node index -> how many of its data slots are placed
+    for node, slot in uses:
+        k = 0
+        if (node.op_type, slot) not in _STATE_SLOTS:
+            k = seen.get(node.index, 0)
+            seen[node.index] = k + 1
+        while len(parts) <= k:
+            parts.append([])
+        parts[k].append((node, slot))
+    return parts
 
 
 def _canonical_group(name: str, groups: Mapping[str | None, Any]) -> str | None:
