@@ -97,5 +97,5 @@ def test_a_step_where_the_resolution_changes_is_not_a_drift_inside_a_stage():
     assert decades(kinds_fit(names, values).total) > 3  # one slope across the steps
     assert fit(names, values, resolutions).total == pytest.approx(1.0)  # type: ignore[arg-type]
     # A drift inside each stage is one all the same: 10x per layer going forwards.
-    ramp = [v * 10**b for v, b in zip(values, [0, 1, 2, 0, 1, 2] + list(range(9)) + [0, 1, 2])]
+    ramp = [v * 10**b for v, b in zip(values, [0, 1, 2, 0, 1, 2, *range(9), 0, 1, 2], strict=True)]
     assert fit(names, ramp, resolutions).per_layer == pytest.approx(10.0)  # type: ignore[arg-type]

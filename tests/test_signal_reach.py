@@ -395,7 +395,7 @@ class StdConvBlocks(nn.Module):
         self.blocks = nn.ModuleList(
             nn.ModuleList([ScaledStdConv2d(16, 16, 3, padding=1),
                            ScaledStdConv2d(16, 16, 3, padding=1)]) for _ in range(2))
-        for first, last in self.blocks if skip else self.blocks[:1]:
+        for _first, last in self.blocks if skip else self.blocks[:1]:
             nn.init.zeros_(last.gain)
         self.head = nn.Linear(16, 10)
 
