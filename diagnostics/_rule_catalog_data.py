@@ -256,12 +256,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'input\n'
           '  channel per unit) and layers with fewer than 16 inputs per unit are not compared '
           'behind\n'
-          '  BatchNorm (their |g|/|w| is noise). In a network with normalisation, the head (the '
-          'layers\n'
-          '  after the last norm) is judged for a blow-up only when the output variance reaches\n'
-          '  `head_output_var` (100: logits of std 10 saturate the softmax). Embedding tables (no '
-          'fan-\n'
-          '  in) are not judged.'},
+          '  BatchNorm (their |g|/|w| is noise), nor are layers behind a global pool (one position '
+          'per\n'
+          "  sample: their gradient sums over the samples, a spatial layer's over every position). "
+          'In a\n'
+          '  network with normalisation, the head (the layers after the last norm) is judged for '
+          'a\n'
+          '  blow-up only when the output variance reaches `head_output_var` (100: logits of std '
+          '10\n'
+          '  saturate the softmax). Embedding tables (no fan-in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],

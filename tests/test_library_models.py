@@ -80,6 +80,8 @@ HEALTHY = [
     # nf_seresnet50's also stores each zero gain and its BatchNorm's zero shift as one tensor
     ("timm", "nf_seresnet26", "onnx_dynamo"),
     ("timm", "nf_seresnet50", "onnx_dynamo"),
+    # selective-kernel attention: `fc_reduce` behind the pool and BatchNorm, fan-out init ~16x He
+    ("timm", "skresnet50d", "torchscript"),
 ]
 
 PLANTED = [

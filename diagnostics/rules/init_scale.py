@@ -66,7 +66,8 @@ class InitScale(Rule):
     shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and
     depthwise convs (torchvision, timm) train fine. Depthwise kernels (one input channel per
     unit) and layers with fewer than 16 inputs per unit are not compared behind BatchNorm (their
-    |g|/|w| is noise). In a network with
+    |g|/|w| is noise), nor are layers behind a global pool (one position per sample: their
+    gradient sums over the samples, a spatial layer's over every position). In a network with
     normalisation, the head (the layers after the last norm) is judged for a blow-up only when
     the output variance reaches `head_output_var` (100: logits of std 10 saturate the softmax).
     Embedding tables (no fan-in) are not judged.
@@ -274,7 +275,13 @@ def _compared_behind_bn(probe: ProbeResult, lp: LayerProbe) -> bool:
     """Depthwise kernels (one input channel per unit) behind BatchNorm are not compared: a 1x1
     one is a per-channel scale the norm removes entirely, and with 9-49 inputs per unit |g|/|w|
     is noise (timm's RepViT and SHViT start theirs far above Xavier and train). Pointwise and
-    grouped convolutions with a few dozen inputs (ShuffleNet's 24- and 48-channel stages) are."""
+    grouped convolutions with a few dozen inputs (ShuffleNet's 24- and 48-channel stages) are.
+    Nor is a layer behind a global pool (a selective-kernel or squeeze-excite projection, one
+    position per sample): its gradient sums over the samples, a spatial layer's over every
+    position too, and the softmax or sigmoid gate it feeds scales it again (timm's skresnet50d
+    starts its `attn.fc_reduce` at ~16x He fan-in, fan-out init, and |g|/|w| reads 1e-6 to
+    1e-2 of the convs around it)."""
     shape = probe.params[lp.point.weight].stats.shape  # type: ignore[index]
     depthwise = len(shape) >= 3 and shape[1] == 1
-    return not depthwise and (lp.point.fan_in or 0) >= MIN_FAN_IN_BEHIND_BN
+    return (not depthwise and (lp.point.fan_in or 0) >= MIN_FAN_IN_BEHIND_BN
+            and not probe.behind_global_pool(lp))
