@@ -23,6 +23,10 @@ from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.rules.symmetry import judge
 
 TINY = 1e-38  # below float32's smallest normal: "exactly zero" for a variance
+# BatchNorm over fewer values per channel (samples x positions) passes on no gradient a trend
+# can read: over 2 values its outputs are +-1 whatever the input's scale, and the gradient
+# behind it is 1/|x1 - x2| (timm's EfficientViM at 64 px, batch 2: a 1x1 last stage).
+MIN_BATCH_NORM_VALUES = 8
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,9 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     that cannot, or where the signal no longer depends on the input (a dead layer upstream); a
     layer whose value is the same for every sample while the output still varies is a side path
     gone flat (csatv2's one-channel attention branch at 64 px), skipped, not the end of the axis.
-    Gradients: the trend is measured behind the last layer whose gradient is exactly zero.
+    Gradients: the trend is measured behind the last layer whose gradient is exactly zero,
+    and behind the last BatchNorm over fewer than MIN_BATCH_NORM_VALUES values per channel
+    (the probe's input size, not the init, decides what passes through it).
     A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the
     activation axis: no init sets its output's scale."""
     out: list[LayerProbe] = []
@@ -162,6 +168,9 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     if signal == "gradient":
         blocked = [i for i, lp in enumerate(out) if lp.gradient and lp.gradient.rms == 0]
         out = out[blocked[-1] + 1:] if blocked else out
+        few = [lp.point.index for lp in probe.layers if lp.point.followed_by_norm
+               and (n := probe.positions_per_unit(lp)) is not None and n < MIN_BATCH_NORM_VALUES]
+        out = [lp for lp in out if lp.point.index > max(few)] if few else out
     return out
 
 
