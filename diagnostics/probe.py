@@ -68,8 +68,8 @@ class ProbeResult:
 
     def of_role(self, role: str) -> Iterator[LayerProbe]:
         """Points of a role; "norm" means the norms of the signal (not weight standardisation)."""
-        return (lp for lp in self.layers if lp.point.role == role
-                and not (role == "norm" and lp.point.on_weights))
+        return (lp for lp in self.layers if (lp.point.normalises_signal if role == "norm"
+                                             else lp.point.role == role))
 
     def activations(self, *kinds: str) -> Iterator[LayerProbe]:
         return (lp for lp in self.layers

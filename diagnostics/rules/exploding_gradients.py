@@ -14,12 +14,11 @@ class ExplodingGradients(GradientTrendRule):
     (`torch.nn.utils.clip_grad_norm_`) as a guard.
     Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers depth_trend
     keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the verdict
-    depend on the probe's resolution), a least-squares line in log space, the same with each
-    kind of layer compared with itself from block to block, and with the layers of each
-    resolution compared among themselves: the mildest counts; a value its
-    neighbours do not pass on (>3 decades off both) is left out; warning when early/late >= `ratio`
-    (100; AUTOTRAINER uses 70 during training, we allow more at step 0), error from `error_ratio`
-    (1e4).
+    depend on the probe's resolution), a least-squares line in log space, the same with each kind of
+    layer compared with itself from block to block, and with the layers of each resolution compared
+    among themselves: the mildest counts; a value its neighbours do not pass on (>3 decades off
+    both) is left out; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 during training,
+    we allow more at step 0), error from `error_ratio` (1e4).
     """
 
     name = "exploding-gradients"
