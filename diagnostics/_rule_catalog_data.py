@@ -539,15 +539,17 @@ CATALOG = [{'name': 'nonfinite-weights',
           '1:\n'
           "  LeViT's last stage at 64 px, one token): its logits cannot move the output at that "
           'size,\n'
-          '  whatever the weights. A 1-D shift (`*bias`) in a network with normalisation is only '
-          'info:\n'
-          '  a norm after it subtracts the mean, which cancels any shift (a conv bias before '
-          'BatchNorm,\n'
-          "  timm's learnable affine before BN). Measured with deliberate zero layers set to "
-          'their\n'
-          '  textbook init (a zero head blocks every gradient at step 0 only), and not reported '
-          'where\n'
-          '  another rule names the cause: the zero/constant weight itself, layers behind a fully '
-          'dead\n'
-          '  ReLU or behind the point where the output stops depending on the input, non-finite '
-          'values.'}]
+          '  whatever the weights. So is one that reaches the output only through a select whose\n'
+          "  condition comes from token ids when no probe position selects it (pocket_tts's BOS "
+          'latent,\n'
+          '  `where(input_ids == bos_id, ...)`: TorchScript files, where the graph shows the '
+          'select). A\n'
+          '  1-D shift (`*bias`) in a network with normalisation is only info: a norm after it\n'
+          "  subtracts the mean, which cancels any shift (a conv bias before BatchNorm, timm's\n"
+          '  learnable affine before BN). Measured with deliberate zero layers set to their '
+          'textbook\n'
+          '  init (a zero head blocks every gradient at step 0 only), and not reported where '
+          'another\n'
+          '  rule names the cause: the zero/constant weight itself, layers behind a fully dead '
+          'ReLU or\n'
+          '  behind the point where the output stops depending on the input, non-finite values.'}]

@@ -135,6 +135,13 @@ class LoadedModel(ABC):
         reading a de-duplicated initializer its own copy."""
         return [name]
 
+    def selection_gate(self, name: str) -> str | None:
+        """The select (`where`, `masked_fill`) through which alone parameter `name` reaches
+        the output, where a condition computed from an integer input (token ids) decides
+        (diagnostics.selection_gates); None when it has another path or the format cannot
+        tell."""
+        return None
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters.values():

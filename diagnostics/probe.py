@@ -556,8 +556,8 @@ def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _
         if x.dim() >= 2:
             axis = point.channel_axis % x.dim()
             unit_max = x.amax(dim=[d for d in range(x.dim()) if d != axis])
-        else:
-            unit_max = x.amax(dim=0, keepdim=True)
+        else:  # a vector, or a 0-d value (a ReLU on a scalar): one unit
+            unit_max = x.reshape(-1).amax(dim=0, keepdim=True)
     saturated = None
     if kind in ("sigmoid", "tanh"):
         xf = x.float()

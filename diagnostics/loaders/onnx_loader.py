@@ -396,9 +396,10 @@ class _Builder:
                 constants[source] = tensor
                 continue
             groups = _group_by_scope(uses[source])
+            uniform = tensor.numel() > 1 and bool((tensor == tensor.reshape(-1)[0]).all())
             canonical = _canonical_group(source, groups)
             parts = [(key, part, part_uses) for key, group_uses in groups.items()
-                     for part, part_uses in enumerate(_split_repeated_reads(group_uses))]
+                     for part, part_uses in enumerate(_split_repeated_reads(group_uses, uniform))]
             for key, part, group_uses in parts:
                 if key == canonical and part == 0:
                     name = source
@@ -566,19 +567,25 @@ def _group_by_scope(uses: Uses) -> dict[str | None, Uses]:
     return groups
 
 
-def _split_repeated_reads(uses: Uses) -> list[Uses]:
-    """One node reading a tensor in two slots got equal constants stored once: the dynamo
-    exporter gives nf_seresnet's weight-standardisation BatchNormalization one zero tensor as
-    both its scale (the zero-init gain, folded) and its shift. Each further slot gets its own
-    copy, so resetting the scale leaves the shift alone; reads as state (running statistics)
-    stay with the first."""
+def _split_repeated_reads(uses: Uses, uniform: bool) -> list[Uses]:
+    """Exporters store equal constants once, so one module may read one tensor in two roles:
+    the dynamo exporter gives nf_seresnet's weight-standardisation BatchNormalization one zero
+    tensor as both its scale (the zero-init gain, folded) and its shift, and a GroupNorm's zero
+    scale and zero shift one tensor that a Mul and an Add read. Each further slot of one node
+    gets its own copy, so resetting the scale leaves the shift alone, and so does each further
+    role (op and slot) of a `uniform` tensor (every entry equal: only a constant fill collides
+    with another parameter; a random weight read twice, as weight standardisation reads it, is
+    one tensor). Reads as state (running statistics) stay with the first."""
     parts: list[Uses] = []
-    seen: dict[int, int] = {}  # node index -> how many of its data slots are placed
+    role_part: dict[tuple[str, int], int] = {}
+    slots_taken: dict[int, int] = {}  # node index -> its data slots placed so far
     for node, slot in uses:
         k = 0
         if (node.op_type, slot) not in _STATE_SLOTS:
-            k = seen.get(node.index, 0)
-            seen[node.index] = k + 1
+            if uniform:
+                k = role_part.setdefault((node.op_type, slot), len(role_part))
+            k = max(k, slots_taken.get(node.index, 0))
+            slots_taken[node.index] = k + 1
         while len(parts) <= k:
             parts.append([])
         parts[k].append((node, slot))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import onnx
@@ -102,6 +103,22 @@ class GraphView:
 
     def is_static(self, value: str) -> bool:
         return value in self.params or value in self.constants
+
+    @cached_property
+    def shape_arithmetic(self) -> frozenset[str]:
+        """Values computed from tensor shapes and constants alone. A Relu or Clip there is
+        padding arithmetic (timm's "same" padding: `max((ceil(h / s) - 1) * s + k - h, 0)`),
+        not an activation over units: it has no units, no batch and no gradient."""
+        derived: set[str] = set()
+        for node in self.nodes:
+            inputs = [v for v in node.inputs if v]
+            if node.op_type not in ("Shape", "Size") and not (
+                    any(v in derived for v in inputs)
+                    and all(v in derived or (v in self.constants and v not in self.params)
+                            for v in inputs)):
+                continue
+            derived.update(v for v in node.outputs if v)
+        return frozenset(derived)
 
 
 @dataclass(frozen=True)
@@ -372,6 +389,9 @@ def _norm(view: GraphView, node: GraphNode) -> _Draft | None:
     axis = -1 if node.op_type == "LayerNormalization" else 1
     draft = _Draft(node, "norm", node.outputs[0], node.index, weight=weight, bias=bias,
                    parameters=tuple(n for n in (weight, bias) if n), channel_axis=axis)
+    if node.op_type == "InstanceNormalization" and _is_fill(view, weight, 1.0) \
+            and _is_fill(view, bias, 0.0):
+        _take_affine_after(view, draft)
     normalised = _parameters_behind(view, node.inputs[0])
     draft.on_weights = bool(normalised)
     if normalised and weight:
@@ -380,6 +400,42 @@ def _norm(view: GraphView, node: GraphNode) -> _Draft | None:
         units = max(view.params[weight].numel(), 1)
         draft.fan_in = max(view.params[n].numel() for n in normalised) // units or None
     return draft
+
+
+def _is_fill(view: GraphView, param: str | None, value: float) -> bool:
+    """No parameter there, or one whose every entry is `value`."""
+    return param is None or bool((view.params[param] == value).all())
+
+
+def _take_affine_after(view: GraphView, draft: _Draft) -> None:
+    """GroupNorm as both exporters write it: InstanceNormalization over (N, groups, -1) with a
+    constant unit scale, a Reshape back, then `* weight + bias` per channel. Those two
+    parameters are the norm's own, and the norm's output is the value after them (what a
+    TorchScript group_norm returns), so a zero-init scale is seen as the norm's zero scale."""
+    value = draft.value
+    users = view.consumers.get(value, [])
+    while len(users) == 1 and view.nodes[users[0][0]].op_type in ("Reshape", "Identity"):
+        value = view.nodes[users[0][0]].outputs[0]
+        users = view.consumers.get(value, [])
+    found: dict[str, tuple[str, str, int]] = {}
+    for op in ("Mul", "Add"):
+        if len(users) != 1:
+            break
+        node = view.nodes[users[0][0]]
+        other = node.inputs[1 - users[0][1]] if len(node.inputs) == 2 else None
+        if node.op_type != op or other not in view.params or view.params[other].dim() < 1:
+            break
+        found[op] = (other, node.outputs[0], node.index)
+        value = node.outputs[0]
+        users = view.consumers.get(value, [])
+    if "Mul" not in found:
+        return
+    last = found.get("Add", found["Mul"])
+    own = draft.parameters  # the constant unit scale and zero shift over the groups
+    draft.weight = found["Mul"][0]
+    draft.bias = found["Add"][0] if "Add" in found else None
+    draft.parameters = (*(n for n in (draft.weight, draft.bias) if n), *own)
+    draft.value, draft.step = last[1], last[2]
 
 
 def _clip_is_relu(view: GraphView, node: GraphNode) -> bool:
@@ -397,6 +453,8 @@ def _activation(view: GraphView, node: GraphNode) -> _Draft | None:
     if kind is None and node.op_type == "Clip" and _clip_is_relu(view, node):
         kind = "relu"
     if kind is None or not node.outputs or not node.outputs[0]:
+        return None
+    if node.inputs[0] in view.shape_arithmetic:
         return None
     slope = _param_input(view, node, 1) if node.op_type == "PRelu" else None
     draft = _Draft(node, "activation", node.outputs[0], node.index, kind=kind,

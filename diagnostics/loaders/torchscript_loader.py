@@ -24,7 +24,11 @@ from gradprobe.diagnostics.loaders.torchscript_passes import (
     retarget_device_constants,
     return_observed_values,
 )
-from gradprobe.diagnostics.loaders.torchscript_points import discover_points, integer_input_ranges
+from gradprobe.diagnostics.loaders.torchscript_points import (
+    discover_points,
+    integer_input_ranges,
+    parameter_gate,
+)
 from gradprobe.diagnostics.op_allowlist import check_torchscript_archive, check_torchscript_module
 
 _FUNCTION_NAME = "gradprobe_observed_forward"
@@ -175,6 +179,14 @@ class TorchScriptModel(LoadedModel):
                 tap(point, value)
         self._drop_points_not_run(executed)
         return _flatten_tensors(output)
+
+    def selection_gate(self, name: str) -> str | None:
+        original_output = self._graph.return_node().inputsAt(0).node().inputsAt(0)
+        arguments = self.module.forward.schema.arguments[1:]
+        integer = {spec.name for spec in self.inputs
+                   if spec.dtype is not None and not spec.dtype.is_floating_point}
+        positions = [i for i, a in enumerate(arguments) if a.name in integer]
+        return parameter_gate(self._graph, self.module, name, positions, original_output)
 
     def _drop_points_not_run(self, executed: list[ProbePoint]) -> None:
         """Scripted code keeps both sides of data-dependent branches (nn.MultiheadAttention

@@ -17,6 +17,7 @@ import torch
 
 from gradprobe.diagnostics.graph import ProbePoint, Role
 from gradprobe.diagnostics.loaders.torchscript_passes import Node, Value, all_nodes, argument_index
+from gradprobe.diagnostics.selection_gates import FlowNode, selection_gate
 
 # op -> (weight argument, bias argument, channel axis of the output)
 _LINEAR_OPS: dict[str, tuple[str, str | None, int]] = {
@@ -209,7 +210,10 @@ def discover_points(graph: torch._C.Graph, module: torch.jit.ScriptModule) -> Di
     resolver = _ParameterResolver(graph, module)
     module_paths = _ModulePaths(module)
     reachable, in_loops = _nodes_outside_loops(graph)
-    candidates = [c for c in (_classify(node, resolver) for node in reachable) if c is not None]
+    from_sizes = _shape_arithmetic(reachable)
+    candidates = [c for c in (_classify(node, resolver) for node in reachable)
+                  if c is not None and not (c.role == "activation"
+                                            and c.node.inputsAt(0).unique() in from_sizes)]
     skipped = sum(1 for node in in_loops if _classify(node, resolver) is not None)
     by_node = {c.value.unique(): c for c in candidates}
     _name_layers(candidates, by_node, module_paths)
@@ -243,6 +247,30 @@ def _nodes_outside_loops(graph: torch._C.Graph) -> tuple[list[Node], list[Node]]
 
     visit(graph.block())
     return found, skipped
+
+
+# Ops whose result is a tensor's size, not its values: what a trace computes from it is shape
+# arithmetic (timm's "same" padding: `clamp((ceil(h / s) - 1) * s + k - h, min=0)`).
+_SIZE_OPS = frozenset({"aten::size", "aten::sym_size", "aten::dim", "aten::numel", "aten::len",
+                       "prim::shape"})
+
+
+def _shape_arithmetic(nodes: list[Node]) -> set[int]:
+    """Values computed from tensor sizes and constants alone. A clamp there is padding
+    arithmetic, not a ReLU over units: it has no units, no batch and no gradient."""
+    from_sizes: set[int] = set()
+    for node in nodes:
+        kind = node.kind()
+        inputs = list(node.inputs())
+        if kind in _SIZE_OPS:
+            derived = True
+        else:
+            derived = (any(v.unique() in from_sizes for v in inputs)
+                       and all(v.unique() in from_sizes or v.node().kind() == "prim::Constant"
+                               for v in inputs))
+        if derived:
+            from_sizes.update(v.unique() for v in node.outputs())
+    return from_sizes
 
 
 def _classify(node: Node, resolver: _ParameterResolver) -> _Candidate | None:
@@ -506,3 +534,44 @@ def integer_input_ranges(graph: torch._C.Graph,
                         low, high = ranges.get(position, (0, rows))
                         ranges[position] = (0, min(high, rows))
     return ranges
+
+
+_GATE_KINDS = {"aten::where": "where", "aten::masked_fill": "masked_fill",
+               "aten::masked_scatter": "masked_scatter", "aten::index_put": "index_put"}
+
+
+def parameter_gate(graph: torch._C.Graph, module: torch.jit.ScriptModule, name: str,
+                   integer_positions: list[int], output: Value) -> str | None:
+    """The select an integer input decides through which parameter `name` alone reaches
+    `output` (selection_gates), named `op@module`; None when it has another path."""
+    resolver = _ParameterResolver(graph, module)
+    flow: list[FlowNode] = []
+    sources: list[str] = []
+    parameters: list[str] = []
+    module_paths = _ModulePaths(module)
+
+    def key(value: Value) -> str:
+        return str(value.unique())
+
+    def visit(block: torch._C.Block) -> None:
+        for node in block.nodes():
+            if node.kind() == "prim::GetAttr":
+                found = resolver.parameter(node.output())
+                if found is not None:
+                    parameters.append(key(node.output()))
+                    if found[1] == name:
+                        sources.append(key(node.output()))
+            inputs = [key(v) for v in node.inputs()]
+            for inner in node.blocks():  # into the block, through it, out of the node
+                flow.append(FlowNode("", "", tuple(inputs), tuple(key(v) for v in inner.inputs())))
+                visit(inner)
+                inputs += [key(v) for v in inner.returnNode().inputs()]
+            resolved = module_paths.resolve(node)
+            label = f"{node.kind()}@{resolved[0]}" if resolved else node.kind()
+            flow.append(FlowNode(label, _GATE_KINDS.get(node.kind().removesuffix("_"), ""),
+                                 tuple(inputs), tuple(key(v) for v in node.outputs())))
+
+    visit(graph.block())
+    arguments = list(graph.inputs())[1:]  # after `self`
+    ints = [key(arguments[i]) for i in integer_positions if i < len(arguments)]
+    return selection_gate(flow, sources, ints, [key(output)], parameters)

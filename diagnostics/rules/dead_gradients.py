@@ -25,7 +25,10 @@ class DeadGradients(Rule):
     and named (`val_12`) that no layer reads as a weight: a folded constant such as an attention
     mask, not a parameter. So is a parameter of an attention whose softmax normalises over one
     position at the probe's input size (every output exactly 1: LeViT's last stage at 64 px, one
-    token): its logits cannot move the output at that size, whatever the weights. A 1-D shift
+    token): its logits cannot move the output at that size, whatever the weights. So is one that
+    reaches the output only through a select whose condition comes from token ids when no probe
+    position selects it (pocket_tts's BOS latent, `where(input_ids == bos_id, ...)`: TorchScript
+    files, where the graph shows the select). A 1-D shift
     (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
     which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
     Measured with deliberate zero layers set to their textbook init (a zero head blocks every
@@ -95,6 +98,10 @@ class DeadGradients(Rule):
                     evidence={"unused": False, "grad_norm": s.grad_norm},
                     severity=Severity.INFO, parameters=[name])
                 continue
+            gate = None if param.unused else probe.model.selection_gate(name)
+            if gate is not None:
+                yield self._not_selected(name, param.layer, gate)
+                continue
             why = ("the exported forward never reads it (a training-only parameter, such as "
                    "wav2vec2's masked_spec_embed, or a branch the export did not take)"
                    if param.unused else "its gradient is exactly zero on the probe batch")
@@ -119,6 +126,19 @@ class DeadGradients(Rule):
                    f"the output. Not a defect of the weights; probe at the input size you "
                    f"train at (at this one, that attention is a no-op).",
             evidence={"unused": False, "grad_norm": 0.0, "single_position_softmax": attention},
+            severity=Severity.INFO, parameters=[name])
+
+    def _not_selected(self, name: str, layer: str, gate: str) -> Finding:
+        # pocket_tts's learnt BOS latent enters through `where(input_ids == bos_id, ...)`: random
+        # tokens hold no BOS, so that select passes none of it on. Every real sequence starts
+        # with one, and there it trains. The batch decided this zero, not the model.
+        return self.finding(
+            layer, f"{name} gets exactly zero gradient on the probe batch: it reaches the "
+                   f"output only through {gate}, a select whose condition comes from an "
+                   f"integer input (token ids), and no position of the probe batch selects it "
+                   f"(a special token's vector, such as a BOS embedding). Lint with inputs "
+                   f"that contain that token (--input) to judge it.",
+            evidence={"unused": False, "grad_norm": 0.0, "selection_gate": gate},
             severity=Severity.INFO, parameters=[name])
 
     def _trained_through_copies(self, name: str, layer: str, copies: list[str]) -> Finding:

@@ -1,0 +1,69 @@
+"""Where a parameter reaches the output only through a selection the input decides.
+
+`torch.where(input_ids == bos_id, bos_embedding, embeds)` passes a learnt BOS vector on only
+at the positions that hold that token; a probe batch of random tokens may hold none, and the
+vector then gets exactly zero gradient although the model trains it on every real sequence.
+That zero says something about the batch, not the model. This module finds such gates in a
+graph written as a list of `FlowNode`s (each loader writes its own): a select whose condition
+is computed from an integer input (token ids, a mask), read on every path from the parameter
+to the outputs through the slot the condition chooses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# op -> (condition slot, slots whose value passes only where the condition says)
+GATES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "where": (0, (1, 2)),
+    "masked_fill": (1, (2,)),
+    "masked_scatter": (1, (2,)),
+    "index_put": (1, (2,)),
+}
+
+
+@dataclass(frozen=True)
+class FlowNode:
+    """One step of a graph: the values it reads and writes, by name. `op` is a GATES key for a
+    select, anything else otherwise."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def selection_gate(nodes: Sequence[FlowNode], sources: Iterable[str],
+                   integer_inputs: Iterable[str], outputs: Iterable[str],
+                   parameters: Iterable[str] = ()) -> str | None:
+    """The select through which every path from `sources` to `outputs` passes in a slot its
+    input-derived condition chooses (the first such, in graph order); None when some path
+    avoids every such select, or none leads to the outputs at all. A condition counts as
+    input-derived when it is computed from `integer_inputs` without reading any of
+    `parameters` (`ids == bos_id`, not a threshold on the embeddings: that one is the model's)."""
+    from_integers = _reach(nodes, set(integer_inputs), set(parameters))
+    outputs = set(outputs)
+    reached = set(sources)
+    gates: list[str] = []
+    for node in nodes:
+        live = [slot for slot, value in enumerate(node.inputs) if value in reached]
+        if not live:
+            continue
+        gate = GATES.get(node.op)
+        if gate is not None and gate[0] < len(node.inputs) \
+                and node.inputs[gate[0]] in from_integers and all(s in gate[1] for s in live):
+            gates.append(node.name)
+            continue
+        reached.update(node.outputs)
+    if reached & outputs or not gates:
+        return None
+    return gates[0]
+
+
+def _reach(nodes: Sequence[FlowNode], start: set[str], barrier: set[str]) -> set[str]:
+    reached = set(start)
+    for node in nodes:  # graph order: one pass sees every path
+        if any(v in reached for v in node.inputs) and not any(v in barrier for v in node.inputs):
+            reached.update(node.outputs)
+    return reached
