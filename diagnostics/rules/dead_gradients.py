@@ -113,33 +113,39 @@ class DeadGradients(Rule):
                 severity=Severity.INFO if param.unused else None, parameters=[name],
                 nodes=[lp.point.node for lp in probe.layers if name in lp.point.parameters][:5])
 
+    def _excused(self, name: str, layer: str, message: str, **evidence: object) -> Finding:
+        """A zero gradient the model's training would not see: info, with the reason."""
+        return self.finding(layer, message,
+                            evidence={"unused": False, "grad_norm": 0.0, **evidence},
+                            severity=Severity.INFO, parameters=[name])
+
     def _single_position(self, name: str, layer: str, attention: str) -> Finding:
         # A softmax over one element is 1 whatever its logits, so its Jacobian is exactly zero:
         # what only shapes those logits (LeViT's attention biases when the last stage has one
         # token left at 64 px, T5's relative-position bias with one token) does not move the
         # output. The input size did this, not the weights; at the size the model is trained
         # at the same parameter trains.
-        return self.finding(
-            layer, f"{name} gets exactly zero gradient because the softmax in {attention} "
-                   f"normalises over one position at this input size (every output is exactly "
-                   f"1, whatever the logits): what only shapes those logits has no effect on "
-                   f"the output. Not a defect of the weights; probe at the input size you "
-                   f"train at (at this one, that attention is a no-op).",
-            evidence={"unused": False, "grad_norm": 0.0, "single_position_softmax": attention},
-            severity=Severity.INFO, parameters=[name])
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient because the softmax in {attention} "
+            f"normalises over one position at this input size (every output is exactly "
+            f"1, whatever the logits): what only shapes those logits has no effect on "
+            f"the output. Not a defect of the weights; probe at the input size you "
+            f"train at (at this one, that attention is a no-op).",
+            single_position_softmax=attention)
 
     def _not_selected(self, name: str, layer: str, gate: str) -> Finding:
         # pocket_tts's learnt BOS latent enters through `where(input_ids == bos_id, ...)`: random
         # tokens hold no BOS, so that select passes none of it on. Every real sequence starts
         # with one, and there it trains. The batch decided this zero, not the model.
-        return self.finding(
-            layer, f"{name} gets exactly zero gradient on the probe batch: it reaches the "
-                   f"output only through {gate}, a select whose condition comes from an "
-                   f"integer input (token ids), and no position of the probe batch selects it "
-                   f"(a special token's vector, such as a BOS embedding). Lint with inputs "
-                   f"that contain that token (--input) to judge it.",
-            evidence={"unused": False, "grad_norm": 0.0, "selection_gate": gate},
-            severity=Severity.INFO, parameters=[name])
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient on the probe batch: it reaches the "
+            f"output only through {gate}, a select whose condition comes from an "
+            f"integer input (token ids), and no position of the probe batch selects it "
+            f"(a special token's vector, such as a BOS embedding). Lint with inputs "
+            f"that contain that token (--input) to judge it.",
+            selection_gate=gate)
 
     def _trained_through_copies(self, name: str, layer: str, copies: list[str]) -> Finding:
         # The file stores this tensor once and other layers read it too. A module shared by
@@ -148,25 +154,25 @@ class DeadGradients(Rule):
         # sum over its readers: one reader whose use misses the output adds zero, it does not
         # stop the tensor training. Equal-valued distinct parameters merged by the exporter
         # look the same in the file, so the rule says what it cannot tell, as info.
-        return self.finding(
-            layer, f"{name} gets exactly zero gradient through this layer, but the file stores "
-                   f"it as one tensor that {len(copies)} other layer(s) also read and give a "
-                   f"gradient: as stored, it trains. Only if these were separate parameters "
-                   f"in your model does this one never train.",
-            evidence={"unused": False, "grad_norm": 0.0, "trained_copies": copies[:5]},
-            severity=Severity.INFO, parameters=[name])
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient through this layer, but the file stores "
+            f"it as one tensor that {len(copies)} other layer(s) also read and give a "
+            f"gradient: as stored, it trains. Only if these were separate parameters "
+            f"in your model does this one never train.",
+            trained_copies=copies[:5])
 
     def _export_constant(self, name: str, layer: str) -> Finding:
         # A float initializer under a name the exporter made up that no layer reads as its
         # weight or bias: a value the export computed and stored (the dynamo exporter folds
         # torchvision Swin3D's shifted-window mask, filled with region ids, into `val_1748`),
         # not one of the model's parameters. It reaches the output through comparisons only.
-        return self.finding(
-            layer, f"{name} gets exactly zero gradient; the exporter named it and no layer reads "
-                   f"it as a weight or bias: a constant the export computed (a mask, a table), "
-                   f"not a parameter of the model.",
-            evidence={"unused": False, "grad_norm": 0.0, "anonymous": True},
-            severity=Severity.INFO, parameters=[name])
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient; the exporter named it and no layer reads "
+            f"it as a weight or bias: a constant the export computed (a mask, a table), "
+            f"not a parameter of the model.",
+            anonymous=True)
 
 
 def _single_position_attention(probe: ProbeResult) -> list[str]:
