@@ -542,14 +542,14 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  whatever the weights. So is one that reaches the output only through a select whose\n'
           "  condition comes from token ids when no probe position selects it (pocket_tts's BOS "
           'latent,\n'
-          '  `where(input_ids == bos_id, ...)`: TorchScript files, where the graph shows the '
-          'select). A\n'
-          '  1-D shift (`*bias`) in a network with normalisation is only info: a norm after it\n'
-          "  subtracts the mean, which cancels any shift (a conv bias before BatchNorm, timm's\n"
-          '  learnable affine before BN). Measured with deliberate zero layers set to their '
-          'textbook\n'
-          '  init (a zero head blocks every gradient at step 0 only), and not reported where '
-          'another\n'
-          '  rule names the cause: the zero/constant weight itself, layers behind a fully dead '
-          'ReLU or\n'
-          '  behind the point where the output stops depending on the input, non-finite values.'}]
+          '  `where(input_ids == bos_id, ...)`). A 1-D shift (`*bias`) in a network with '
+          'normalisation\n'
+          '  is only info: a norm after it subtracts the mean, which cancels any shift (a conv '
+          'bias\n'
+          "  before BatchNorm, timm's learnable affine before BN). Measured with deliberate zero "
+          'layers\n'
+          '  set to their textbook init (a zero head blocks every gradient at step 0 only), and '
+          'not\n'
+          '  reported where another rule names the cause: the zero/constant weight itself, layers\n'
+          '  behind a fully dead ReLU or behind the point where the output stops depending on the\n'
+          '  input, non-finite values.'}]

@@ -138,8 +138,7 @@ class LoadedModel(ABC):
     def selection_gate(self, name: str) -> str | None:
         """The select (`where`, `masked_fill`) through which alone parameter `name` reaches
         the output, where a condition computed from an integer input (token ids) decides
-        (diagnostics.selection_gates); None when it has another path or the format cannot
-        tell."""
+        (diagnostics.selection_gates); None when it has another path."""
         return None
 
     @property

@@ -43,6 +43,7 @@ from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
 from gradprobe.diagnostics.onnx_ops.control import OUTER_INPUTS, branch_inputs
 from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpFn, lookup
 from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch, tensor_from_proto
+from gradprobe.diagnostics.selection_gates import FlowNode, selection_gate
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}
@@ -258,6 +259,15 @@ class _Plan:
     dynamic_steps: list[tuple[Any, ...]] = field(default_factory=list)  # the rest
 
 
+@dataclass(frozen=True)
+class _Flow:
+    """The graph as selection_gates reads it."""
+
+    nodes: list[FlowNode]
+    integer_inputs: list[str]
+    outputs: list[str]
+
+
 class _Builder:
     def __init__(self, label: str, model: onnx.ModelProto, base_dir: Path | None,
                  path: str | None, renormalise_folded: bool = True) -> None:
@@ -319,6 +329,12 @@ class _Builder:
                         renormalise_folded=self.renormalise_folded)
         self._note_exports(plans, nodes, bindings)
         reader_layers = _reader_layers(bindings, plans, nodes)
+        integer_inputs = [spec.name for spec in specs
+                          if spec.dtype is not None and not spec.dtype.is_floating_point]
+        flow = _Flow([FlowNode(f"{n.op_type}@{n.scope or n.name}",
+                               "where" if n.op_type == "Where" else "",
+                               tuple(n.inputs), tuple(n.outputs)) for n in nodes],
+                     integer_inputs, outputs)
         return OnnxModel(
             path=self.path, parameters=params, inputs=specs,
             probe_points=[p.point for p in plans],
@@ -327,7 +343,7 @@ class _Builder:
             init_order=init_order, init_types=init_types,
             file_tensors={n: t for n, t in tensors.items()  # only what nothing else holds
                           if n not in params and n not in constants},
-            bindings=bindings, label=self.label,
+            bindings=bindings, label=self.label, flow=flow,
         )
 
     def _check(self, skeleton: onnx.ModelProto) -> None:
@@ -813,7 +829,7 @@ class OnnxModel(LoadedModel):
                  notes: list[str], model: onnx.ModelProto, plan: _Plan,
                  constants: dict[str, torch.Tensor], init_order: list[str],
                  init_types: dict[str, int], file_tensors: dict[str, torch.Tensor],
-                 bindings: dict[str, _Binding], label: str) -> None:
+                 bindings: dict[str, _Binding], label: str, flow: _Flow) -> None:
         super().__init__(format="onnx", path=path, parameters=parameters, inputs=inputs,
                          probe_points=probe_points, shared_parameters=shared_parameters,
                          parameter_layers=parameter_layers, notes=notes)
@@ -825,6 +841,7 @@ class OnnxModel(LoadedModel):
         self._file_tensors = file_tensors
         self._bindings = bindings
         self._label = label
+        self._flow = flow
         self._template: list[torch.Tensor | None] = []
         # Outputs of the static steps for the input signature they were computed for.
         self._folded_for: tuple[Any, ...] | None = None
@@ -836,6 +853,11 @@ class OnnxModel(LoadedModel):
         if binding is None:
             return [name]
         return [n for n, b in self._bindings.items() if b.file_tensor == binding.file_tensor]
+
+    def selection_gate(self, name: str) -> str | None:
+        flow = self._flow
+        return selection_gate(flow.nodes, [name], flow.integer_inputs, flow.outputs,
+                              self.parameters)
 
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots

@@ -27,8 +27,7 @@ class DeadGradients(Rule):
     position at the probe's input size (every output exactly 1: LeViT's last stage at 64 px, one
     token): its logits cannot move the output at that size, whatever the weights. So is one that
     reaches the output only through a select whose condition comes from token ids when no probe
-    position selects it (pocket_tts's BOS latent, `where(input_ids == bos_id, ...)`: TorchScript
-    files, where the graph shows the select). A 1-D shift
+    position selects it (pocket_tts's BOS latent, `where(input_ids == bos_id, ...)`). A 1-D shift
     (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
     which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
     Measured with deliberate zero layers set to their textbook init (a zero head blocks every
