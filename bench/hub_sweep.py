@@ -12,7 +12,9 @@ Each (library, model, export) ends in one status:
   unsupported     exit-2 UnsupportedOperator: the op name is recorded
   lint-error      another exit-2 error (GradprobeError: the probe batch does not fit, ...)
   crashed         the engine raised something that is not a GradprobeError (exit 3 in the CLI)
-  export-failed   the library's exporter failed: not gradprobe's doing, not counted against it
+  export-failed   the library's exporter failed, or wrote an ONNX file that gradprobe could not
+                  lint and onnxruntime cannot run on the export's own example input either: not
+                  gradprobe's doing, not counted against it (gradprobe's message is kept)
   build-failed / not-applicable / too-large   the harness could not or would not build it
   timeout         the model's budget ran out in this export (or before it)
 
@@ -105,6 +107,24 @@ def worker(library: str, name: str, exports: list[str], max_params: int) -> None
                  inputs=shapes, build_s=build_s)
 
 
+def runtime_rejects(path: Path, inputs: list) -> str | None:
+    """onnxruntime's one-line complaint when it cannot run the file on the input it was
+    exported with (an exporter bug), else None. Asked only after gradprobe failed on the file,
+    so that a failure counts against gradprobe unless the reference runtime fails too."""
+    import onnxruntime
+
+    try:
+        quiet = onnxruntime.SessionOptions()
+        quiet.log_severity_level = 4  # its complaint is returned, not printed
+        session = onnxruntime.InferenceSession(str(path), quiet,
+                                               providers=["CPUExecutionProvider"])
+        feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=False)}
+        session.run(None, feeds)
+    except Exception as exc:
+        return one_line(exc)[:200]
+    return None
+
+
 def lint_one(built: zoo.Built, how: str, directory: Path) -> dict:
     import torch
 
@@ -133,6 +153,11 @@ def lint_one(built: zoo.Built, how: str, directory: Path) -> dict:
     except UnsupportedOperator as exc:
         return {"status": UNSUPPORTED, "op": exc.op_type, "detail": str(exc)[:300]}
     except GradprobeError as exc:
+        broken = runtime_rejects(path, built.inputs) if how != "torchscript" else None
+        if broken is not None:  # the exporter's fault: onnxruntime cannot run the file either
+            return {"status": EXPORT_FAILED, "detail": f"onnxruntime cannot run the exported "
+                                                       f"file on its example input: {broken}",
+                    "lint_detail": str(exc)[:300]}
         return {"status": LINT_ERROR, "detail": str(exc)[:300]}
     except Exception as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1]

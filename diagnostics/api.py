@@ -19,7 +19,7 @@ from gradprobe.diagnostics.errors import (
     InputSpecError,
     ProbeError,
 )
-from gradprobe.diagnostics.graph import LoadedModel
+from gradprobe.diagnostics.graph import InputSpec, LoadedModel
 from gradprobe.diagnostics.inputs import file_inputs, synthetic_inputs
 from gradprobe.diagnostics.loaders import load_model
 from gradprobe.diagnostics.memory_estimate import check_probe_fits
@@ -235,10 +235,26 @@ def _explain(text: str, model: LoadedModel, infos: list[InputInfo],
             f"{spec.name} {'x'.join('?' if d is None else str(d) for d in spec.shape)}"
             for spec in model.inputs if spec.shape is not None)
         expectation = f"; the file declares {declared}" if declared else ""
+        if declared and _fits_declaration(model.inputs, infos):
+            # nothing about the shape was ours to choose wrongly: the legacy exporter writes
+            # cohere2's interleaved rotary embedding as a graph that fails at every batch size
+            # (onnxruntime too)
+            expectation += (", and the probe batch fits that: the graph fails at its own shape "
+                            "(a broken export, or free axes that need particular sizes)")
         return InputSpecError(
             f"the model rejected the shape of its inputs ({given}){expectation}: {_short(text)}",
             hint=Hint("input_shapes"))
     return ProbeError(f"{text} (probe batch: {given})")
+
+
+def _fits_declaration(specs: list[InputSpec], infos: list[InputInfo]) -> bool:
+    """Every input has the rank the file declares and every fixed size it declares."""
+    if len(specs) != len(infos) or any(spec.shape is None for spec in specs):
+        return False
+    return all(len(spec.shape) == len(info.shape)
+               and all(d is None or isinstance(d, str) or d == n
+                       for d, n in zip(spec.shape, info.shape, strict=True))
+               for spec, info in zip(specs, infos, strict=True))
 
 
 def _short(text: str) -> str:

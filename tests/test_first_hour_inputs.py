@@ -192,3 +192,28 @@ def test_a_file_fixed_at_batch_one_says_what_that_costs(tmp_path) -> None:
     assert report.model.inputs[0].shape == [1, 8]
     assert any("fixes the batch size at 1" in note and "dynamic" in note
                for note in report.model.notes)
+
+
+def test_a_graph_that_fails_at_its_own_declared_shape_says_so(tmp_path) -> None:
+    # The legacy exporter can write a graph that fails at every batch size (cohere2's
+    # interleaved rotary embedding): the probe batch fits the declaration, so the message says
+    # the fault is the file's, not the shape's.
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    wrong = numpy_helper.from_array(np.ones((5,), np.float32), "scale")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("Mul", ["h", "scale"], ["y"])],  # (batch, 3) * (5,): never fits
+        "broken", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, wrong])
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                     .SerializeToString())
+    with pytest.raises(InputSpecError, match=r"the file declares x batchx4, and the probe batch "
+                                             r"fits that: the graph fails at its own shape"):
+        diagnose(path, DiagnoseOptions(device="cpu"))
+    # a shape that does not fit the declaration keeps the plain message
+    with pytest.raises(InputSpecError) as err:
+        diagnose(path, DiagnoseOptions(device="cpu", input_shapes=[[2, 5]]))
+    assert "fits that" not in str(err.value)
