@@ -213,58 +213,61 @@ CATALOG = [{'name': 'nonfinite-weights',
           "normalisation's\n"
           '  output may recover (a LayerNorm or residual path that restores the scale keeps the '
           'rule\n'
-          '  silent; what a later layer was fed is also read off its own output, Var(out) / '
-          '(fan_in\n'
-          '  Var(W)), since graph order is not data flow: a hand-written RMSNorm is no probe '
-          'point, and\n'
-          "  an MoE's expert projections follow its router in the graph), and the layers after the "
-          'last\n'
-          '  normalisation (the head: small logits are a deliberate start) are not judged for a '
-          'shrink.\n'
-          '  A too-large weight whose distortion a norm restores is still a defect when its '
-          'weight\n'
-          '  variance and its output variance are both `weight_factor` times the median of its '
-          "peers'\n"
-          '  (the same layer in the other blocks: the same weight name up to its numbers, the '
-          'same\n'
-          '  shape). Measured on 130 healthy models of timm, torchvision and transformers at '
-          'their\n'
-          "  default init, no layer is more than 7x its peers in variance (BEiT's 1/sqrt(2 * "
-          'layer_id)\n'
-          '  depth scaling, and there below the scheme); a block planted at 10x He std is 100x '
-          '(He-\n'
-          "  initialised libraries) to 2600x (timm's ViT, std 0.02). Behind BatchNorm only a "
-          'too-large\n'
-          '  weight is a defect: its variance must also be `weight_factor` times the median of '
-          'its\n'
-          "  BatchNorm-backed peers' (relative to their schemes: a library that starts every "
-          'layer\n'
-          "  above He, as timm's Inception does, made one choice), and its |g|/|w| at least\n"
-          '  `update_factor` (30) times below that of the BatchNorm-backed layers at the '
-          "library's\n"
-          '  scale around it (the geometric mean of the medians of the nearest four before and '
-          'after:\n'
-          '  at init |g|/|w| falls ~100x from the first stage to the last, so a whole stage is '
-          'judged\n'
-          '  against the stages on either side; a stage at 10x He std trains ~100x slower and '
-          'never\n'
-          '  catches up). A too-small weight there takes larger relative steps, its norm grows and '
+          '  silent; what a layer was fed is the last value probed before it unless its own '
+          'output,\n'
+          "  Var(out) / (fan_in Var(W)), says otherwise by more than `weight_factor` (CoaT's "
+          'position\n'
+          "  conv reads the values, probed after the keys' softmax); what a later layer was fed is "
+          'also\n'
+          '  read off its own output, Var(out) / (fan_in Var(W)), since graph order is not data '
+          'flow: a\n'
+          "  hand-written RMSNorm is no probe point, and an MoE's expert projections follow its "
+          'router\n'
+          '  in the graph), and the layers after the last normalisation (the head: small logits '
+          'are a\n'
+          '  deliberate start) are not judged for a shrink. A too-large weight whose distortion a '
+          'norm\n'
+          '  restores is still a defect when its weight variance and its output variance are both\n'
+          "  `weight_factor` times the median of its peers' (the same layer in the other blocks: "
           'the\n'
-          "  step shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): "
-          'fan-out\n'
-          '  stems and depthwise convs (torchvision, timm) train fine. Depthwise kernels (one '
-          'input\n'
-          '  channel per unit) and layers with fewer than 16 inputs per unit are not compared '
-          'behind\n'
-          '  BatchNorm (their |g|/|w| is noise), nor are layers behind a global pool (one position '
+          '  same weight name up to its numbers, the same shape). Measured on 130 healthy models '
+          'of\n'
+          '  timm, torchvision and transformers at their default init, no layer is more than 7x '
+          'its\n'
+          "  peers in variance (BEiT's 1/sqrt(2 * layer_id) depth scaling, and there below the "
+          'scheme);\n'
+          "  a block planted at 10x He std is 100x (He-initialised libraries) to 2600x (timm's "
+          'ViT, std\n'
+          '  0.02). Behind BatchNorm only a too-large weight is a defect: its variance must also '
+          'be\n'
+          "  `weight_factor` times the median of its BatchNorm-backed peers' (relative to their\n"
+          "  schemes: a library that starts every layer above He, as timm's Inception does, made "
+          'one\n'
+          '  choice), and its |g|/|w| at least `update_factor` (30) times below that of the '
+          'BatchNorm-\n'
+          "  backed layers at the library's scale around it (the geometric mean of the medians of "
+          'the\n'
+          '  nearest four before and after: at init |g|/|w| falls ~100x from the first stage to '
+          'the\n'
+          '  last, so a whole stage is judged against the stages on either side; a stage at 10x He '
+          'std\n'
+          '  trains ~100x slower and never catches up). A too-small weight there takes larger '
+          'relative\n'
+          "  steps, its norm grows and the step shrinks back (BatchNorm's auto rate-tuning, Arora, "
+          'Li &\n'
+          '  Lyu, ICLR 2019): fan-out stems and depthwise convs (torchvision, timm) train fine.\n'
+          '  Depthwise kernels (one input channel per unit) and layers with fewer than 16 inputs '
           'per\n'
-          "  sample: their gradient sums over the samples, a spatial layer's over every position). "
-          'In a\n'
-          '  network with normalisation, the head (the layers after the last norm) is judged for '
-          'a\n'
-          '  blow-up only when the output variance reaches `head_output_var` (100: logits of std '
-          '10\n'
-          '  saturate the softmax). Embedding tables (no fan-in) are not judged.'},
+          '  unit are not compared behind BatchNorm (their |g|/|w| is noise), nor are layers '
+          'behind a\n'
+          '  global pool (one position per sample: their gradient sums over the samples, a '
+          'spatial\n'
+          "  layer's over every position). In a network with normalisation, the head (the layers "
+          'after\n'
+          '  the last norm) is judged for a blow-up only when the output variance reaches\n'
+          '  `head_output_var` (100: logits of std 10 saturate the softmax). Embedding tables (no '
+          'fan-\n'
+          '  in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],

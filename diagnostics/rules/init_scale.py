@@ -44,7 +44,10 @@ class InitScale(Rule):
     direction, and the distortion must reach what the following layers are fed: for a blow-up,
     every later layer's input (or, for the last layer, the output); for a shrink, no later layer's
     input and no later normalisation's output may recover (a LayerNorm or residual path that
-    restores the scale keeps the rule silent; what a later layer was fed is also read off its own
+    restores the scale keeps the rule silent; what a layer was fed is the last value probed
+    before it unless its own output, Var(out) / (fan_in Var(W)), says otherwise by more than
+    `weight_factor` (CoaT's position conv reads the values, probed after the keys' softmax);
+    what a later layer was fed is also read off its own
     output, Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
     RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
     and the layers after the last normalisation (the head: small logits are a deliberate start)
@@ -133,6 +136,12 @@ class InitScale(Rule):
             var_out = lp.activation.var  # type: ignore[union-attr]
             if not (power > 0 and math.isfinite(var_out)):
                 continue
+            fed = probe.fed_power(lp)
+            if fed is not None and fed > 0 and not 1 / wf <= fed / power <= wf:
+                # The value probed before it is not what it reads (CoaT's shared position conv
+                # reads the values v; the last probed value is the keys' softmax, ~1e3x smaller):
+                # judge the layer by what its own output says it was fed.
+                power = fed
             jump = var_out / power
             # What the layers after it are fed, relative to what this layer was fed: a
             # distortion that LayerNorm or a residual path undoes never reaches them.
