@@ -215,7 +215,7 @@ CATALOG = [{'name': 'nonfinite-weights',
           'rule\n'
           '  silent; what a layer was fed is the last value probed before it unless its own '
           'output,\n'
-          "  Var(out) / (fan_in Var(W)), says otherwise by more than `weight_factor` (CoaT's "
+          "  Var(out) / (fan_in Var(W)), says it was fed `weight_factor` times more (CoaT's "
           'position\n'
           "  conv reads the values, probed after the keys' softmax); what a later layer was fed is "
           'also\n'

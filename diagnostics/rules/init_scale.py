@@ -45,8 +45,8 @@ class InitScale(Rule):
     every later layer's input (or, for the last layer, the output); for a shrink, no later layer's
     input and no later normalisation's output may recover (a LayerNorm or residual path that
     restores the scale keeps the rule silent; what a layer was fed is the last value probed
-    before it unless its own output, Var(out) / (fan_in Var(W)), says otherwise by more than
-    `weight_factor` (CoaT's position conv reads the values, probed after the keys' softmax);
+    before it unless its own output, Var(out) / (fan_in Var(W)), says it was fed `weight_factor`
+    times more (CoaT's position conv reads the values, probed after the keys' softmax);
     what a later layer was fed is also read off its own
     output, Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
     RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
@@ -137,10 +137,13 @@ class InitScale(Rule):
             if not (power > 0 and math.isfinite(var_out)):
                 continue
             fed = probe.fed_power(lp)
-            if fed is not None and fed > 0 and not 1 / wf <= fed / power <= wf:
+            if fed is not None and fed > wf * power:
                 # The value probed before it is not what it reads (CoaT's shared position conv
                 # reads the values v; the last probed value is the keys' softmax, ~1e3x smaller):
-                # judge the layer by what its own output says it was fed.
+                # judge the layer by what its own output says it was fed. Only upwards: that
+                # estimate takes the weight's own gain for granted, so it can only clear a layer
+                # the graph order accused (a squeeze-excite projection reads the pooled value,
+                # smaller than the one probed before it, and stays judged as before).
                 power = fed
             jump = var_out / power
             # What the layers after it are fed, relative to what this layer was fed: a
