@@ -11,7 +11,7 @@ to the outputs through the slot the condition chooses.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # op -> (condition slot, slots whose value passes only where the condition says)
@@ -32,6 +32,23 @@ class FlowNode:
     op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GateGraph:
+    """A loaded graph as this module reads it, built once per model: its steps, the values of
+    its integer inputs and of its outputs, and the values that carry each parameter."""
+
+    nodes: Sequence[FlowNode]
+    integer_inputs: Sequence[str]
+    outputs: Sequence[str]
+    parameters: Mapping[str, Sequence[str]]  # parameter name -> the values that read it
+
+    def gate(self, name: str) -> str | None:
+        """selection_gate for parameter `name`."""
+        every = [v for values in self.parameters.values() for v in values]
+        return selection_gate(self.nodes, self.parameters.get(name, ()), self.integer_inputs,
+                              self.outputs, every)
 
 
 def selection_gate(nodes: Sequence[FlowNode], sources: Iterable[str],

@@ -43,7 +43,7 @@ from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
 from gradprobe.diagnostics.onnx_ops.control import OUTER_INPUTS, branch_inputs
 from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpFn, lookup
 from gradprobe.diagnostics.onnx_ops.tensors import onnx_dtype_to_torch, tensor_from_proto
-from gradprobe.diagnostics.selection_gates import FlowNode, selection_gate
+from gradprobe.diagnostics.selection_gates import FlowNode, GateGraph
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}
@@ -259,15 +259,6 @@ class _Plan:
     dynamic_steps: list[tuple[Any, ...]] = field(default_factory=list)  # the rest
 
 
-@dataclass(frozen=True)
-class _Flow:
-    """The graph as selection_gates reads it."""
-
-    nodes: list[FlowNode]
-    integer_inputs: list[str]
-    outputs: list[str]
-
-
 class _Builder:
     def __init__(self, label: str, model: onnx.ModelProto, base_dir: Path | None,
                  path: str | None, renormalise_folded: bool = True) -> None:
@@ -331,10 +322,10 @@ class _Builder:
         reader_layers = _reader_layers(bindings, plans, nodes)
         integer_inputs = [spec.name for spec in specs
                           if spec.dtype is not None and not spec.dtype.is_floating_point]
-        flow = _Flow([FlowNode(f"{n.op_type}@{n.scope or n.name}",
-                               "where" if n.op_type == "Where" else "",
-                               tuple(n.inputs), tuple(n.outputs)) for n in nodes],
-                     integer_inputs, outputs)
+        flow = GateGraph([FlowNode(f"{n.op_type}@{n.scope or n.name}",
+                                   "where" if n.op_type == "Where" else "",
+                                   tuple(n.inputs), tuple(n.outputs)) for n in nodes],
+                         integer_inputs, outputs, {name: (name,) for name in params})
         return OnnxModel(
             path=self.path, parameters=params, inputs=specs,
             probe_points=[p.point for p in plans],
@@ -829,7 +820,7 @@ class OnnxModel(LoadedModel):
                  notes: list[str], model: onnx.ModelProto, plan: _Plan,
                  constants: dict[str, torch.Tensor], init_order: list[str],
                  init_types: dict[str, int], file_tensors: dict[str, torch.Tensor],
-                 bindings: dict[str, _Binding], label: str, flow: _Flow) -> None:
+                 bindings: dict[str, _Binding], label: str, flow: GateGraph) -> None:
         super().__init__(format="onnx", path=path, parameters=parameters, inputs=inputs,
                          probe_points=probe_points, shared_parameters=shared_parameters,
                          parameter_layers=parameter_layers, notes=notes)
@@ -855,9 +846,7 @@ class OnnxModel(LoadedModel):
         return [n for n, b in self._bindings.items() if b.file_tensor == binding.file_tensor]
 
     def selection_gate(self, name: str) -> str | None:
-        flow = self._flow
-        return selection_gate(flow.nodes, [name], flow.integer_inputs, flow.outputs,
-                              self.parameters)
+        return self._flow.gate(name)
 
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots

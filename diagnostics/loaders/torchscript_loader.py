@@ -12,6 +12,7 @@ import io
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,11 @@ from gradprobe.diagnostics.loaders.torchscript_passes import (
 )
 from gradprobe.diagnostics.loaders.torchscript_points import (
     discover_points,
+    gate_graph,
     integer_input_ranges,
-    parameter_gate,
 )
 from gradprobe.diagnostics.op_allowlist import check_torchscript_archive, check_torchscript_module
+from gradprobe.diagnostics.selection_gates import GateGraph
 
 _FUNCTION_NAME = "gradprobe_observed_forward"
 
@@ -181,12 +183,16 @@ class TorchScriptModel(LoadedModel):
         return _flatten_tensors(output)
 
     def selection_gate(self, name: str) -> str | None:
+        return self._gate_graph.gate(name)
+
+    @cached_property
+    def _gate_graph(self) -> GateGraph:
         original_output = self._graph.return_node().inputsAt(0).node().inputsAt(0)
         arguments = self.module.forward.schema.arguments[1:]
         integer = {spec.name for spec in self.inputs
                    if spec.dtype is not None and not spec.dtype.is_floating_point}
         positions = [i for i, a in enumerate(arguments) if a.name in integer]
-        return parameter_gate(self._graph, self.module, name, positions, original_output)
+        return gate_graph(self._graph, self.module, positions, original_output)
 
     def _drop_points_not_run(self, executed: list[ProbePoint]) -> None:
         """Scripted code keeps both sides of data-dependent branches (nn.MultiheadAttention

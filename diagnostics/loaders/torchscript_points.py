@@ -17,7 +17,7 @@ import torch
 
 from gradprobe.diagnostics.graph import ProbePoint, Role
 from gradprobe.diagnostics.loaders.torchscript_passes import Node, Value, all_nodes, argument_index
-from gradprobe.diagnostics.selection_gates import FlowNode, selection_gate
+from gradprobe.diagnostics.selection_gates import FlowNode, GateGraph
 
 # op -> (weight argument, bias argument, channel axis of the output)
 _LINEAR_OPS: dict[str, tuple[str, str | None, int]] = {
@@ -540,15 +540,13 @@ _GATE_KINDS = {"aten::where": "where", "aten::masked_fill": "masked_fill",
                "aten::masked_scatter": "masked_scatter", "aten::index_put": "index_put"}
 
 
-def parameter_gate(graph: torch._C.Graph, module: torch.jit.ScriptModule, name: str,
-                   integer_positions: list[int], output: Value) -> str | None:
-    """The select an integer input decides through which parameter `name` alone reaches
-    `output` (selection_gates), named `op@module`; None when it has another path."""
+def gate_graph(graph: torch._C.Graph, module: torch.jit.ScriptModule,
+               integer_positions: list[int], output: Value) -> GateGraph:
+    """The graph as selection_gates reads it, up to `output`; selects named `op@module`."""
     resolver = _ParameterResolver(graph, module)
-    flow: list[FlowNode] = []
-    sources: list[str] = []
-    parameters: list[str] = []
     module_paths = _ModulePaths(module)
+    flow: list[FlowNode] = []
+    parameters: dict[str, list[str]] = {}
 
     def key(value: Value) -> str:
         return str(value.unique())
@@ -558,9 +556,7 @@ def parameter_gate(graph: torch._C.Graph, module: torch.jit.ScriptModule, name: 
             if node.kind() == "prim::GetAttr":
                 found = resolver.parameter(node.output())
                 if found is not None:
-                    parameters.append(key(node.output()))
-                    if found[1] == name:
-                        sources.append(key(node.output()))
+                    parameters.setdefault(found[1], []).append(key(node.output()))
             inputs = [key(v) for v in node.inputs()]
             for inner in node.blocks():  # into the block, through it, out of the node
                 flow.append(FlowNode("", "", tuple(inputs), tuple(key(v) for v in inner.inputs())))
@@ -574,4 +570,4 @@ def parameter_gate(graph: torch._C.Graph, module: torch.jit.ScriptModule, name: 
     visit(graph.block())
     arguments = list(graph.inputs())[1:]  # after `self`
     ints = [key(arguments[i]) for i in integer_positions if i < len(arguments)]
-    return selection_gate(flow, sources, ints, [key(output)], parameters)
+    return GateGraph(flow, ints, [key(output)], parameters)
