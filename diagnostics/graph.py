@@ -81,6 +81,9 @@ class ProbePoint:
     # Where the file stores that scale with its fixed factor folded in (ONNX: one tensor for
     # gain * gamma / sqrt(fan_in)), the loader sets fan_in: a unit gain is then ~sqrt(2/fan_in).
     on_weights: bool = False
+    # A layer whose input is a global pool of the signal, seen through reshapes only
+    # (squeeze-excite, the head, ECA's Conv1d across the pooled channels).
+    reads_global_pool: bool = False
 
     @property
     def normalises_signal(self) -> bool:

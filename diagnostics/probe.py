@@ -182,7 +182,11 @@ class ProbeResult:
     def behind_global_pool(self, layer: LayerProbe) -> bool:
         """In a network with spatial (or sequence) layers, a parameterised layer that sees one
         position per sample sits behind a global pool: a squeeze-excite branch or the head.
-        Its per-entry values are sums over the positions pooled. A plain stack has none."""
+        Its per-entry values are sums over the positions pooled. A plain stack has none.
+        ECA's Conv1d slides across the pooled channels, so they count as its positions: the
+        loader saw it read the pool."""
+        if layer.point.reads_global_pool:
+            return True
         sizes = self._positions_per_unit
         fewest = min(sizes.values(), default=0.0)
         mine = sizes.get(layer.point.index)

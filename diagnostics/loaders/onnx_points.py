@@ -38,6 +38,7 @@ from gradprobe.diagnostics.loaders.onnx_naming import (
     reads_only_buffers,
     unique_names,
 )
+from gradprobe.diagnostics.loaders.pooled_inputs import onnx_reads_global_pool
 
 ACTIVATIONS = {
     "Relu": "relu", "LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu", "Selu": "selu",
@@ -196,6 +197,7 @@ def build_points(view: GraphView) -> list[PointPlan]:
             # the interpreter re-normalises a folded conv on batch statistics (onnx_folded_norm)
             followed_by_norm=d.followed_by_norm or (d.folded and d.node.op_type in FOLDABLE),
             on_weights=d.on_weights,
+            reads_global_pool=d.role == "linear" and onnx_reads_global_pool(view, d.node.inputs),
         )
         plans.append(PointPlan(point=point, value=d.value, step=d.step))
     return plans

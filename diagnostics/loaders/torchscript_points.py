@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradprobe.diagnostics.graph import ProbePoint, Role
+from gradprobe.diagnostics.loaders.pooled_inputs import torchscript_reads_global_pool
 from gradprobe.diagnostics.loaders.torchscript_passes import Node, Value, all_nodes, argument_index
 from gradprobe.diagnostics.selection_gates import FlowNode, GateGraph
 
@@ -511,6 +512,8 @@ def _to_point(index: int, c: _Candidate) -> ProbePoint:
         fan_in=c.fan_in, fan_out=c.fan_out, weight_layout=c.weight_layout,  # type: ignore[arg-type]
         channel_axis=c.channel_axis, feeds=tuple(c.feeds), followed_by_norm=c.followed_by_norm,
         on_weights=c.on_weights,
+        reads_global_pool=c.role == "linear" and c.op not in _RNN_OPS
+        and torchscript_reads_global_pool(c.node),
     )
 
 
