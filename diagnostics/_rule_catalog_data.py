@@ -92,7 +92,12 @@ CATALOG = [{'name': 'nonfinite-weights',
           'Thresholds:\n'
           '  every entry exactly 0. Error when the gradient is zero or identical across output '
           'units\n'
-          '  (relative spread <= 1e-6), when every value between it and the next layer is the same '
+          '  (relative spread <= 1e-6; a zero whose gradient only another zero after it blocks, a '
+          'zero-\n'
+          "  init branch end inside a block whose last BatchNorm scale is zero as in timm's\n"
+          '  GlobalContext ResNets, is judged at the second step, once the zeros that get a '
+          'gradient at\n'
+          '  the first have moved), when every value between it and the next layer is the same '
           'for\n'
           "  every sample and the next layer's output is the same for every sample too, or one of "
           'them\n'
@@ -262,12 +267,14 @@ CATALOG = [{'name': 'nonfinite-weights',
           'behind a\n'
           '  global pool (one position per sample: their gradient sums over the samples, a '
           'spatial\n'
-          "  layer's over every position). In a network with normalisation, the head (the layers "
-          'after\n'
-          '  the last norm) is judged for a blow-up only when the output variance reaches\n'
-          '  `head_output_var` (100: logits of std 10 saturate the softmax). Embedding tables (no '
-          'fan-\n'
-          '  in) are not judged.'},
+          "  layer's over every position), nor layers whose output the gradient reaches at fewer "
+          'than\n'
+          "  5% of its entries (max-pooled to a few cells: timm's BAT attention). In a network "
+          'with\n'
+          '  normalisation, the head (the layers after the last norm) is judged for a blow-up only '
+          'when\n'
+          '  the output variance reaches `head_output_var` (100: logits of std 10 saturate the\n'
+          '  softmax). Embedding tables (no fan-in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -40,6 +41,9 @@ class LayerProbe:
     point: ProbePoint
     activation: ActivationStats | None = None
     gradient: GradientStats | None = None  # from the flow pass
+    # Fraction of the value's entries the gradient reaches (non-zero), flow pass. A ReLU
+    # passes about half; a max pool to a few cells routes it to the entries each window picked.
+    gradient_reach: float | None = None
 
 
 @dataclass
@@ -52,6 +56,11 @@ class ParamProbe:
     # judges; None for every other parameter.
     unit_spread: float | None
     unused: bool  # no gradient path from the output at all
+    # 2: a zero tensor whose gradient another zero tensor after it blocks at init (a
+    # zero-init branch end inside a block whose last BatchNorm scale is zero, as timm's
+    # GlobalContext `mlp_add.fc2` sits in ByobNet's blocks): judged by its gradient at the
+    # second step, once the tensors that receive a gradient at the first have moved.
+    judged_at_step: int = 1
 
 
 @dataclass
@@ -192,6 +201,15 @@ class ProbeResult:
         mine = sizes.get(layer.point.index)
         return (mine is not None and mine <= fewest
                 and any(size > fewest for size in sizes.values()))
+
+    def gradient_reach_after(self, layer: LayerProbe) -> float | None:
+        """The fraction of entries the gradient reaches in the nonlinearity this layer feeds
+        (the largest, where it feeds several): about 1 where the next layer reads every
+        position, ~1/4 behind a strided max pool, ~1% where the value is max-pooled to a few
+        cells (timm's BAT attention pools its two channels to 7-cell maps)."""
+        reach = [lp.gradient_reach for lp in self.layers
+                 if lp.point.node in layer.point.feeds and lp.gradient_reach is not None]
+        return max(reach, default=None)
 
     def positions_per_unit(self, layer: LayerProbe) -> float | None:
         """Samples x positions the layer's output units were measured on: its resolution. A
@@ -673,13 +691,14 @@ def _activation_row(value: torch.Tensor, point: ProbePoint, exact: bool = True) 
 @dataclass
 class _GradientBatch:
     indices: list[int]
-    sums: slice  # k 2-norms, then (exact) k non-finite counts
+    sums: slice  # k 2-norms, k non-zero counts, then (exact) k non-finite counts
     exact: bool
 
     @staticmethod
     def measure(sums: _DeviceSums, indices: list[int], grads: list[torch.Tensor],
                 exact: bool = False) -> _GradientBatch:
         scalars = list(torch._foreach_norm(grads, 2, dtype=_acc(grads)))
+        scalars += _nonzero_counts(grads, exact)
         if exact:
             scalars += _nonfinite_counts(grads)
         return _GradientBatch(indices, sums.add(scalars), exact)
@@ -688,21 +707,23 @@ class _GradientBatch:
 def _gradient_rows(batches: list[_GradientBatch], numel: dict[int, int],
                    host: _Host) -> dict[int, dict[str, float]]:
     """A value read by several consumers gets one hook call per path on some graphs: the
-    squared norms and counts of all calls add up per point."""
+    squared norms and counts of all calls add up per point (the non-zero counts to an upper
+    bound on the entries their sum reaches)."""
     total: dict[int, list[float]] = {}
     for batch in batches:
         values = host[batch.sums]
         k = len(batch.indices)
         for i, index in enumerate(batch.indices):
-            acc = total.setdefault(index, [0.0, 0.0])
+            acc = total.setdefault(index, [0.0, 0.0, 0.0])
             acc[0] += values[i] ** 2  # float64 on the host: no overflow
-            acc[1] += _count_or_unknown(values[k + i] if batch.exact else None, values[i])
+            acc[1] += values[k + i]
+            acc[2] += _count_or_unknown(values[2 * k + i] if batch.exact else None, values[i])
     out = {}
-    for index, (sum_sq, nonfinite) in total.items():
-        norm = math.sqrt(sum_sq)
-        fields = {"norm": norm, "rms": norm / math.sqrt(max(numel[index], 1)),
-                  "nonfinite": nonfinite}
-        out[index] = {f: fields[f] for f in _GRAD_FIELDS}
+    for index, (sum_sq, nonzero, nonfinite) in total.items():
+        norm, size = math.sqrt(sum_sq), max(numel[index], 1)
+        fields = {"norm": norm, "rms": norm / math.sqrt(size), "nonfinite": nonfinite,
+                  "reach": min(nonzero / size, 1.0)}
+        out[index] = {f: fields[f] for f in (*_GRAD_FIELDS, "reach")}
     return out
 
 
@@ -1107,6 +1128,46 @@ def _unblocked_value(param: torch.Tensor, point: ProbePoint, seed: int) -> torch
     return (torch.randn(param.shape, generator=gen) * std).to(param)
 
 
+@contextmanager
+def _substituted(model: LoadedModel, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The model's parameters replaced by `values` for the duration, restored after."""
+    saved = {}
+    with torch.no_grad():
+        for name, value in values.items():
+            saved[name] = model.parameters[name].detach().clone()
+            model.parameters[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                model.parameters[name].copy_(value)
+
+
+def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
+                 owners: dict[str, ProbePoint], weights: list[dict[str, float | None]],
+                 first: _PassResult,
+                 zeros: list[tuple[str, ProbePoint]],
+                 constant: frozenset[str]) -> _PassResult | None:
+    """The gradients of the zero tensors that got none at the first step, as the second step
+    sees them: the zero tensors that did get one have moved (to their textbook init, as in the
+    flow pass), the others are still zero. Only those that now get a gradient are kept: a zero
+    in front of a ReLU still gets none and stays an error. None when no zero is blocked by
+    another one."""
+    stuck = [name for name, _ in zeros if first.params[name]["grad_norm"] == 0]
+    moved = {name: _unblocked_value(model.parameters[name], point, seed)
+             for name, point in zeros if name not in stuck}
+    if not stuck or not moved:
+        return None
+    with _substituted(model, moved):
+        second = _one_pass(model, inputs, seed, owners, weights, _PassPlan(
+            activations=False, tap_gradients=False, grads_of=tuple(stuck),
+            spread_of=constant & frozenset(stuck)))
+    second.params = {name: row for name, row in second.params.items()
+                     if name in stuck and row["grad_norm"] > 0}
+    return second if second.params else None
+
+
 def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> ProbeResult:
     owners = _weight_owners(model)
     names = list(model.parameters)
@@ -1123,29 +1184,23 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
     else:
         plan = _PassPlan(spread_of=constant)
     first = _one_pass(model, inputs, seed, owners, weights, plan)
-    flow, unblocked = first, []
+    flow, unblocked, second = first, [], None
     if zeros:
-        saved = {}
-        with torch.no_grad():
-            for name, point in zeros:
-                param = model.parameters[name]
-                saved[name] = param.detach().clone()
-                param.copy_(_unblocked_value(param, point, seed))
-        try:
+        with _substituted(model, {name: _unblocked_value(model.parameters[name], point, seed)
+                                  for name, point in zeros}):
             flow = _one_pass(model, inputs, seed, owners, weights,
                              _PassPlan(activations=False))
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    model.parameters[name].copy_(value)
         unblocked = [name for name, _ in zeros]
+        second = _second_step(model, inputs, seed, owners, weights, first, zeros, constant)
 
     layer_of = _layer_of(model)
     params: dict[str, ParamProbe] = {}
     for name, param in model.parameters.items():
         own = first.params[name]
-        # The unblocked tensors' own gradients are judged as initialised (first pass).
-        src = first if name in unblocked else flow
+        # The unblocked tensors' own gradients are judged as initialised (first pass), or
+        # at the second step where another zero blocked them at the first.
+        step = 2 if second is not None and name in second.params else 1
+        src = (second if step == 2 else first) if name in unblocked else flow
         row = {**own, **{k: src.params[name][k] for k in
                          ("grad_norm", "grad_rms", "grad_to_weight", "zero_grad_fraction", "nonfinite_grad")}}
         stats = ParameterStats(
@@ -1155,10 +1210,11 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
             zero_grad_fraction=row["zero_grad_fraction"], nonfinite_grad=int(row["nonfinite_grad"]),
             constant=bool(row["constant"]),
         )
-        spread = own["unit_spread"] if name in owners else None
+        spread = (src if step == 2 else first).params[name]["unit_spread"] \
+            if name in owners else None
         params[name] = ParamProbe(stats, layer_of[name],
                                   None if spread is None or math.isnan(spread) else spread,
-                                  name in src.unused)
+                                  name in src.unused, step)
 
     layers = []
     for point in model.probe_points:
@@ -1172,5 +1228,6 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
         gradient = None
         if grad is not None:
             gradient = GradientStats(norm=grad["norm"], rms=grad["rms"], nonfinite=int(grad["nonfinite"]))
-        layers.append(LayerProbe(point, activation, gradient))
+        layers.append(LayerProbe(point, activation, gradient,
+                                 None if grad is None else grad["reach"]))
     return ProbeResult(model, layers, params, unblocked, first.output_varies)

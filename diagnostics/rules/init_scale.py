@@ -12,6 +12,9 @@ from gradprobe.diagnostics.rules.depth_trend import layer_kind
 
 # Fewer inputs per unit than this and |g|/|w| behind BatchNorm is noise.
 MIN_FAN_IN_BEHIND_BN = 16
+# A gradient that reaches fewer of the layer's output entries than this sums over too few
+# positions for |g|/|w| to compare with layers that every position feeds back into.
+MIN_GRADIENT_REACH = 0.05
 
 
 class InitScale(Rule):
@@ -70,7 +73,9 @@ class InitScale(Rule):
     depthwise convs (torchvision, timm) train fine. Depthwise kernels (one input channel per
     unit) and layers with fewer than 16 inputs per unit are not compared behind BatchNorm (their
     |g|/|w| is noise), nor are layers behind a global pool (one position per sample: their
-    gradient sums over the samples, a spatial layer's over every position). In a network with
+    gradient sums over the samples, a spatial layer's over every position), nor layers whose
+    output the gradient reaches at fewer than 5% of its entries (max-pooled to a few cells:
+    timm's BAT attention). In a network with
     normalisation, the head (the layers after the last norm) is judged for a blow-up only when
     the output variance reaches `head_output_var` (100: logits of std 10 saturate the softmax).
     Embedding tables (no fan-in) are not judged.
@@ -292,8 +297,14 @@ def _compared_behind_bn(probe: ProbeResult, lp: LayerProbe) -> bool:
     position per sample): its gradient sums over the samples, a spatial layer's over every
     position too, and the softmax or sigmoid gate it feeds scales it again (timm's skresnet50d
     starts its `attn.fc_reduce` at ~16x He fan-in, fan-out init, and |g|/|w| reads 1e-6 to
-    1e-2 of the convs around it)."""
+    1e-2 of the convs around it). Nor is a layer whose output the gradient reaches at a
+    handful of positions: max-pooled to a few cells, only the entries each window picked feed
+    back (timm's BAT attention: `ba.conv1` has two output channels, pooled to 7-cell maps that
+    gate the block; the gradient reaches ~1% of its entries, and its |g|/|w| reads ~170x below
+    the convs around it at timm's fan-out init, still ~15x below at He fan-in)."""
     shape = probe.params[lp.point.weight].stats.shape  # type: ignore[index]
     depthwise = len(shape) >= 3 and shape[1] == 1
+    reach = probe.gradient_reach_after(lp)
     return (not depthwise and (lp.point.fan_in or 0) >= MIN_FAN_IN_BEHIND_BN
-            and not probe.behind_global_pool(lp))
+            and not probe.behind_global_pool(lp)
+            and (reach is None or reach >= MIN_GRADIENT_REACH))

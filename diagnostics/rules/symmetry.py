@@ -31,5 +31,9 @@ def judge(param: ParamProbe) -> SymmetryVerdict:
     if param.unit_spread is not None and param.unit_spread <= IDENTICAL_SPREAD:
         return SymmetryVerdict(False, "every output unit receives the same gradient, so the units "
                                       "stay identical (symmetry never breaks)")
+    if param.judged_at_step > 1:
+        return SymmetryVerdict(True, "each output unit receives its own gradient once the "
+                                     "zero-initialised tensors after it have moved, so it trains "
+                                     "from the second step")
     return SymmetryVerdict(True, "each output unit receives its own gradient, so it trains from "
                                  "the first step")

@@ -28,7 +28,10 @@ class ZeroWeights(Rule):
     the ReLU family, Xavier for tanh/sigmoid/linear, LeCun for SELU; ones for a norm scale or a
     multiplicative gate); the finding carries the std, bound and the PyTorch line.
     Thresholds: every entry exactly 0. Error when the gradient is zero or identical across output
-    units (relative spread <= 1e-6), when every value between it and the next layer is the same for
+    units (relative spread <= 1e-6; a zero whose gradient only another zero after it blocks,
+    a zero-init branch end inside a block whose last BatchNorm scale is zero as in timm's
+    GlobalContext ResNets, is judged at the second step, once the zeros that get a gradient at
+    the first have moved), when every value between it and the next layer is the same for
     every sample and the next layer's output is the same for every sample too, or one of them is
     exactly zero and a later layer before the next norm is fed nothing (a zeroed first layer of a
     branch: the next layer is fed nothing, unlike a zeroed last layer, whose residual add still

@@ -1,0 +1,67 @@
+"""A zero tensor whose gradient another zero tensor after it blocks at init is judged at the
+second step.
+
+timm's GlobalContext (gcresnet33ts, gcresnet50t, gcresnext50ts) zero-initialises `mlp_add.fc2`,
+whose output is added to the block's signal, and ByobNet puts that block before `conv3_1x1`,
+whose BatchNorm scale it zero-initialises too. At step 0 fc2's gradient is exactly zero (the
+zero scale after it blocks it), and the linter said "it can never move" on every block, in
+every export. After one step the BatchNorm scale has moved and fc2 gets its own gradient per
+unit: a deliberate zero start. A zeroed first layer in front of a ReLU still gets no gradient
+at the second step, and stays an error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zoo
+from timm.layers import GlobalContext
+from torch import nn
+
+from gradprobe.diagnostics.api import diagnose
+from gradprobe.diagnostics.options import DiagnoseOptions
+
+
+class ContextBlock(nn.Module):
+    """ByobNet's bottleneck with its attention before the last conv: x + bn3(conv3(gc(...)))."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                   nn.ReLU())
+        self.attn = GlobalContext(c, fuse_add=True, fuse_scale=False, init_last_zero=True)
+        self.conv3 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        nn.init.zeros_(self.bn3.weight)  # ByobNet's zero_init_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn3(self.conv3(self.attn(self.conv1(x)))))
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), ContextBlock(), ContextBlock(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def lint(model: nn.Module, how: str, tmp_path) -> list:  # noqa: ANN001
+    x = torch.randn(4, 3, 16, 16)
+    path = (zoo.export_torchscript(model, (x,), tmp_path / "net.pt") if how == "torchscript"
+            else zoo.export_onnx(model, (x,), tmp_path / "net.onnx", train_bn=True))
+    return diagnose(path, DiagnoseOptions(device="cpu", input_shapes=[[4, 3, 16, 16]])).findings
+
+
+@pytest.mark.parametrize("how", ["torchscript", "onnx"])
+def test_zero_behind_a_zero_scale_trains_from_the_second_step(tmp_path, how):
+    findings = lint(net(), how, tmp_path)
+    assert [f for f in findings if f.severity.value != "info"] == []
+    fc2 = [f for f in findings if f.rule == "zero-weights" and "mlp_add.fc2" in f.layer]
+    assert len(fc2) == 2 and all("second step" in f.message for f in fc2), fc2
+
+
+@pytest.mark.parametrize("how", ["torchscript", "onnx"])
+def test_zero_in_front_of_a_relu_behind_a_zero_scale_is_still_an_error(tmp_path, how):
+    model = net()
+    nn.init.zeros_(model[3].conv1[0].weight)
+    errors = [(f.rule, f.layer) for f in lint(model, how, tmp_path) if f.severity.value == "error"]
+    assert ("zero-weights", "3.conv1.0") in errors, errors
