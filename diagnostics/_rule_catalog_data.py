@@ -455,25 +455,28 @@ CATALOG = [{'name': 'nonfinite-weights',
           'keeps:\n'
           '  no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the '
           'verdict\n'
-          "  depend on the probe's resolution), a least-squares line in log space from the first "
-          'to the\n'
-          '  last layer, the same with each kind of layer compared with itself from block to block '
-          '(a\n'
-          "  query projection with the next block's), and with the layers of each resolution "
-          'compared\n'
-          "  among themselves (a stage's layers): the mildest of the three counts; a value its\n"
-          '  neighbours do not pass on (>3 decades off both) is left out; warning when early/late '
-          '<=\n'
-          "  `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers "
-          '(zero\n'
-          '  head, zero-init residual) set to their textbook init, as after step one. Always a '
-          'warning:\n'
-          '  in our training check a twelve-layer sigmoid stack re-initialised with Xavier learns '
-          'no\n'
-          '  better than before (the remedy is architectural), so the rule cannot promise that a '
-          'fix\n'
-          '  restores training; where the activations themselves collapse, vanishing-activations\n'
-          '  reports the error.'},
+          "  depend on the probe's resolution, nothing before a BatchNorm over fewer than 8 "
+          'samples,\n'
+          "  whose gradient rests on those few samples' statistics), a least-squares line in log "
+          'space\n'
+          '  from the first to the last layer, the same with each kind of layer compared with '
+          'itself\n'
+          "  from block to block (a query projection with the next block's), and with the layers "
+          'of\n'
+          "  each resolution compared among themselves (a stage's layers): the mildest of the "
+          'three\n'
+          '  counts; a value its neighbours do not pass on (>3 decades off both) is left out; '
+          'warning\n'
+          "  when early/late <= `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured with "
+          'deliberate\n'
+          '  zero layers (zero head, zero-init residual) set to their textbook init, as after step '
+          'one.\n'
+          '  Always a warning: in our training check a twelve-layer sigmoid stack re-initialised '
+          'with\n'
+          '  Xavier learns no better than before (the remedy is architectural), so the rule '
+          'cannot\n'
+          '  promise that a fix restores training; where the activations themselves collapse,\n'
+          '  vanishing-activations reports the error.'},
  {'name': 'exploding-gradients',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
@@ -500,15 +503,18 @@ CATALOG = [{'name': 'nonfinite-weights',
           'keeps:\n'
           '  no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the '
           'verdict\n'
-          "  depend on the probe's resolution), a least-squares line in log space, the same with "
-          'each\n'
-          '  kind of layer compared with itself from block to block, and with the layers of each\n'
-          '  resolution compared among themselves: the mildest counts; a value its neighbours do '
-          'not\n'
-          '  pass on (>3 decades off both) is left out; warning when early/late >= `ratio` (100;\n'
-          '  AUTOTRAINER uses 70 during training, we allow more at step 0), error from '
-          '`error_ratio`\n'
-          '  (1e4).'},
+          "  depend on the probe's resolution, nothing before a BatchNorm over fewer than 8 "
+          'samples,\n'
+          "  whose gradient rests on those few samples' statistics), a least-squares line in log "
+          'space,\n'
+          '  the same with each kind of layer compared with itself from block to block, and with '
+          'the\n'
+          '  layers of each resolution compared among themselves: the mildest counts; a value its\n'
+          '  neighbours do not pass on (>3 decades off both) is left out; warning when early/late '
+          '>=\n'
+          '  `ratio` (100; AUTOTRAINER uses 70 during training, we allow more at step 0), error '
+          'from\n'
+          '  `error_ratio` (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
   'verdicts': ['info', 'error'],

@@ -74,6 +74,9 @@ class ProbeResult:
     # longer depends on the input, even where no probed value shows where (a zero scale after
     # the last probe point).
     output_varies: bool = True
+    # Samples in the probe batch (the first input's leading axis): what a BatchNorm run on
+    # batch statistics averages over.
+    samples: int | None = None
 
     def of_role(self, role: str) -> Iterator[LayerProbe]:
         """Points of a role; "norm" means the norms of the signal (not weight standardisation)."""
@@ -1230,4 +1233,5 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
             gradient = GradientStats(norm=grad["norm"], rms=grad["rms"], nonfinite=int(grad["nonfinite"]))
         layers.append(LayerProbe(point, activation, gradient,
                                  None if grad is None else grad["reach"]))
-    return ProbeResult(model, layers, params, unblocked, first.output_varies)
+    samples = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else None
+    return ProbeResult(model, layers, params, unblocked, first.output_varies, samples)

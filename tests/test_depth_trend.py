@@ -99,3 +99,26 @@ def test_a_step_where_the_resolution_changes_is_not_a_drift_inside_a_stage():
     # A drift inside each stage is one all the same: 10x per layer going forwards.
     ramp = [v * 10**b for v, b in zip(values, [0, 1, 2, 0, 1, 2, *range(9), 0, 1, 2], strict=True)]
     assert fit(names, ramp, resolutions).per_layer == pytest.approx(10.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("batch", "on_axis"), [(2, ["4", "6"]), (8, ["0", "4", "6"])])
+def test_the_gradient_axis_starts_behind_batch_norms_over_too_few_samples(tmp_path, batch, on_axis):
+    """A BatchNorm over fewer than 8 samples passes on no gradient a trend can read (timm's
+    efficientvit_b3 and gc_efficientnetv2_rw_t "explode" at batch 2, whatever the image size,
+    and are flat from batch 4): the gradient trend is measured behind the last one."""
+    import torch
+    import zoo
+    from torch import nn
+
+    from gradprobe.diagnostics.loaders import load_model
+    from gradprobe.diagnostics.probe import probe
+    from gradprobe.diagnostics.rules.depth_trend import depth_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(batch, 3, 8, 8)
+    model = load_model(zoo.export_torchscript(net, (x,), tmp_path / "net.pt"))
+    axis = depth_layers(probe(model, [x]), "gradient")
+    assert [lp.point.layer for lp in axis] == on_axis

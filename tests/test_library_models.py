@@ -85,6 +85,14 @@ HEALTHY = [
     # at 64 px its last stage is 1x1: each BatchNorm there normalises 2 values per channel (batch
     # 2), and the gradient behind it is 1/|x1 - x2| (an exploding-gradients warning before)
     ("timm", "efficientvim_m4_dist", "torchscript"),
+    # global-context attention: at batch 2 every BatchNorm averages over two samples, and the
+    # one-channel attention convs between them read "2.3e6x exploding"; flat from batch 4
+    ("timm", "gc_efficientnetv2_rw_t", "torchscript"),
+    # GlobalContext's zero-init `mlp_add.fc2` before ByobNet's zero-init last BatchNorm: its
+    # gradient is zero at the first step only (it trains from the second)
+    ("timm", "gcresnext26ts", "torchscript"),
+    # the folded zero-init bn3 followed by an ECA gate, whose Conv1d runs across pooled channels
+    ("timm", "ecaresnetlight", "onnx_legacy"),
 ]
 
 PLANTED = [

@@ -27,6 +27,12 @@ TINY = 1e-38  # below float32's smallest normal: "exactly zero" for a variance
 # can read: over 2 values its outputs are +-1 whatever the input's scale, and the gradient
 # behind it is 1/|x1 - x2| (timm's EfficientViM at 64 px, batch 2: a 1x1 last stage).
 MIN_BATCH_NORM_VALUES = 8
+# Nor over fewer samples than this, however many positions each has: positions of one sample
+# are correlated, so the batch statistics rest on the samples, and below ~8 per batch
+# BatchNorm's statistics are unreliable (Wu & He, Group Normalization, ECCV 2018). Measured at
+# batch 2: timm's efficientvit_b3 reads "129x exploding" at 64 px and 1.5e3x at 128 px,
+# gc_efficientnetv2_rw_t 2.3e6x and 1.1e5x (154x at batch 3); both are flat at batch 4 and 8.
+MIN_BATCH_NORM_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -136,8 +142,9 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     layer whose value is the same for every sample while the output still varies is a side path
     gone flat (csatv2's one-channel attention branch at 64 px), skipped, not the end of the axis.
     Gradients: the trend is measured behind the last layer whose gradient is exactly zero,
-    and behind the last BatchNorm over fewer than MIN_BATCH_NORM_VALUES values per channel
-    (the probe's input size, not the init, decides what passes through it).
+    and behind the last BatchNorm over fewer than MIN_BATCH_NORM_VALUES values per channel or
+    fewer than MIN_BATCH_NORM_SAMPLES samples (the probe's input size, not the init, decides
+    what passes through it).
     A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the
     activation axis: no init sets its output's scale."""
     out: list[LayerProbe] = []
@@ -168,8 +175,10 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     if signal == "gradient":
         blocked = [i for i, lp in enumerate(out) if lp.gradient and lp.gradient.rms == 0]
         out = out[blocked[-1] + 1:] if blocked else out
-        few = [lp.point.index for lp in probe.layers if lp.point.followed_by_norm
-               and (n := probe.positions_per_unit(lp)) is not None and n < MIN_BATCH_NORM_VALUES]
+        few_samples = probe.samples is not None and probe.samples < MIN_BATCH_NORM_SAMPLES
+        few = [lp.point.index for lp in probe.layers if lp.point.followed_by_norm and (
+            few_samples or ((n := probe.positions_per_unit(lp)) is not None
+                            and n < MIN_BATCH_NORM_VALUES))]
         out = [lp for lp in out if lp.point.index > max(few)] if few else out
     return out
 

@@ -14,7 +14,8 @@ class ExplodingGradients(GradientTrendRule):
     (`torch.nn.utils.clip_grad_norm_`) as a guard.
     Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers depth_trend
     keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the verdict
-    depend on the probe's resolution), a least-squares line in log space, the same with each kind of
+    depend on the probe's resolution, nothing before a BatchNorm over fewer than 8 samples, whose
+    gradient rests on those few samples' statistics), a least-squares line in log space, the same with each kind of
     layer compared with itself from block to block, and with the layers of each resolution compared
     among themselves: the mildest counts; a value its neighbours do not pass on (>3 decades off
     both) is left out; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 during training,

@@ -14,7 +14,8 @@ class VanishingGradients(GradientTrendRule):
     residual connections.
     Thresholds: per-entry gradient RMS at each parameterised layer's output (the layers depth_trend
     keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the verdict
-    depend on the probe's resolution), a least-squares line in log space from the first to the last
+    depend on the probe's resolution, nothing before a BatchNorm over fewer than 8 samples, whose
+    gradient rests on those few samples' statistics), a least-squares line in log space from the first to the last
     layer, the same with each kind of layer compared with itself from block to block (a query
     projection with the next block's), and with the layers of each resolution compared among
     themselves (a stage's layers): the mildest of the three counts; a value its neighbours do not
