@@ -1149,17 +1149,15 @@ def _substituted(model: LoadedModel, values: dict[str, torch.Tensor]) -> Iterato
 
 def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
                  owners: dict[str, ProbePoint], weights: list[dict[str, float | None]],
-                 first: _PassResult,
-                 zeros: list[tuple[str, ProbePoint]],
+                 first: _PassResult, unblocked: dict[str, torch.Tensor],
                  constant: frozenset[str]) -> _PassResult | None:
     """The gradients of the zero tensors that got none at the first step, as the second step
-    sees them: the zero tensors that did get one have moved (to their textbook init, as in the
-    flow pass), the others are still zero. Only those that now get a gradient are kept: a zero
-    in front of a ReLU still gets none and stays an error. None when no zero is blocked by
-    another one."""
-    stuck = [name for name, _ in zeros if first.params[name]["grad_norm"] == 0]
-    moved = {name: _unblocked_value(model.parameters[name], point, seed)
-             for name, point in zeros if name not in stuck}
+    sees them: the zero tensors that did get one have moved (to their `unblocked` value, the
+    textbook init the flow pass used), the others are still zero. Only those that now get a
+    gradient are kept: a zero in front of a ReLU still gets none and stays an error. None when
+    no zero is blocked by another one."""
+    stuck = [name for name in unblocked if first.params[name]["grad_norm"] == 0]
+    moved = {name: value for name, value in unblocked.items() if name not in stuck}
     if not stuck or not moved:
         return None
     with _substituted(model, moved):
@@ -1189,12 +1187,13 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
     first = _one_pass(model, inputs, seed, owners, weights, plan)
     flow, unblocked, second = first, [], None
     if zeros:
-        with _substituted(model, {name: _unblocked_value(model.parameters[name], point, seed)
-                                  for name, point in zeros}):
+        values = {name: _unblocked_value(model.parameters[name], point, seed)
+                  for name, point in zeros}
+        with _substituted(model, values):
             flow = _one_pass(model, inputs, seed, owners, weights,
                              _PassPlan(activations=False))
-        unblocked = [name for name, _ in zeros]
-        second = _second_step(model, inputs, seed, owners, weights, first, zeros, constant)
+        unblocked = list(values)
+        second = _second_step(model, inputs, seed, owners, weights, first, values, constant)
 
     layer_of = _layer_of(model)
     params: dict[str, ParamProbe] = {}
@@ -1202,8 +1201,8 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
         own = first.params[name]
         # The unblocked tensors' own gradients are judged as initialised (first pass), or
         # at the second step where another zero blocked them at the first.
-        step = 2 if second is not None and name in second.params else 1
-        src = (second if step == 2 else first) if name in unblocked else flow
+        own_pass = second if second is not None and name in second.params else first
+        src = own_pass if name in unblocked else flow
         row = {**own, **{k: src.params[name][k] for k in
                          ("grad_norm", "grad_rms", "grad_to_weight", "zero_grad_fraction", "nonfinite_grad")}}
         stats = ParameterStats(
@@ -1213,11 +1212,10 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
             zero_grad_fraction=row["zero_grad_fraction"], nonfinite_grad=int(row["nonfinite_grad"]),
             constant=bool(row["constant"]),
         )
-        spread = (src if step == 2 else first).params[name]["unit_spread"] \
-            if name in owners else None
+        spread = own_pass.params[name]["unit_spread"] if name in owners else None
         params[name] = ParamProbe(stats, layer_of[name],
                                   None if spread is None or math.isnan(spread) else spread,
-                                  name in src.unused, step)
+                                  name in src.unused, 2 if own_pass is second else 1)
 
     layers = []
     for point in model.probe_points:
