@@ -248,33 +248,36 @@ CATALOG = [{'name': 'nonfinite-weights',
           "  `weight_factor` times the median of its BatchNorm-backed peers' (relative to their\n"
           "  schemes: a library that starts every layer above He, as timm's Inception does, made "
           'one\n'
-          '  choice), and its |g|/|w| at least `update_factor` (30) times below that of the '
-          'BatchNorm-\n'
-          "  backed layers at the library's scale around it (the geometric mean of the medians of "
-          'the\n'
-          '  nearest four before and after: at init |g|/|w| falls ~100x from the first stage to '
-          'the\n'
-          '  last, so a whole stage is judged against the stages on either side; a stage at 10x He '
-          'std\n'
-          '  trains ~100x slower and never catches up). A too-small weight there takes larger '
-          'relative\n'
-          "  steps, its norm grows and the step shrinks back (BatchNorm's auto rate-tuning, Arora, "
-          'Li &\n'
-          '  Lyu, ICLR 2019): fan-out stems and depthwise convs (torchvision, timm) train fine.\n'
-          '  Depthwise kernels (one input channel per unit) and layers with fewer than 16 inputs '
-          'per\n'
-          '  unit are not compared behind BatchNorm (their |g|/|w| is noise), nor are layers '
-          'behind a\n'
-          '  global pool (one position per sample: their gradient sums over the samples, a '
-          'spatial\n'
-          "  layer's over every position), nor layers whose output the gradient reaches at fewer "
-          'than\n'
-          "  5% of its entries (max-pooled to a few cells: timm's BAT attention). In a network "
-          'with\n'
-          '  normalisation, the head (the layers after the last norm) is judged for a blow-up only '
-          'when\n'
-          '  the output variance reaches `head_output_var` (100: logits of std 10 saturate the\n'
-          '  softmax). Embedding tables (no fan-in) are not judged.'},
+          '  choice), under He fan-in and under He fan-out alike (a library that starts its convs '
+          'at\n'
+          "  fan-out puts a 1x1 conv with 64x more inputs than outputs 64x above He fan-in: timm's "
+          'BAT\n'
+          '  attention), and its |g|/|w| at least `update_factor` (30) times below that of the\n'
+          "  BatchNorm-backed layers at the library's scale around it (the geometric mean of the\n"
+          '  medians of the nearest four before and after: at init |g|/|w| falls ~100x from the '
+          'first\n'
+          '  stage to the last, so a whole stage is judged against the stages on either side; a '
+          'stage\n'
+          '  at 10x He std trains ~100x slower and never catches up). A too-small weight there '
+          'takes\n'
+          "  larger relative steps, its norm grows and the step shrinks back (BatchNorm's auto "
+          'rate-\n'
+          '  tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and depthwise convs (torchvision, '
+          'timm)\n'
+          '  train fine. Depthwise kernels (one input channel per unit) and layers with fewer than '
+          '16\n'
+          '  inputs per unit are not compared behind BatchNorm (their |g|/|w| is noise), nor are '
+          'layers\n'
+          '  behind a global pool (one position per sample: their gradient sums over the samples, '
+          'a\n'
+          "  spatial layer's over every position), nor layers whose output the gradient reaches "
+          'at\n'
+          "  fewer than 5% of its entries (max-pooled to a few cells: timm's BAT attention). In a\n"
+          '  network with normalisation, the head (the layers after the last norm) is judged for '
+          'a\n'
+          '  blow-up only when the output variance reaches `head_output_var` (100: logits of std '
+          '10\n'
+          '  saturate the softmax). Embedding tables (no fan-in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],

@@ -88,17 +88,20 @@ def gain_for(nonlinearity: str | None) -> float:
     return 1.0
 
 
-def target_variance(point: ProbePoint) -> float | None:
-    """The weight variance the recommended scheme gives this layer."""
+def target_variance(point: ProbePoint, mode: str = "fan_in") -> float | None:
+    """The weight variance the recommended scheme gives this layer. `mode="fan_out"` gives
+    what Kaiming's fan-out mode would (torchvision's and timm's CNNs start their convs so):
+    He and LeCun divide by the fan the mode names; Xavier uses both fans either way."""
     fan_in, fan_out = point.fan_in, point.fan_out
     if not fan_in:
         return None
     scheme = scheme_for(point.nonlinearity)
     gain = gain_for(point.nonlinearity)
+    fan = (fan_out or fan_in) if mode == "fan_out" else fan_in
     if scheme == "he_normal":
-        return gain**2 / fan_in
+        return gain**2 / fan
     if scheme == "lecun_normal":
-        return 1.0 / fan_in
+        return 1.0 / fan
     return gain**2 * 2.0 / (fan_in + (fan_out or fan_in))
 
 

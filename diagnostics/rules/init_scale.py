@@ -63,7 +63,9 @@ class InitScale(Rule):
     std is 100x (He-initialised libraries) to 2600x (timm's ViT, std 0.02). Behind BatchNorm
     only a too-large weight is a defect: its variance must also be `weight_factor` times the
     median of its BatchNorm-backed peers' (relative to their schemes: a library that starts
-    every layer above He, as timm's Inception does, made one choice), and its |g|/|w| at least
+    every layer above He, as timm's Inception does, made one choice), under He fan-in and under
+    He fan-out alike (a library that starts its convs at fan-out puts a 1x1 conv with 64x more
+    inputs than outputs 64x above He fan-in: timm's BAT attention), and its |g|/|w| at least
     `update_factor` (30) times below that of the BatchNorm-backed layers at the library's scale
     around it (the geometric mean of the medians of the nearest four before and after: at init
     |g|/|w| falls ~100x from the first stage to the last, so a whole stage is judged against the
@@ -94,15 +96,11 @@ class InitScale(Rule):
             return
         backed = [lp for lp in judged
                   if lp.point.followed_by_norm and _compared_behind_bn(probe, lp)]
-        # The library's own scale for its BatchNorm-backed layers: a whole network initialised
-        # above He (timm's Inception, std 0.1) is one choice, not one layer's defect.
-        ks = {lp.point.index: probe.params[lp.point.weight].stats.std**2 / t for lp in backed
-              if (t := target_variance(lp.point))}
-        k_median = statistics.median(ks.values()) if len(ks) >= 3 else 1.0
+        library = _BackedScale(probe, backed)
         # The yardstick for a relative update: the layers at the library's scale (a planted
         # stage is not its own reference).
-        in_scale = [lp for lp in backed if lp.point.index in ks
-                    and ks[lp.point.index] < self.t["weight_factor"] * max(k_median, 1.0)]
+        in_scale = [lp for lp in backed if lp.point.index in library.known
+                    and not library.far_above(lp.point.index, self.t["weight_factor"])]
         powers = _input_powers(probe)
         output_var = judged[-1].activation.var  # type: ignore[union-attr]
         # Normalisation outputs: what a residual stream is restored to (the power each norm
@@ -122,8 +120,7 @@ class InitScale(Rule):
             if 1 / wf < k < wf:
                 continue
             if point.followed_by_norm:
-                if len(ks) < 3 or not _compared_behind_bn(probe, lp) \
-                        or k < wf * max(k_median, 1.0) \
+                if not library.far_above(point.index, wf) \
                         or not (reference := _update_reference(probe, in_scale, point.index)):
                     continue
                 rel = stats.grad_to_weight / reference
@@ -233,6 +230,30 @@ class InitScale(Rule):
                 f"fan_in={lp.point.fan_in} ({direction}); {how}. Re-initialise with {fix.init} "
                 f"(std {fix.std:.3g}).",
             evidence={"variance_ratio": k, **evidence}, fix=fix, parameters=[lp.point.weight or ""])
+
+
+class _BackedScale:
+    """The library's own scale for its BatchNorm-backed layers, in both of Kaiming's fan modes.
+    A whole network initialised above He (timm's Inception, std 0.1) is one choice, not one
+    layer's defect; so is a network started at fan-out (torchvision's and timm's CNNs), where a
+    layer with far more inputs than outputs sits far above He fan-in by design (timm's BAT
+    attention: `ba.conv1` reads 128 channels and writes 2, 64x He fan-in, 1x fan-out). A layer
+    is far above the library only when it is so in both modes."""
+
+    def __init__(self, probe: ProbeResult, backed: list[LayerProbe]) -> None:
+        self.ks: dict[str, dict[int, float]] = {}
+        self.medians: dict[str, float] = {}
+        for mode in ("fan_in", "fan_out"):
+            ks = {lp.point.index: probe.params[lp.point.weight].stats.std**2 / t  # type: ignore[index]
+                  for lp in backed if (t := target_variance(lp.point, mode))}
+            self.ks[mode] = ks
+            self.medians[mode] = statistics.median(ks.values()) if ks else 1.0
+        # Fewer than three layers make no library scale to compare against.
+        self.known = set(self.ks["fan_in"]) if len(self.ks["fan_in"]) >= 3 else set()
+
+    def far_above(self, index: int, factor: float) -> bool:
+        return index in self.known and all(
+            ks[index] >= factor * max(self.medians[mode], 1.0) for mode, ks in self.ks.items())
 
 
 def _input_powers(probe: ProbeResult) -> dict[int, float]:
