@@ -27,14 +27,18 @@ behind it and one example message.
     python bench/hub_sweep.py --sample 30 --export torchscript onnx_legacy --report-only
 
 Results go to a JSON-lines file (`--results`); a rerun skips the (model, export) pairs already
-there, so the sweep resumes after an interruption. The scorecard JSON (`--scorecard`) is what a
-script diffs; the markdown table replaces the section between the hub-sweep markers in
-bench/README.md. The last line printed is `SWEEP {...}`.
+there, so the sweep resumes after an interruption. Each result carries the linter version it was
+produced by (a hash of the `diagnostics` sources at the sweep's start: do not change them under
+a running sweep); the scorecard counts the files linted by an older version, and
+`--rerun-stale` lints those again, so a sweep spread over days ends on one version. The
+scorecard JSON (`--scorecard`) is what a script diffs; the markdown table replaces the section
+between the hub-sweep markers in bench/README.md. The last line printed is `SWEEP {...}`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -67,6 +71,21 @@ LINTED, UNSUPPORTED, LINT_ERROR, CRASHED = "linted", "unsupported", "lint-error"
 EXPORT_FAILED, TIMEOUT = "export-failed", "timeout"
 NOT_BUILT = ("build-failed", "not-applicable", "too-large")
 PREFIX = "RESULT "
+# What the linter decides; the other statuses (not built, too large, the exporter failed) do not
+# change with its version.
+LINTER_STATUSES = (LINTED, UNSUPPORTED, LINT_ERROR, CRASHED, TIMEOUT)
+
+
+def linter_version(root: Path = ROOT) -> str:
+    """A hash of the linter's sources: two results with the same one came from the same code."""
+    digest = hashlib.sha256()
+    for path in sorted((root / "diagnostics").rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def is_stale(row: dict, version: str) -> bool:
+    return row["status"] in LINTER_STATUSES and row.get("linter") != version
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -287,18 +306,30 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
+def pending(models: list[tuple[str, str]], exports: list[str], rows: list[dict], version: str,
+            rerun_stale: bool = False) -> list[tuple[str, str, list[str]]]:
+    """The (library, model, exports) still to run: those without a result, and with
+    `rerun_stale` those whose latest verdict came from another linter version."""
+    latest = {(r["library"], r["model"], r["export"]): r for r in rows}
+    done = {key for key, r in latest.items() if not (rerun_stale and is_stale(r, version))}
+    todo = []
+    for library, name in models:
+        missing = [h for h in exports if (library, name, h) not in done]
+        if missing:
+            todo.append((library, name, missing))
+    return todo
+
+
 def sweep(args: argparse.Namespace) -> None:
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["library"], r["model"], r["export"]) for r in load_results(results_path)}
-    todo = []
-    for library, name in choose(args):
-        missing = [h for h in args.export if (library, name, h) not in done]
-        if missing:
-            todo.append((library, name, missing))
+    version = linter_version()
+    rows = load_results(results_path)
+    todo = pending(choose(args), args.export, rows, version, args.rerun_stale)
+    done = len({(r["library"], r["model"], r["export"]) for r in rows})
     total, lock, counter = len(todo), threading.Lock(), [0]
-    print(f"{total} model(s) to run, {len(done)} (model, export) result(s) already in "
-          f"{results_path}", flush=True)
+    print(f"{total} model(s) to run, {done} (model, export) result(s) already in "
+          f"{results_path}; linter {version}", flush=True)
     start = time.perf_counter()
 
     def one(item: tuple[str, str, list[str]]) -> None:
@@ -307,6 +338,7 @@ def sweep(args: argparse.Namespace) -> None:
             counter[0] += 1
             with results_path.open("a") as out:
                 for r in rows:
+                    r["linter"] = version
                     out.write(json.dumps(r) + "\n")
             left = (time.perf_counter() - start) / counter[0] * (total - counter[0])
             for r in rows:
@@ -328,8 +360,9 @@ def sweep(args: argparse.Namespace) -> None:
 
 
 def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None,
-              exports: list[str] | None = None) -> dict:
-    """Counts per library and export, false alarms per rule with the models behind each."""
+              exports: list[str] | None = None, version: str | None = None) -> dict:
+    """Counts per library and export, false alarms per rule with the models behind each, and
+    how many of the linter's verdicts came from an older version than `version`."""
     if models is not None:
         rows = [r for r in rows if (r["library"], r["model"]) in models]
     if exports is not None:
@@ -392,7 +425,14 @@ def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None,
     seconds = {}
     for r in rows:
         seconds[(r["library"], r["model"])] = r.get("model_s", 0)
+    versions: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if r["status"] in LINTER_STATUSES:
+            versions[r.get("linter") or "unrecorded"] += 1
+    linter = {"current": version, "files": dict(versions),
+              "stale": sum(1 for r in rows if version and is_stale(r, version))}
     return {"schema": "gradprobe.hub-sweep/v1", "counts": counts, "false_alarms": false_alarms,
+            "linter": linter,
             "unsupported_ops": dict(sorted(ops.items())), "crashed": listed(CRASHED),
             "lint_errors": listed(LINT_ERROR), "timeouts": listed(TIMEOUT),
             "linted_with_export_input": [
@@ -419,6 +459,14 @@ def markdown(card: dict, meta: dict) -> str:
                      f"{c.get('false_alarm_files', 0)} | {c.get(UNSUPPORTED, 0)} | "
                      f"{c.get(LINT_ERROR, 0)} | {c.get(CRASHED, 0)} | {c.get(TIMEOUT, 0)} | "
                      f"{c.get(EXPORT_FAILED, 0)} | {not_built} |")
+    linter = card.get("linter", {})
+    if linter.get("current"):
+        older = ", ".join(f"{v}: {n}" for v, n in linter["files"].items()
+                          if v != linter["current"])
+        lines += ["", f"Linter version {linter['current']} (a hash of `diagnostics/`): "
+                  + ("every verdict above is from it." if not linter["stale"] else
+                     f"{linter['stale']} of the verdicts above come from older versions "
+                     f"({older}); `--rerun-stale` lints them again.")]
     lines += ["", "False alarms per rule (files; first models; one example):", ""]
     if not card["false_alarms"]:
         lines.append("none")
@@ -472,6 +520,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="only rebuild the scorecard of the selected models from the results")
     parser.add_argument("--all", action="store_true", help="scorecard over every stored result")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="lint again the files an older linter version judged")
     parser.add_argument("--worker", nargs=2, metavar=("LIBRARY", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -486,7 +536,7 @@ def main() -> int:
     rows = load_results(Path(args.results))
     # The scorecard covers what this command line selects (--report-only --all: every result).
     selected = None if args.all else set(choose(args))
-    card = scorecard(rows, selected, None if args.all else args.export)
+    card = scorecard(rows, selected, None if args.all else args.export, linter_version())
     Path(args.scorecard).parent.mkdir(parents=True, exist_ok=True)
     Path(args.scorecard).write_text(json.dumps(card, indent=1) + "\n")
     how = (f"{'--sample ' + str(args.sample) + ' per library, ' if args.sample else ''}"

@@ -1,0 +1,62 @@
+"""The hub sweep runs over days and the linter changes under it: each verdict records the linter
+version that produced it, the scorecard says how many came from older versions, and
+`--rerun-stale` lints exactly those again (never the files the linter did not judge)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import hub_sweep  # noqa: E402
+
+
+def row(model: str, export: str, status: str, linter: str | None, alarms=()) -> dict:  # noqa: ANN001
+    r = {"library": "timm", "model": model, "export": export, "status": status,
+         "alarms": list(alarms)}
+    if linter:
+        r["linter"] = linter
+    return r
+
+
+def test_version_follows_the_diagnostics_sources(tmp_path):
+    (tmp_path / "diagnostics" / "rules").mkdir(parents=True)
+    rule = tmp_path / "diagnostics" / "rules" / "a.py"
+    rule.write_text("X = 1\n")
+    (tmp_path / "bench.py").write_text("outside the linter\n")
+    first = hub_sweep.linter_version(tmp_path)
+    (tmp_path / "bench.py").write_text("changed, still outside\n")
+    assert hub_sweep.linter_version(tmp_path) == first
+    rule.write_text("X = 2\n")
+    assert hub_sweep.linter_version(tmp_path) != first
+    assert hub_sweep.linter_version() == hub_sweep.linter_version()
+
+
+def test_rerun_stale_picks_only_verdicts_of_older_versions():
+    rows = [row("a", "torchscript", "linted", "old"),
+            row("a", "onnx_legacy", "linted", "new"),
+            row("b", "torchscript", "too-large", None),
+            row("c", "torchscript", "crashed", None),
+            row("d", "torchscript", "linted", "old"),
+            row("d", "torchscript", "linted", "new")]  # rerun already: the latest counts
+    models = [("timm", m) for m in "abcde"]
+    exports = ["torchscript", "onnx_legacy"]
+    assert hub_sweep.pending(models, exports, rows, "new") == [
+        ("timm", "b", ["onnx_legacy"]), ("timm", "c", ["onnx_legacy"]),
+        ("timm", "d", ["onnx_legacy"]), ("timm", "e", exports)]
+    assert hub_sweep.pending(models, exports, rows, "new", rerun_stale=True) == [
+        ("timm", "a", ["torchscript"]), ("timm", "b", ["onnx_legacy"]), ("timm", "c", exports),
+        ("timm", "d", ["onnx_legacy"]), ("timm", "e", exports)]
+
+
+def test_scorecard_counts_stale_verdicts():
+    rows = [row("a", "torchscript", "linted", "old"), row("b", "torchscript", "linted", "new"),
+            row("c", "torchscript", "too-large", None), row("a", "torchscript", "linted", "new"),
+            row("e", "torchscript", "linted", None)]
+    card = hub_sweep.scorecard(rows, version="new")
+    assert card["linter"] == {"current": "new", "files": {"new": 2, "unrecorded": 1},
+                              "stale": 1}
+    text = hub_sweep.markdown(card, {"date": "today", "how": "test"})
+    assert "1 of the verdicts above come from older versions (unrecorded: 1)" in text
+    fresh = hub_sweep.scorecard(rows[:4], version="new")
+    assert "every verdict above is from it" in hub_sweep.markdown(fresh, {"date": "", "how": ""})
