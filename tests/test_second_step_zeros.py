@@ -65,3 +65,34 @@ def test_zero_in_front_of_a_relu_behind_a_zero_scale_is_still_an_error(tmp_path,
     nn.init.zeros_(model[3].conv1[0].weight)
     errors = [(f.rule, f.layer) for f in lint(model, how, tmp_path) if f.severity.value == "error"]
     assert ("zero-weights", "3.conv1.0") in errors, errors
+
+
+def units_moved_in_training(model: nn.Module, weights: list[str], steps: int) -> list[dict]:
+    """SGD on a fixed batch; after each step, how many output units of each weight are no
+    longer all zero."""
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    params = dict(model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    moved = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        moved.append({w: int((params[w].detach().flatten(1).abs().sum(1) > 0).sum())
+                      for w in weights})
+    return moved
+
+
+def test_training_agrees_with_both_verdicts():
+    """What the linter says, measured: the deliberate zero is still zero after step 1 and every
+    unit has moved after step 2; the zeroed conv in front of the ReLU never moves."""
+    fc2 = ["2.attn.mlp_add.fc2.weight", "3.attn.mlp_add.fc2.weight"]
+    stock = units_moved_in_training(net(), fc2, steps=2)
+    assert stock == [{fc2[0]: 0, fc2[1]: 0}, {fc2[0]: 32, fc2[1]: 32}]
+    model = net()
+    nn.init.zeros_(model[3].conv1[0].weight)
+    dead = units_moved_in_training(model, ["3.conv1.0.weight"], steps=5)
+    assert [m["3.conv1.0.weight"] for m in dead] == [0] * 5
