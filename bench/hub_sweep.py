@@ -28,9 +28,10 @@ behind it and one example message.
 
 Results go to a JSON-lines file (`--results`); a rerun skips the (model, export) pairs already
 there, so the sweep resumes after an interruption. Each result carries the linter version it was
-produced by (a hash of the `diagnostics` sources at the sweep's start: do not change them under
-a running sweep); the scorecard counts the files linted by an older version, and
-`--rerun-stale` lints those again, so a sweep spread over days ends on one version. The
+produced by (a hash of the `diagnostics` code, without comments and docstrings, at the sweep's
+start: do not change it under a running sweep); the scorecard counts the files linted by an
+older version, and `--rerun-stale` lints those again, so a sweep spread over days ends on one
+version. The
 scorecard JSON (`--scorecard`) is what a script diffs; the markdown table replaces the section
 between the hub-sweep markers in bench/README.md. The last line printed is `SWEEP {...}`.
 """
@@ -38,6 +39,7 @@ between the hub-sweep markers in bench/README.md. The last line printed is `SWEE
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -76,12 +78,31 @@ PREFIX = "RESULT "
 LINTER_STATUSES = (LINTED, UNSUPPORTED, LINT_ERROR, CRASHED, TIMEOUT)
 
 
+# Generated from the rules' docstrings: what `gradprobe rule NAME` prints, not what it decides.
+NOT_LINTER_CODE = {"_rule_catalog_data.py"}
+
+
 def linter_version(root: Path = ROOT) -> str:
-    """A hash of the linter's sources: two results with the same one came from the same code."""
+    """A hash of the linter's code: two results with the same one came from the same code.
+    Comments, formatting and docstrings do not count, so editing the rules' documentation in
+    the middle of a sweep does not make its verdicts stale."""
     digest = hashlib.sha256()
     for path in sorted((root / "diagnostics").rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+        if path.name not in NOT_LINTER_CODE:
+            code = _without_docstrings(ast.parse(path.read_bytes()))
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0"
+                          + ast.dump(code).encode())
     return digest.hexdigest()[:12]
+
+
+def _without_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and node.body and isinstance(node.body[0], ast.Expr) \
+                and isinstance(node.body[0].value, ast.Constant) \
+                and isinstance(node.body[0].value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return tree
 
 
 def is_stale(row: dict, version: str) -> bool:

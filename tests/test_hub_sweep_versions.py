@@ -22,12 +22,16 @@ def row(model: str, export: str, status: str, linter: str | None, alarms=()) -> 
 def test_version_follows_the_diagnostics_sources(tmp_path):
     (tmp_path / "diagnostics" / "rules").mkdir(parents=True)
     rule = tmp_path / "diagnostics" / "rules" / "a.py"
-    rule.write_text("X = 1\n")
+    rule.write_text('"""A rule."""\n\n\ndef f():\n    """Why."""\n    return 1\n')
     (tmp_path / "bench.py").write_text("outside the linter\n")
     first = hub_sweep.linter_version(tmp_path)
     (tmp_path / "bench.py").write_text("changed, still outside\n")
     assert hub_sweep.linter_version(tmp_path) == first
-    rule.write_text("X = 2\n")
+    # documentation and formatting are not the linter's decisions
+    rule.write_text('"""A rule, better told."""\n\n\ndef f():  # a comment\n'
+                    '    """Why, at length."""\n\n    return (1)\n')
+    assert hub_sweep.linter_version(tmp_path) == first
+    rule.write_text('"""A rule."""\n\n\ndef f():\n    """Why."""\n    return 2\n')
     assert hub_sweep.linter_version(tmp_path) != first
     assert hub_sweep.linter_version() == hub_sweep.linter_version()
 
