@@ -139,6 +139,13 @@ def worker(library: str, name: str, exports: list[str], max_params: int) -> None
         for how in exports:
             emit(how, "build-failed", detail=one_line(exc))
         return
+    if built.parameters > max_params:
+        # It would not build on the meta device (torchvision's RegNets compute their widths
+        # with tensors), so only the real build could count it.
+        for how in exports:
+            emit(how, "too-large", parameters=built.parameters,
+                 detail=f"{built.parameters:,} parameters")
+        return
     build_s = round(time.perf_counter() - start, 1)
     shapes = [list(t.shape) for t in built.inputs]
     with tempfile.TemporaryDirectory() as tmp:
