@@ -77,6 +77,9 @@ class ProbeResult:
     # Samples in the probe batch (the first input's leading axis): what a BatchNorm run on
     # batch statistics averages over.
     samples: int | None = None
+    # E[x^2] of the network's output (the smallest over its outputs, first pass): the scale
+    # that reaches the output, whatever layers the probe did not see (a hand-written RMSNorm).
+    output_power: float | None = None
 
     def of_role(self, role: str) -> Iterator[LayerProbe]:
         """Points of a role; "norm" means the norms of the signal (not weight standardisation)."""
@@ -938,6 +941,7 @@ class _PassResult:
     unused: set[str]
     # Whether any output differs across the samples of the batch (see ProbeResult).
     output_varies: bool = True
+    output_power: float | None = None
 
 
 class _Collector:
@@ -1049,6 +1053,8 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
                and plan.activations]
     spread = sums.add([torch.stack([(o - o[:1]).abs().amax().float() for o in batched]).amax()]
                       ) if batched else None
+    power = sums.add([torch.stack([o.float().square().mean() for o in batched]).amin()]
+                     ) if batched else None
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype)
                   for o in differentiable]
@@ -1081,7 +1087,8 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     params = dict(zip(names, _param_fields(table, [p.numel() for p in tensors]), strict=True))
     varies = spread is None or not host[spread.start] == 0  # NaN counts as varying
     result = _PassResult(collector.activation_rows(host), collector.sizes,
-                         collector.gradient_rows(host), params, unused, varies)
+                         collector.gradient_rows(host), params, unused, varies,
+                         None if power is None else float(host[power.start]))
     counts = [r["nonfinite"] for r in (*result.activations.values(), *result.gradients.values(),
                                        *result.params.values())]
     counts += [r["nonfinite_grad"] for r in result.params.values()]
@@ -1232,4 +1239,5 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
         layers.append(LayerProbe(point, activation, gradient,
                                  None if grad is None else grad["reach"]))
     samples = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else None
-    return ProbeResult(model, layers, params, unblocked, first.output_varies, samples)
+    return ProbeResult(model, layers, params, unblocked, first.output_varies, samples,
+                       first.output_power)

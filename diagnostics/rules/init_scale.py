@@ -46,12 +46,13 @@ class InitScale(Rule):
     times off the second moment of its input (a He layer after a ReLU gives ~2), in the same
     direction, and the distortion must reach what the following layers are fed: for a blow-up,
     every later layer's input (or, for the last layer, the output); for a shrink, no later layer's
-    input and no later normalisation's output may recover (a LayerNorm or residual path that
-    restores the scale keeps the rule silent; what a layer was fed is the last value probed
-    before it unless its own output, Var(out) / (fan_in Var(W)), says it was fed `weight_factor`
-    times more (CoaT's position conv reads the values, probed after the keys' softmax);
-    what a later layer was fed is also read off its own
-    output, Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
+    input, no later normalisation's output and not the network's output may recover (a LayerNorm
+    or residual path that restores the scale keeps the rule silent, and so does a final norm the
+    probe does not see: the last block of a pre-norm transformer); what a layer was fed is the
+    last value probed before it unless its own output, Var(out) / (fan_in Var(W)), says it was
+    fed `weight_factor` times more (CoaT's position conv reads the values, probed after the
+    keys' softmax); what a later layer was fed is also read off its own output,
+    Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
     RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
     and the layers after the last normalisation (the head: small logits are a deliberate start)
     are not judged for a shrink. A too-large weight whose distortion a norm restores is still a
@@ -176,6 +177,11 @@ class InitScale(Rule):
                 # the scale shows there, whatever the graph order says.
                 later += [fed / power for x in judged if x.point.index > point.index
                           and (fed := probe.fed_power(x)) is not None]
+                # The output itself: in the last block of a pre-norm transformer no later
+                # layer reads the restored stream, but the final norm hands it on (Arcee's
+                # ReLU^2 MLP at std 0.02 is 0.007x He; its output is RMSNorm's, ~1).
+                if probe.output_power is not None:
+                    later.append(probe.output_power / power)
                 carried = max(later)
                 if carried <= 1 / ff:
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
