@@ -214,70 +214,75 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  after a ReLU gives ~2), in the same direction, and the distortion must reach what '
           'the\n'
           "  following layers are fed: for a blow-up, every later layer's input (or, for the last\n"
-          "  layer, the output); for a shrink, no later layer's input and no later "
-          "normalisation's\n"
-          '  output may recover (a LayerNorm or residual path that restores the scale keeps the '
-          'rule\n'
-          '  silent; what a layer was fed is the last value probed before it unless its own '
-          'output,\n'
-          "  Var(out) / (fan_in Var(W)), says it was fed `weight_factor` times more (CoaT's "
-          'position\n'
-          "  conv reads the values, probed after the keys' softmax); what a later layer was fed is "
-          'also\n'
-          '  read off its own output, Var(out) / (fan_in Var(W)), since graph order is not data '
-          'flow: a\n'
-          "  hand-written RMSNorm is no probe point, and an MoE's expert projections follow its "
-          'router\n'
-          '  in the graph), and the layers after the last normalisation (the head: small logits '
-          'are a\n'
-          '  deliberate start) are not judged for a shrink. A too-large weight whose distortion a '
-          'norm\n'
-          '  restores is still a defect when its weight variance and its output variance are both\n'
-          "  `weight_factor` times the median of its peers' (the same layer in the other blocks: "
+          "  layer, the output); for a shrink, no later layer's input, no later normalisation's "
+          'output\n'
+          "  and not the network's output may recover (a LayerNorm or residual path that restores "
           'the\n'
-          '  same weight name up to its numbers, the same shape). Measured on 130 healthy models '
-          'of\n'
-          '  timm, torchvision and transformers at their default init, no layer is more than 7x '
+          '  scale keeps the rule silent, and so does a final norm the probe does not see: the '
+          'last\n'
+          '  block of a pre-norm transformer); what a layer was fed is the last value probed '
+          'before it\n'
+          '  unless its own output, Var(out) / (fan_in Var(W)), says it was fed `weight_factor` '
+          'times\n'
+          "  more (CoaT's position conv reads the values, probed after the keys' softmax); what a "
+          'later\n'
+          '  layer was fed is also read off its own output, Var(out) / (fan_in Var(W)), since '
+          'graph\n'
+          "  order is not data flow: a hand-written RMSNorm is no probe point, and an MoE's "
+          'expert\n'
+          '  projections follow its router in the graph), and the layers after the last '
+          'normalisation\n'
+          '  (the head: small logits are a deliberate start) are not judged for a shrink. A '
+          'too-large\n'
+          '  weight whose distortion a norm restores is still a defect when its weight variance '
+          'and its\n'
+          "  output variance are both `weight_factor` times the median of its peers' (the same "
+          'layer in\n'
+          '  the other blocks: the same weight name up to its numbers, the same shape). Measured '
+          'on 130\n'
+          '  healthy models of timm, torchvision and transformers at their default init, no layer '
+          'is\n'
+          "  more than 7x its peers in variance (BEiT's 1/sqrt(2 * layer_id) depth scaling, and "
+          'there\n'
+          '  below the scheme); a block planted at 10x He std is 100x (He-initialised libraries) '
+          'to\n'
+          "  2600x (timm's ViT, std 0.02). Behind BatchNorm only a too-large weight is a defect: "
           'its\n'
-          "  peers in variance (BEiT's 1/sqrt(2 * layer_id) depth scaling, and there below the "
-          'scheme);\n'
-          "  a block planted at 10x He std is 100x (He-initialised libraries) to 2600x (timm's "
-          'ViT, std\n'
-          '  0.02). Behind BatchNorm only a too-large weight is a defect: its variance must also '
-          'be\n'
-          "  `weight_factor` times the median of its BatchNorm-backed peers' (relative to their\n"
-          "  schemes: a library that starts every layer above He, as timm's Inception does, made "
-          'one\n'
-          '  choice), under He fan-in and under He fan-out alike (a library that starts its convs '
-          'at\n'
-          "  fan-out puts a 1x1 conv with 64x more inputs than outputs 64x above He fan-in: timm's "
+          '  variance must also be `weight_factor` times the median of its BatchNorm-backed '
+          "peers'\n"
+          "  (relative to their schemes: a library that starts every layer above He, as timm's\n"
+          '  Inception does, made one choice), under He fan-in and under He fan-out alike (a '
+          'library\n'
+          '  that starts its convs at fan-out puts a 1x1 conv with 64x more inputs than outputs '
+          '64x\n'
+          "  above He fan-in: timm's BAT attention), and its |g|/|w| at least `update_factor` "
+          '(30)\n'
+          "  times below that of the BatchNorm-backed layers at the library's scale around it "
+          '(the\n'
+          '  geometric mean of the medians of the nearest four before and after: at init |g|/|w| '
+          'falls\n'
+          '  ~100x from the first stage to the last, so a whole stage is judged against the stages '
+          'on\n'
+          '  either side; a stage at 10x He std trains ~100x slower and never catches up). A '
+          'too-small\n'
+          '  weight there takes larger relative steps, its norm grows and the step shrinks back\n'
+          "  (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and "
+          'depthwise\n'
+          '  convs (torchvision, timm) train fine. Depthwise kernels (one input channel per unit) '
+          'and\n'
+          '  layers with fewer than 16 inputs per unit are not compared behind BatchNorm (their '
+          '|g|/|w|\n'
+          '  is noise), nor are layers behind a global pool (one position per sample: their '
+          'gradient\n'
+          "  sums over the samples, a spatial layer's over every position), nor layers whose "
+          'output the\n'
+          "  gradient reaches at fewer than 5% of its entries (max-pooled to a few cells: timm's "
           'BAT\n'
-          '  attention), and its |g|/|w| at least `update_factor` (30) times below that of the\n'
-          "  BatchNorm-backed layers at the library's scale around it (the geometric mean of the\n"
-          '  medians of the nearest four before and after: at init |g|/|w| falls ~100x from the '
-          'first\n'
-          '  stage to the last, so a whole stage is judged against the stages on either side; a '
-          'stage\n'
-          '  at 10x He std trains ~100x slower and never catches up). A too-small weight there '
-          'takes\n'
-          "  larger relative steps, its norm grows and the step shrinks back (BatchNorm's auto "
-          'rate-\n'
-          '  tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and depthwise convs (torchvision, '
-          'timm)\n'
-          '  train fine. Depthwise kernels (one input channel per unit) and layers with fewer than '
-          '16\n'
-          '  inputs per unit are not compared behind BatchNorm (their |g|/|w| is noise), nor are '
-          'layers\n'
-          '  behind a global pool (one position per sample: their gradient sums over the samples, '
-          'a\n'
-          "  spatial layer's over every position), nor layers whose output the gradient reaches "
-          'at\n'
-          "  fewer than 5% of its entries (max-pooled to a few cells: timm's BAT attention). In a\n"
-          '  network with normalisation, the head (the layers after the last norm) is judged for '
-          'a\n'
-          '  blow-up only when the output variance reaches `head_output_var` (100: logits of std '
-          '10\n'
-          '  saturate the softmax). Embedding tables (no fan-in) are not judged.'},
+          '  attention). In a network with normalisation, the head (the layers after the last '
+          'norm) is\n'
+          '  judged for a blow-up only when the output variance reaches `head_output_var` (100: '
+          'logits\n'
+          '  of std 10 saturate the softmax). Embedding tables (no fan-in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],
@@ -561,14 +566,18 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  whatever the weights. So is one that reaches the output only through a select whose\n'
           "  condition comes from token ids when no probe position selects it (pocket_tts's BOS "
           'latent,\n'
-          '  `where(input_ids == bos_id, ...)`). A 1-D shift (`*bias`) in a network with '
-          'normalisation\n'
-          '  is only info: a norm after it subtracts the mean, which cancels any shift (a conv '
-          'bias\n'
-          "  before BatchNorm, timm's learnable affine before BN). Measured with deliberate zero "
-          'layers\n'
-          '  set to their textbook init (a zero head blocks every gradient at step 0 only), and '
-          'not\n'
-          '  reported where another rule names the cause: the zero/constant weight itself, layers\n'
-          '  behind a fully dead ReLU or behind the point where the output stops depending on the\n'
-          '  input, non-finite values.'}]
+          '  `where(input_ids == bos_id, ...)`). So is a single value read only as the bound of a\n'
+          "  min/max/clamp: a threshold, constant in the model (Apertus's xIELU `eps`, a buffer, "
+          'which\n'
+          '  a dynamo ONNX file stores as a parameter). A 1-D shift (`*bias`) in a network with\n'
+          '  normalisation is only info: a norm after it subtracts the mean, which cancels any '
+          'shift (a\n'
+          "  conv bias before BatchNorm, timm's learnable affine before BN). Measured with "
+          'deliberate\n'
+          '  zero layers set to their textbook init (a zero head blocks every gradient at step 0 '
+          'only),\n'
+          '  and not reported where another rule names the cause: the zero/constant weight '
+          'itself,\n'
+          '  layers behind a fully dead ReLU or behind the point where the output stops depending '
+          'on\n'
+          '  the input, non-finite values.'}]

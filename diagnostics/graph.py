@@ -144,6 +144,11 @@ class LoadedModel(ABC):
         (diagnostics.selection_gates); None when it has another path."""
         return None
 
+    def bound_of(self, name: str) -> str | None:
+        """The min/max/clamp that parameter `name` only ever bounds (a threshold such as
+        xIELU's `eps`); None when anything else reads it."""
+        return None
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters.values():

@@ -14,6 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+# op -> the slots that hold a bound: a min/max takes any operand as the other's bound, a clamp
+# reads its bounds after the value it clamps.
+BOUNDS: dict[str, tuple[int, ...] | None] = {"minmax": None, "clamp": (1, 2)}
+
 # op -> (condition slot, slots whose value passes only where the condition says)
 GATES: dict[str, tuple[int, tuple[int, ...]]] = {
     "where": (0, (1, 2)),
@@ -26,7 +30,7 @@ GATES: dict[str, tuple[int, tuple[int, ...]]] = {
 @dataclass(frozen=True)
 class FlowNode:
     """One step of a graph: the values it reads and writes, by name. `op` is a GATES key for a
-    select, anything else otherwise."""
+    select, a BOUNDS key for a min/max/clamp, anything else otherwise."""
 
     name: str
     op: str
@@ -49,6 +53,24 @@ class GateGraph:
         every = [v for values in self.parameters.values() for v in values]
         return selection_gate(self.nodes, self.parameters.get(name, ()), self.integer_inputs,
                               self.outputs, every)
+
+
+    def bound_of(self, name: str) -> str | None:
+        """The min/max/clamp that parameter `name` only ever bounds (the first, in graph
+        order): xIELU's `min(x, eps)`. None when any other step reads it."""
+        values = set(self.parameters.get(name, ()))
+        found = None
+        for node in self.nodes:
+            slots = [i for i, v in enumerate(node.inputs) if v in values]
+            if not slots:
+                continue
+            if node.op not in BOUNDS:
+                return None
+            allowed = BOUNDS[node.op]
+            if allowed is not None and not all(i in allowed for i in slots):
+                return None
+            found = found or node.name
+        return found
 
 
 def selection_gate(nodes: Sequence[FlowNode], sources: Iterable[str],

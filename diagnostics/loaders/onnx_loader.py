@@ -85,6 +85,8 @@ _DATA_SHAPED = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "I
 _NEVER_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                  "Multinomial", "Bernoulli", "Dropout"}
 _INDEX_PATH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose"}
+# How selection_gates reads an op: the select, and the ops whose operands can be bounds.
+_FLOW_OPS = {"Where": "where", "Min": "minmax", "Max": "minmax", "Clip": "clamp"}
 _EXTERNAL_DATA_LIMIT = 1 << 30  # write weights beside the file above ~1 GiB of tensors
 
 
@@ -323,7 +325,7 @@ class _Builder:
         integer_inputs = [spec.name for spec in specs
                           if spec.dtype is not None and not spec.dtype.is_floating_point]
         flow = GateGraph([FlowNode(f"{n.op_type}@{n.scope or n.name}",
-                                   "where" if n.op_type == "Where" else "",
+                                   _FLOW_OPS.get(n.op_type, ""),
                                    tuple(n.inputs), tuple(n.outputs)) for n in nodes],
                          integer_inputs, outputs, {name: (name,) for name in params})
         return OnnxModel(
@@ -847,6 +849,9 @@ class OnnxModel(LoadedModel):
 
     def selection_gate(self, name: str) -> str | None:
         return self._flow.gate(name)
+
+    def bound_of(self, name: str) -> str | None:
+        return self._flow.bound_of(name)
 
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots

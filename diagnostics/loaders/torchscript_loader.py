@@ -185,6 +185,9 @@ class TorchScriptModel(LoadedModel):
     def selection_gate(self, name: str) -> str | None:
         return self._gate_graph.gate(name)
 
+    def bound_of(self, name: str) -> str | None:
+        return self._gate_graph.bound_of(name)
+
     @cached_property
     def _gate_graph(self) -> GateGraph:
         original_output = self._graph.return_node().inputsAt(0).node().inputsAt(0)

@@ -539,8 +539,13 @@ def integer_input_ranges(graph: torch._C.Graph,
     return ranges
 
 
+# How selection_gates reads a node kind: selects, and min/max/clamp bounds (`aten::min` is
+# left out: with one operand it is a reduction of it).
 _GATE_KINDS = {"aten::where": "where", "aten::masked_fill": "masked_fill",
-               "aten::masked_scatter": "masked_scatter", "aten::index_put": "index_put"}
+               "aten::masked_scatter": "masked_scatter", "aten::index_put": "index_put",
+               "aten::minimum": "minmax", "aten::maximum": "minmax", "aten::fmin": "minmax",
+               "aten::fmax": "minmax", "aten::clamp": "clamp", "aten::clip": "clamp",
+               "aten::clamp_min": "clamp", "aten::clamp_max": "clamp"}
 
 
 def gate_graph(graph: torch._C.Graph, module: torch.jit.ScriptModule,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
@@ -27,7 +28,9 @@ class DeadGradients(Rule):
     position at the probe's input size (every output exactly 1: LeViT's last stage at 64 px, one
     token): its logits cannot move the output at that size, whatever the weights. So is one that
     reaches the output only through a select whose condition comes from token ids when no probe
-    position selects it (pocket_tts's BOS latent, `where(input_ids == bos_id, ...)`). A 1-D shift
+    position selects it (pocket_tts's BOS latent, `where(input_ids == bos_id, ...)`). So is a
+    single value read only as the bound of a min/max/clamp: a threshold, constant in the model
+    (Apertus's xIELU `eps`, a buffer, which a dynamo ONNX file stores as a parameter). A 1-D shift
     (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
     which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
     Measured with deliberate zero layers set to their textbook init (a zero head blocks every
@@ -101,6 +104,11 @@ class DeadGradients(Rule):
             if gate is not None:
                 yield self._not_selected(name, param.layer, gate)
                 continue
+            bound = None if param.unused or math.prod(s.shape) != 1 \
+                else probe.model.bound_of(name)
+            if bound is not None:
+                yield self._threshold(name, param.layer, bound)
+                continue
             why = ("the exported forward never reads it (a training-only parameter, such as "
                    "wav2vec2's masked_spec_embed, or a branch the export did not take)"
                    if param.unused else "its gradient is exactly zero on the probe batch")
@@ -145,6 +153,19 @@ class DeadGradients(Rule):
             f"(a special token's vector, such as a BOS embedding). Lint with inputs "
             f"that contain that token (--input) to judge it.",
             selection_gate=gate)
+
+    def _threshold(self, name: str, layer: str, bound: str) -> Finding:
+        # Apertus's xIELU computes `where(x > 0, ..., expm1(min(x, eps)) ...)`: min passes eps
+        # on only where x > eps, and there the select takes the other branch. eps is a buffer;
+        # a dynamo ONNX file stores buffers as it stores parameters.
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient: it is a single value read only as a bound of "
+            f"{bound} (a threshold), and no position where it was the bound reaches the output "
+            f"on the probe batch. Models keep such a threshold constant (an ONNX file stores "
+            f"buffers as it stores parameters); only if yours is meant to train does it never "
+            f"move.",
+            bound=bound)
 
     def _trained_through_copies(self, name: str, layer: str, copies: list[str]) -> Finding:
         # The file stores this tensor once and other layers read it too. A module shared by
