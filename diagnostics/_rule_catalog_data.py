@@ -546,38 +546,39 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  remove the parameter.\n'
           '\n'
           'Thresholds:\n'
-          '  every entry of the gradient exactly 0 on the probe batch. A parameter the exported '
-          'forward\n'
-          '  never reads (no gradient at all) is info: an eval-mode export leaves out '
-          'training-only\n'
-          "  parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is one "
-          "reader's\n"
-          '  copy of a tensor the file stores once for several layers when another reader gives it '
+          '  every entry of the gradient exactly 0 on the probe batch; an empty tensor (DINOv3 '
+          'without\n'
+          '  register tokens keeps a (1, 0, d) one) holds nothing to train. A parameter the '
+          'exported\n'
+          '  forward never reads (no gradient at all) is info: an eval-mode export leaves out '
+          'training-\n'
+          "  only parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is "
+          'one\n'
+          "  reader's copy of a tensor the file stores once for several layers when another "
+          'reader\n'
+          '  gives it a gradient (a module shared by several blocks: torch sums the readers), and '
           'a\n'
-          '  gradient (a module shared by several blocks: torch sums the readers), and a tensor an '
-          'ONNX\n'
-          '  exporter computed and named (`val_12`) that no layer reads as a weight: a folded '
-          'constant\n'
-          '  such as an attention mask, not a parameter. So is a parameter of an attention whose\n'
-          "  softmax normalises over one position at the probe's input size (every output exactly "
-          '1:\n'
-          "  LeViT's last stage at 64 px, one token): its logits cannot move the output at that "
-          'size,\n'
-          '  whatever the weights. So is one that reaches the output only through a select whose\n'
-          "  condition comes from token ids when no probe position selects it (pocket_tts's BOS "
-          'latent,\n'
-          '  `where(input_ids == bos_id, ...)`). So is a single value read only as the bound of a\n'
-          "  min/max/clamp: a threshold, constant in the model (Apertus's xIELU `eps`, a buffer, "
-          'which\n'
-          '  a dynamo ONNX file stores as a parameter). A 1-D shift (`*bias`) in a network with\n'
-          '  normalisation is only info: a norm after it subtracts the mean, which cancels any '
-          'shift (a\n'
-          "  conv bias before BatchNorm, timm's learnable affine before BN). Measured with "
-          'deliberate\n'
-          '  zero layers set to their textbook init (a zero head blocks every gradient at step 0 '
-          'only),\n'
-          '  and not reported where another rule names the cause: the zero/constant weight '
-          'itself,\n'
-          '  layers behind a fully dead ReLU or behind the point where the output stops depending '
-          'on\n'
-          '  the input, non-finite values.'}]
+          '  tensor an ONNX exporter computed and named (`val_12`) that no layer reads as a '
+          'weight: a\n'
+          '  folded constant such as an attention mask, not a parameter. So is a parameter of an\n'
+          "  attention whose softmax normalises over one position at the probe's input size "
+          '(every\n'
+          "  output exactly 1: LeViT's last stage at 64 px, one token): its logits cannot move "
+          'the\n'
+          '  output at that size, whatever the weights. So is one that reaches the output only '
+          'through\n'
+          '  a select whose condition comes from token ids when no probe position selects it\n'
+          "  (pocket_tts's BOS latent, `where(input_ids == bos_id, ...)`). So is a single value "
+          'read\n'
+          "  only as the bound of a min/max/clamp: a threshold, constant in the model (Apertus's "
+          'xIELU\n'
+          '  `eps`, a buffer, which a dynamo ONNX file stores as a parameter). A 1-D shift '
+          '(`*bias`) in\n'
+          '  a network with normalisation is only info: a norm after it subtracts the mean, which\n'
+          "  cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).\n"
+          '  Measured with deliberate zero layers set to their textbook init (a zero head blocks '
+          'every\n'
+          '  gradient at step 0 only), and not reported where another rule names the cause: the\n'
+          '  zero/constant weight itself, layers behind a fully dead ReLU or behind the point '
+          'where the\n'
+          '  output stops depending on the input, non-finite values.'}]

@@ -18,7 +18,8 @@ class DeadGradients(Rule):
     Example: `y = x + 0 * self.proj(x)`, or a layer whose output goes through `.detach()`.
     Fix: find why no gradient flows to it (detach, integer cast, zero mask, unused branch) or
     remove the parameter.
-    Thresholds: every entry of the gradient exactly 0 on the probe batch. A parameter the exported
+    Thresholds: every entry of the gradient exactly 0 on the probe batch; an empty tensor (DINOv3
+    without register tokens keeps a (1, 0, d) one) holds nothing to train. A parameter the exported
     forward never reads (no gradient at all) is info: an eval-mode export leaves out training-only
     parameters (wav2vec2's masked_spec_embed) and branches it did not take. So is one reader's copy
     of a tensor the file stores once for several layers when another reader gives it a gradient (a
@@ -69,7 +70,9 @@ class DeadGradients(Rule):
                        and lp.activation and lp.activation.sample_var == 0}
         for name, param in probe.params.items():
             s = param.stats
-            if s.grad_norm != 0 or s.nonfinite:
+            if s.grad_norm != 0 or s.nonfinite or math.prod(s.shape) == 0:
+                # An empty tensor holds nothing to train (DINOv3 built without register
+                # tokens keeps a (1, 0, d) parameter).
                 continue
             if name in judged_by_symmetry and (s.constant or name in probe.unblocked):
                 continue
