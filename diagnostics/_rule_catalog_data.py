@@ -575,10 +575,16 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  `eps`, a buffer, which a dynamo ONNX file stores as a parameter). A 1-D shift '
           '(`*bias`) in\n'
           '  a network with normalisation is only info: a norm after it subtracts the mean, which\n'
-          "  cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).\n"
-          '  Measured with deliberate zero layers set to their textbook init (a zero head blocks '
-          'every\n'
-          '  gradient at step 0 only), and not reported where another rule names the cause: the\n'
-          '  zero/constant weight itself, layers behind a fully dead ReLU or behind the point '
-          'where the\n'
-          '  output stops depending on the input, non-finite values.'}]
+          "  cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). "
+          'A\n'
+          '  tensor a zero blocks at the first step, where that zero gets a gradient and so moves, '
+          'is\n'
+          "  judged at the second (Doge's `dt_proj` behind its zero-init `A`): info when it gets "
+          'a\n'
+          '  gradient there. Measured with deliberate zero layers set to their textbook init (a '
+          'zero\n'
+          '  head blocks every gradient at step 0 only), and not reported where another rule names '
+          'the\n'
+          '  cause: the zero/constant weight itself, layers behind a fully dead ReLU or behind '
+          'the\n'
+          '  point where the output stops depending on the input, non-finite values.'}]

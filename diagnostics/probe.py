@@ -13,7 +13,7 @@ and measures gradient flow through the rest of the network.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -56,10 +56,12 @@ class ParamProbe:
     # judges; None for every other parameter.
     unit_spread: float | None
     unused: bool  # no gradient path from the output at all
-    # 2: a zero tensor whose gradient another zero tensor after it blocks at init (a
-    # zero-init branch end inside a block whose last BatchNorm scale is zero, as timm's
-    # GlobalContext `mlp_add.fc2` sits in ByobNet's blocks): judged by its gradient at the
-    # second step, once the tensors that receive a gradient at the first have moved.
+    # 2: a tensor whose gradient a zero tensor blocks at init, and which gets one at the
+    # second step, once the zeros that receive a gradient at the first have moved. A zero
+    # layer weight (a zero-init branch end inside a block whose last BatchNorm scale is zero,
+    # as timm's GlobalContext `mlp_add.fc2` sits in ByobNet's blocks) is then judged by that
+    # gradient; any other keeps its flow-pass statistics (zero gradient) and only this mark
+    # (Doge's `dt_proj`, behind its zero-init `A`).
     judged_at_step: int = 1
 
 
@@ -1154,17 +1156,45 @@ def _substituted(model: LoadedModel, values: dict[str, torch.Tensor]) -> Iterato
                 model.parameters[name].copy_(value)
 
 
+def _first_steps(model: LoadedModel, flow: _PassResult,
+                 layer_zeros: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The zero tensors outside the layers' weights and scales (Doge's dynamic-mask `A`, a
+    ReZero gate, zero biases) that get a gradient in the flow pass, at their value after a
+    small step against it: after the first step they are no longer zero. Read while the flow
+    pass's gradients are still on the parameters."""
+    skip = set(layer_zeros)
+    steps = {}
+    for name, param in model.parameters.items():
+        row = flow.params[name]
+        if name in skip or param.grad is None or row["abs_max"] != 0 \
+                or not (row["grad_norm"] > 0 and math.isfinite(row["grad_norm"])):
+            continue
+        steps[name] = -1e-2 * torch.sign(param.grad.detach())
+    return steps
+
+
 def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
                  owners: dict[str, ProbePoint], weights: list[dict[str, float | None]],
-                 first: _PassResult, unblocked: dict[str, torch.Tensor],
-                 constant: frozenset[str]) -> _PassResult | None:
-    """The gradients of the zero tensors that got none at the first step, as the second step
-    sees them: the zero tensors that did get one have moved (to their `unblocked` value, the
-    textbook init the flow pass used), the others are still zero. Only those that now get a
-    gradient are kept: a zero in front of a ReLU still gets none and stays an error. None when
-    no zero is blocked by another one."""
+                 first: _PassResult, flow: _PassResult, unblocked: dict[str, torch.Tensor],
+                 steps: dict[str, torch.Tensor], constant: frozenset[str]) -> _PassResult | None:
+    """The gradients of the tensors that got none at the first step, as the second step sees
+    them: the zero tensors that did get one have moved (a layer's to its `unblocked` value, the
+    textbook init the flow pass used; any other by a small step, `steps`), the others are
+    still zero. Two kinds are asked: zero layer weights blocked by another zero (timm's
+    GlobalContext behind a zero BatchNorm scale), and non-zero tensors a zero blocks (Doge's
+    `dt_proj` behind its zero `A`). Only those that now get a gradient are kept: a zero in
+    front of a ReLU still gets none and stays an error. None when nothing is blocked by a zero
+    that moves."""
     stuck = [name for name in unblocked if first.params[name]["grad_norm"] == 0]
+    # A 1-D shift in a network with normalisation gets exactly zero gradient when a norm
+    # follows it (a conv bias before BatchNorm), whatever moves: not worth a pass.
+    norm = any(p.normalises_signal or p.followed_by_norm for p in model.probe_points)
+    stuck += [name for name, row in flow.params.items()
+              if name not in unblocked and name not in flow.unused and row["grad_norm"] == 0
+              and row["abs_max"] > 0 and math.isfinite(row["abs_max"])
+              and not (norm and model.parameters[name].dim() <= 1)]
     moved = {name: value for name, value in unblocked.items() if name not in stuck}
+    moved |= {name: value for name, value in steps.items() if name not in stuck}
     if not stuck or not moved:
         return None
     with _substituted(model, moved):
@@ -1192,15 +1222,17 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
     else:
         plan = _PassPlan(spread_of=constant)
     first = _one_pass(model, inputs, seed, owners, weights, plan)
-    flow, unblocked, second = first, [], None
+    flow, values = first, {}
     if zeros:
         values = {name: _unblocked_value(model.parameters[name], point, seed)
                   for name, point in zeros}
         with _substituted(model, values):
             flow = _one_pass(model, inputs, seed, owners, weights,
                              _PassPlan(activations=False))
-        unblocked = list(values)
-        second = _second_step(model, inputs, seed, owners, weights, first, values, constant)
+    unblocked = list(values)
+    steps = _first_steps(model, flow, unblocked)
+    second = _second_step(model, inputs, seed, owners, weights, first, flow, values, steps,
+                          constant)
 
     layer_of = _layer_of(model)
     params: dict[str, ParamProbe] = {}
@@ -1208,7 +1240,8 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
         own = first.params[name]
         # The unblocked tensors' own gradients are judged as initialised (first pass), or
         # at the second step where another zero blocked them at the first.
-        own_pass = second if second is not None and name in second.params else first
+        at_second = second is not None and name in second.params
+        own_pass = second if at_second and name in unblocked else first
         src = own_pass if name in unblocked else flow
         row = {**own, **{k: src.params[name][k] for k in
                          ("grad_norm", "grad_rms", "grad_to_weight", "zero_grad_fraction", "nonfinite_grad")}}
@@ -1222,7 +1255,7 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
         spread = own_pass.params[name]["unit_spread"] if name in owners else None
         params[name] = ParamProbe(stats, layer_of[name],
                                   None if spread is None or math.isnan(spread) else spread,
-                                  name in src.unused, 2 if own_pass is second else 1)
+                                  name in src.unused, 2 if at_second else 1)
 
     layers = []
     for point in model.probe_points:

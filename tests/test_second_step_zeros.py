@@ -96,3 +96,64 @@ def test_training_agrees_with_both_verdicts():
     nn.init.zeros_(model[3].conv1[0].weight)
     dead = units_moved_in_training(model, ["3.conv1.0.weight"], steps=5)
     assert [m["3.conv1.0.weight"] for m in dead] == [0] * 5
+
+
+class ZeroGate(nn.Module):
+    """x + g * w(x) with the gate g zero-initialised: w's gradient is g times something, zero
+    at step 0; g's own gradient is not, so g moves and w trains from the second step. With
+    `dead`, the gate reads relu(g - 1): at zero it passes neither its gradient nor w's."""
+
+    def __init__(self, dead: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Linear(16, 16)
+        self.g = nn.Parameter(torch.zeros(16))
+        self.out = nn.Linear(16, 4)
+        self.dead = dead
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.relu(self.g - 1.0) if self.dead else self.g
+        return self.out(x + gate * self.w(x))
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_weight_behind_a_zero_gate_is_judged_at_the_second_step(tmp_path, dead):
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    path = zoo.export_torchscript(ZeroGate(dead).eval(), (x,), tmp_path / "gate.pt")
+    findings = diagnose(path, DiagnoseOptions(device="cpu", input_shapes=[[8, 16]])).findings
+    on_w = [f for f in findings if f.rule == "dead-gradients" and "w.weight" in f.parameters]
+    assert len(on_w) == 1, findings
+    if dead:
+        assert on_w[0].severity.value == "error"
+    else:
+        assert on_w[0].severity.value == "info" and "first step only" in on_w[0].message
+        assert [f for f in findings if f.severity.value != "info"] == []
+
+
+def test_doge_dynamic_mask_trains_from_the_second_step(tmp_path):
+    """transformers' Doge: `dt_proj` is read through exp(A * softplus(.)) with A zero-initialised.
+    The linter says it trains from the second step; Adam agrees (its first gradient is exactly
+    zero, its second is not: ~1e-11 under this toy loss, which Adam's normalised step turns
+    into a real move)."""
+    import library_zoo
+
+    built = library_zoo.build("transformers", "doge")
+    path = library_zoo.export(built, "torchscript", tmp_path)
+    findings = diagnose(path, library_zoo.lint_options(built, "torchscript")).findings
+    assert [f for f in findings if f.severity.value != "info"] == []
+    dt = [f for f in findings if f.rule == "dead-gradients" and "dt_proj" in f.layer]
+    assert dt and all("first step only" in f.message for f in dt), dt
+    model = built.module.train()
+    weights = {n: p for n, p in model.named_parameters() if n.endswith("dt_proj.weight")}
+    start = {n: p.detach().clone() for n, p in weights.items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    moved = []
+    for _ in range(2):
+        out = model(*built.inputs)
+        loss = sum(o.float().square().mean() for o in (out if isinstance(out, (list, tuple))
+                                                        else [out]) if torch.is_tensor(o))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        moved.append(all(not torch.equal(p, start[n]) for n, p in weights.items()))
+    assert moved == [False, True]

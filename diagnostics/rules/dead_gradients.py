@@ -34,8 +34,10 @@ class DeadGradients(Rule):
     (Apertus's xIELU `eps`, a buffer, which a dynamo ONNX file stores as a parameter). A 1-D shift
     (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
     which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
-    Measured with deliberate zero layers set to their textbook init (a zero head blocks every
-    gradient at step 0 only), and not reported where another rule names the cause: the zero/constant
+    A tensor a zero blocks at the first step, where that zero gets a gradient and so moves, is
+    judged at the second (Doge's `dt_proj` behind its zero-init `A`): info when it gets a
+    gradient there. Measured with deliberate zero layers set to their textbook init (a zero head
+    blocks every gradient at step 0 only), and not reported where another rule names the cause: the zero/constant
     weight itself, layers behind a fully dead ReLU or behind the point where the output stops
     depending on the input, non-finite values.
     """
@@ -75,6 +77,9 @@ class DeadGradients(Rule):
                 # tokens keeps a (1, 0, d) parameter).
                 continue
             if name in judged_by_symmetry and (s.constant or name in probe.unblocked):
+                continue
+            if param.judged_at_step > 1:
+                yield self._second_step(name, param.layer)
                 continue
             if name in signal_lost:
                 continue
@@ -156,6 +161,18 @@ class DeadGradients(Rule):
             f"(a special token's vector, such as a BOS embedding). Lint with inputs "
             f"that contain that token (--input) to judge it.",
             selection_gate=gate)
+
+    def _second_step(self, name: str, layer: str) -> Finding:
+        # Doge's dynamic mask is exp(A * softplus(dt_proj(v))) with A zero-initialised: at step
+        # 0 the mask is 1 everywhere and dt_proj's gradient is A times something, exactly zero.
+        # A gets a gradient, moves at the first step, and dt_proj trains from the second.
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient at the first step only: a zero tensor on its "
+            f"path blocks it, and that zero gets a gradient of its own, so it moves at the first "
+            f"step; at the second step {name} gets a gradient. A deliberate zero start "
+            f"elsewhere (a zero-init gate or scale), not a dead parameter.",
+            judged_at_step=2)
 
     def _threshold(self, name: str, layer: str, bound: str) -> Finding:
         # Apertus's xIELU computes `where(x > 0, ..., expm1(min(x, eps)) ...)`: min passes eps
