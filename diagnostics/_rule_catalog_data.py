@@ -220,69 +220,72 @@ CATALOG = [{'name': 'nonfinite-weights',
           'the\n'
           '  scale keeps the rule silent, and so does a final norm the probe does not see: the '
           'last\n'
-          '  block of a pre-norm transformer); what a layer was fed is the last value probed '
-          'before it\n'
-          '  unless its own output, Var(out) / (fan_in Var(W)), says it was fed `weight_factor` '
-          'times\n'
-          "  more (CoaT's position conv reads the values, probed after the keys' softmax); what a "
-          'later\n'
-          '  layer was fed is also read off its own output, Var(out) / (fan_in Var(W)), since '
-          'graph\n'
-          "  order is not data flow: a hand-written RMSNorm is no probe point, and an MoE's "
-          'expert\n'
-          '  projections follow its router in the graph), and the layers after the last '
-          'normalisation\n'
-          '  (the head: small logits are a deliberate start) are not judged for a shrink. A '
-          'too-large\n'
-          '  weight whose distortion a norm restores is still a defect when its weight variance '
-          'and its\n'
-          "  output variance are both `weight_factor` times the median of its peers' (the same "
-          'layer in\n'
-          '  the other blocks: the same weight name up to its numbers, the same shape). Measured '
-          'on 130\n'
-          '  healthy models of timm, torchvision and transformers at their default init, no layer '
-          'is\n'
-          "  more than 7x its peers in variance (BEiT's 1/sqrt(2 * layer_id) depth scaling, and "
-          'there\n'
-          '  below the scheme); a block planted at 10x He std is 100x (He-initialised libraries) '
-          'to\n'
-          "  2600x (timm's ViT, std 0.02). Behind BatchNorm only a too-large weight is a defect: "
-          'its\n'
-          '  variance must also be `weight_factor` times the median of its BatchNorm-backed '
+          '  block of a pre-norm transformer; an output whose rows all share one RMS ends in a '
+          'norm,\n'
+          "  which restores any scale: Dory's L2 normalisation); what a layer was fed is the last "
+          'value\n'
+          '  probed before it unless its own output, Var(out) / (fan_in Var(W)), says it was fed\n'
+          "  `weight_factor` times more (CoaT's position conv reads the values, probed after the "
+          "keys'\n"
+          '  softmax); what a later layer was fed is also read off its own output, Var(out) / '
+          '(fan_in\n'
+          '  Var(W)), since graph order is not data flow: a hand-written RMSNorm is no probe '
+          'point, and\n'
+          "  an MoE's expert projections follow its router in the graph), and the layers after the "
+          'last\n'
+          '  normalisation (the head: small logits are a deliberate start) are not judged for a '
+          'shrink.\n'
+          '  A too-large weight whose distortion a norm restores is still a defect when its '
+          'weight\n'
+          '  variance and its output variance are both `weight_factor` times the median of its '
           "peers'\n"
-          "  (relative to their schemes: a library that starts every layer above He, as timm's\n"
-          '  Inception does, made one choice), under He fan-in and under He fan-out alike (a '
-          'library\n'
-          '  that starts its convs at fan-out puts a 1x1 conv with 64x more inputs than outputs '
-          '64x\n'
-          "  above He fan-in: timm's BAT attention), and its |g|/|w| at least `update_factor` "
-          '(30)\n'
-          "  times below that of the BatchNorm-backed layers at the library's scale around it "
-          '(the\n'
-          '  geometric mean of the medians of the nearest four before and after: at init |g|/|w| '
-          'falls\n'
-          '  ~100x from the first stage to the last, so a whole stage is judged against the stages '
-          'on\n'
-          '  either side; a stage at 10x He std trains ~100x slower and never catches up). A '
-          'too-small\n'
-          '  weight there takes larger relative steps, its norm grows and the step shrinks back\n'
-          "  (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and "
-          'depthwise\n'
-          '  convs (torchvision, timm) train fine. Depthwise kernels (one input channel per unit) '
-          'and\n'
-          '  layers with fewer than 16 inputs per unit are not compared behind BatchNorm (their '
-          '|g|/|w|\n'
-          '  is noise), nor are layers behind a global pool (one position per sample: their '
-          'gradient\n'
-          "  sums over the samples, a spatial layer's over every position), nor layers whose "
-          'output the\n'
-          "  gradient reaches at fewer than 5% of its entries (max-pooled to a few cells: timm's "
-          'BAT\n'
-          '  attention). In a network with normalisation, the head (the layers after the last '
-          'norm) is\n'
-          '  judged for a blow-up only when the output variance reaches `head_output_var` (100: '
-          'logits\n'
-          '  of std 10 saturate the softmax). Embedding tables (no fan-in) are not judged.'},
+          '  (the same layer in the other blocks: the same weight name up to its numbers, the '
+          'same\n'
+          '  shape). Measured on 130 healthy models of timm, torchvision and transformers at '
+          'their\n'
+          "  default init, no layer is more than 7x its peers in variance (BEiT's 1/sqrt(2 * "
+          'layer_id)\n'
+          '  depth scaling, and there below the scheme); a block planted at 10x He std is 100x '
+          '(He-\n'
+          "  initialised libraries) to 2600x (timm's ViT, std 0.02). Behind BatchNorm only a "
+          'too-large\n'
+          '  weight is a defect: its variance must also be `weight_factor` times the median of '
+          'its\n'
+          "  BatchNorm-backed peers' (relative to their schemes: a library that starts every "
+          'layer\n'
+          "  above He, as timm's Inception does, made one choice), under He fan-in and under He "
+          'fan-out\n'
+          '  alike (a library that starts its convs at fan-out puts a 1x1 conv with 64x more '
+          'inputs\n'
+          "  than outputs 64x above He fan-in: timm's BAT attention), and its |g|/|w| at least\n"
+          '  `update_factor` (30) times below that of the BatchNorm-backed layers at the '
+          "library's\n"
+          '  scale around it (the geometric mean of the medians of the nearest four before and '
+          'after:\n'
+          '  at init |g|/|w| falls ~100x from the first stage to the last, so a whole stage is '
+          'judged\n'
+          '  against the stages on either side; a stage at 10x He std trains ~100x slower and '
+          'never\n'
+          '  catches up). A too-small weight there takes larger relative steps, its norm grows and '
+          'the\n'
+          "  step shrinks back (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): "
+          'fan-out\n'
+          '  stems and depthwise convs (torchvision, timm) train fine. Depthwise kernels (one '
+          'input\n'
+          '  channel per unit) and layers with fewer than 16 inputs per unit are not compared '
+          'behind\n'
+          '  BatchNorm (their |g|/|w| is noise), nor are layers behind a global pool (one position '
+          'per\n'
+          "  sample: their gradient sums over the samples, a spatial layer's over every position), "
+          'nor\n'
+          '  layers whose output the gradient reaches at fewer than 5% of its entries (max-pooled '
+          'to a\n'
+          "  few cells: timm's BAT attention). In a network with normalisation, the head (the "
+          'layers\n'
+          '  after the last norm) is judged for a blow-up only when the output variance reaches\n'
+          '  `head_output_var` (100: logits of std 10 saturate the softmax). Embedding tables (no '
+          'fan-\n'
+          '  in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],

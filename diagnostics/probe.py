@@ -82,6 +82,10 @@ class ProbeResult:
     # E[x^2] of the network's output (the smallest over its outputs, first pass): the scale
     # that reaches the output, whatever layers the probe did not see (a hand-written RMSNorm).
     output_power: float | None = None
+    # Every output row (last axis) has the same RMS: a norm ends the network (a LayerNorm, an
+    # RMSNorm or an L2 normalisation, which gives 1/sqrt(d)), so no scale before it reaches
+    # the output, whatever the probe saw of that norm.
+    output_normalised: bool = False
 
     def of_role(self, role: str) -> Iterator[LayerProbe]:
         """Points of a role; "norm" means the norms of the signal (not weight standardisation)."""
@@ -944,6 +948,7 @@ class _PassResult:
     # Whether any output differs across the samples of the batch (see ProbeResult).
     output_varies: bool = True
     output_power: float | None = None
+    output_normalised: bool = False
 
 
 class _Collector:
@@ -1057,6 +1062,9 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
                       ) if batched else None
     power = sums.add([torch.stack([o.float().square().mean() for o in batched]).amin()]
                      ) if batched else None
+    rows = [o for o in batched if o.dim() >= 2 and o.shape[-1] >= 2]
+    normalised = sums.add([torch.stack([_rows_share_rms(o) for o in rows]).all().float()]
+                          ) if rows and len(rows) == len(batched) else None
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype)
                   for o in differentiable]
@@ -1090,7 +1098,8 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     varies = spread is None or not host[spread.start] == 0  # NaN counts as varying
     result = _PassResult(collector.activation_rows(host), collector.sizes,
                          collector.gradient_rows(host), params, unused, varies,
-                         None if power is None else float(host[power.start]))
+                         None if power is None else float(host[power.start]),
+                         normalised is not None and host[normalised.start] == 1)
     counts = [r["nonfinite"] for r in (*result.activations.values(), *result.gradients.values(),
                                        *result.params.values())]
     counts += [r["nonfinite_grad"] for r in result.params.values()]
@@ -1098,6 +1107,15 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
         # Non-finite entries somewhere: measure again, counting them.
         return _one_pass(model, inputs, seed, owners, weights, plan, exact=True)
     return result
+
+
+def _rows_share_rms(output: torch.Tensor) -> torch.Tensor:
+    """Whether every row of `output` (its last axis) has the same RMS, device-side: within
+    0.5/sqrt(d) of the largest, at most 5%. Rows of d independent entries spread ~4/sqrt(d)
+    from smallest to largest over a batch; a norm's rows differ only by its eps."""
+    rms = output.float().square().mean(-1).sqrt().flatten()
+    tolerance = min(0.05, 0.5 / math.sqrt(output.shape[-1]))
+    return (rms.amax() - rms.amin()) <= tolerance * rms.amax()
 
 
 def _weight_owners(model: LoadedModel) -> dict[str, ProbePoint]:
@@ -1273,4 +1291,4 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
                                  None if grad is None else grad["reach"]))
     samples = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else None
     return ProbeResult(model, layers, params, unblocked, first.output_varies, samples,
-                       first.output_power)
+                       first.output_power, first.output_normalised)

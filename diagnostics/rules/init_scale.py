@@ -48,9 +48,10 @@ class InitScale(Rule):
     every later layer's input (or, for the last layer, the output); for a shrink, no later layer's
     input, no later normalisation's output and not the network's output may recover (a LayerNorm
     or residual path that restores the scale keeps the rule silent, and so does a final norm the
-    probe does not see: the last block of a pre-norm transformer); what a layer was fed is the
-    last value probed before it unless its own output, Var(out) / (fan_in Var(W)), says it was
-    fed `weight_factor` times more (CoaT's position conv reads the values, probed after the
+    probe does not see: the last block of a pre-norm transformer; an output whose rows all share
+    one RMS ends in a norm, which restores any scale: Dory's L2 normalisation); what a layer was
+    fed is the last value probed before it unless its own output, Var(out) / (fan_in Var(W)),
+    says it was fed `weight_factor` times more (CoaT's position conv reads the values, probed after the
     keys' softmax); what a later layer was fed is also read off its own output,
     Var(out) / (fan_in Var(W)), since graph order is not data flow: a hand-written
     RMSNorm is no probe point, and an MoE's expert projections follow its router in the graph),
@@ -182,6 +183,10 @@ class InitScale(Rule):
                 # ReLU^2 MLP at std 0.02 is 0.007x He; its output is RMSNorm's, ~1).
                 if probe.output_power is not None:
                     later.append(probe.output_power / power)
+                if probe.output_normalised:
+                    # A norm ends the network (Dory's L2 normalisation: each row's RMS is
+                    # 1/sqrt(d) by design): whatever scale came before, it restores it.
+                    continue
                 carried = max(later)
                 if carried <= 1 / ff:
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
