@@ -48,6 +48,7 @@ HEALTHY = [
     ("transformers", "arcee", "torchscript"),  # last block's ReLU^2 MLP at std 0.02: fired
     ("transformers", "dinov3_vit", "torchscript"),  # an empty register-token parameter: fired
     ("transformers", "dory", "torchscript"),  # L2-normalised output, std-0.02 o_proj: fired
+    ("transformers", "fnet", "onnx_dynamo"),  # torch.fft as ONNX DFT: was unsupported
     ("transformers", "vit", "torchscript"),
     # a zero-initialised MoE router (uniform routing) computed just before the experts
     ("transformers", "afmoe", "torchscript"),

@@ -843,3 +843,24 @@ def test_split_sizes_that_do_not_fit_the_input_are_an_input_error_not_an_unsuppo
     ctx = OpContext(node="experts/Split", op_type="Split", opset=13, num_outputs=2)
     with pytest.raises(ValueError, match=r"do not add up to 8.*shape \[8, 4\]"):
         lookup("Split", "", ctx.node)(ctx, [torch.randn(8, 4), torch.tensor([3, 3])], {})
+
+
+@pytest.mark.parametrize(("last", "inverse", "onesided", "length"),
+                         [(1, 0, 0, None), (1, 0, 1, None), (2, 0, 0, None), (2, 1, 0, None),
+                          (2, 1, 1, None), (1, 0, 0, 10), (2, 0, 0, 5)])
+def test_dft_matches_ort(last: int, inverse: int, onesided: int, length: int | None) -> None:
+    # FNet mixes its tokens with torch.fft; the dynamo exporter writes that as DFT (opset 20:
+    # the axis is an input). Opset 17 keeps it as an attribute.
+    feeds = {"x": _randn(2, 8, 3, last, seed=11),
+             "dft_length": None if length is None else np.array(length, dtype=np.int64),
+             "axis": np.array(-3, dtype=np.int64)}
+    _against_ort("DFT", feeds, ["y"], opset=20, inverse=inverse, onesided=onesided)
+    old = {"x": feeds["x"], "dft_length": feeds["dft_length"]}
+    _against_ort("DFT", old, ["y"], opset=17, axis=1, inverse=inverse, onesided=onesided)
+
+
+def test_dft_passes_gradients() -> None:
+    ctx = OpContext(node="dft", op_type="DFT", opset=20, num_outputs=1)
+    x = torch.randn(2, 8, 1, requires_grad=True)
+    lookup("DFT", "", "dft")(ctx, [x, None, torch.tensor(1)], {}).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -10,6 +10,7 @@ from gradprobe.diagnostics.onnx_ops import (  # noqa: F401
     reduce,
     resize,
     rnn,
+    spectral,
     tensor,
 )
 from gradprobe.diagnostics.onnx_ops.registry import (  # noqa: F401
