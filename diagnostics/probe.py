@@ -1179,7 +1179,12 @@ def _first_steps(model: LoadedModel, flow: _PassResult,
     """The zero tensors outside the layers' weights and scales (Doge's dynamic-mask `A`, a
     ReZero gate, zero biases) that get a gradient in the flow pass, at their value after a
     small step against it: after the first step they are no longer zero. Read while the flow
-    pass's gradients are still on the parameters."""
+    pass's gradients are still on the parameters. TorchScript only (see below)."""
+    if model.format == "onnx":
+        # An ONNX file stores buffers as it stores parameters: a zero mask buffer
+        # (`fc3(x) * mask`) would look like a zero-init gate that trains. TorchScript tells them
+        # apart.
+        return {}
     skip = set(layer_zeros)
     steps = {}
     for name, param in model.parameters.items():
