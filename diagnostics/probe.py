@@ -1199,7 +1199,7 @@ def _first_steps(model: LoadedModel, flow: _PassResult,
 def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
                  owners: dict[str, ProbePoint], weights: list[dict[str, float | None]],
                  first: _PassResult, flow: _PassResult, unblocked: dict[str, torch.Tensor],
-                 steps: dict[str, torch.Tensor], constant: frozenset[str]) -> _PassResult | None:
+                 constant: frozenset[str]) -> _PassResult | None:
     """The gradients of the tensors that got none at the first step, as the second step sees
     them: the zero tensors that did get one have moved (a layer's to its `unblocked` value, the
     textbook init the flow pass used; any other by a small step, `steps`), the others are
@@ -1207,7 +1207,7 @@ def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     GlobalContext behind a zero BatchNorm scale), and non-zero tensors a zero blocks (Doge's
     `dt_proj` behind its zero `A`). Only those that now get a gradient are kept: a zero in
     front of a ReLU still gets none and stays an error. None when nothing is blocked by a zero
-    that moves."""
+    that moves. The small steps (`_first_steps`) are taken only when something is stuck."""
     stuck = [name for name in unblocked if first.params[name]["grad_norm"] == 0]
     # A 1-D shift in a network with normalisation gets exactly zero gradient when a norm
     # follows it (a conv bias before BatchNorm), whatever moves: not worth a pass.
@@ -1216,9 +1216,13 @@ def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
               if name not in unblocked and name not in flow.unused and row["grad_norm"] == 0
               and row["abs_max"] > 0 and math.isfinite(row["abs_max"])
               and not (norm and model.parameters[name].dim() <= 1)]
+    if not stuck:
+        return None
+    # Only now, with something stuck: the flow pass's gradients are still on the parameters.
+    steps = _first_steps(model, flow, unblocked)
     moved = {name: value for name, value in unblocked.items() if name not in stuck}
     moved |= {name: value for name, value in steps.items() if name not in stuck}
-    if not stuck or not moved:
+    if not moved:
         return None
     with _substituted(model, moved):
         second = _one_pass(model, inputs, seed, owners, weights, _PassPlan(
@@ -1253,9 +1257,7 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
             flow = _one_pass(model, inputs, seed, owners, weights,
                              _PassPlan(activations=False))
     unblocked = list(values)
-    steps = _first_steps(model, flow, unblocked)
-    second = _second_step(model, inputs, seed, owners, weights, first, flow, values, steps,
-                          constant)
+    second = _second_step(model, inputs, seed, owners, weights, first, flow, values, constant)
 
     layer_of = _layer_of(model)
     params: dict[str, ParamProbe] = {}
