@@ -27,7 +27,7 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  any non-finite entry.'},
  {'name': 'nonfinite-values',
   'severity': 'error',
-  'verdicts': ['error'],
+  'verdicts': ['info', 'error'],
   'summary': 'NaN or Inf first appears in an activation (forward) or a gradient (backward).',
   'text': 'nonfinite-values (error)\n'
           '\n'
@@ -51,7 +51,14 @@ CATALOG = [{'name': 'nonfinite-weights',
           'order;\n'
           '  backward: the last layer in forward order, where the gradient first arrives). Not '
           'reported\n'
-          "  when the layer's own weights are non-finite (nonfinite-weights covers it)."},
+          "  when the layer's own weights are non-finite (nonfinite-weights covers it). Info, not "
+          'an\n'
+          '  error, when the forward values never reach the output and every parameter gradient '
+          'is\n'
+          "  finite: a masked fill or a `where` overwrites them (CPM-Ant's softmax over attention "
+          'rows\n'
+          '  that padding masks out entirely, then filled with 0), so the loss and the step are '
+          'finite.'},
  {'name': 'zero-weights',
   'severity': 'error',
   'verdicts': ['info', 'error'],

@@ -86,6 +86,10 @@ class ProbeResult:
     # RMSNorm or an L2 normalisation, which gives 1/sqrt(d)), so no scale before it reaches
     # the output, whatever the probe saw of that norm.
     output_normalised: bool = False
+    # Every output entry is finite (first pass). A NaN inside the network that a masked fill
+    # or a `where` overwrites (a softmax over an attention row masked out entirely) does not
+    # reach the output or the loss.
+    output_finite: bool = True
 
     def of_role(self, role: str) -> Iterator[LayerProbe]:
         """Points of a role; "norm" means the norms of the signal (not weight standardisation)."""
@@ -949,6 +953,7 @@ class _PassResult:
     output_varies: bool = True
     output_power: float | None = None
     output_normalised: bool = False
+    output_finite: bool = True
 
 
 class _Collector:
@@ -1065,6 +1070,8 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     rows = [o for o in batched if o.dim() >= 2 and o.shape[-1] >= 2]
     normalised = sums.add([torch.stack([_rows_share_rms(o) for o in rows]).all().float()]
                           ) if rows and len(rows) == len(batched) else None
+    finite = sums.add([torch.stack([torch.isfinite(o).all() for o in differentiable]).all()
+                       .float()])
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype)
                   for o in differentiable]
@@ -1099,7 +1106,8 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     result = _PassResult(collector.activation_rows(host), collector.sizes,
                          collector.gradient_rows(host), params, unused, varies,
                          None if power is None else float(host[power.start]),
-                         normalised is not None and host[normalised.start] == 1)
+                         normalised is not None and host[normalised.start] == 1,
+                         host[finite.start] == 1)
     counts = [r["nonfinite"] for r in (*result.activations.values(), *result.gradients.values(),
                                        *result.params.values())]
     counts += [r["nonfinite_grad"] for r in result.params.values()]
@@ -1298,4 +1306,4 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
                                  None if grad is None else grad["reach"]))
     samples = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else None
     return ProbeResult(model, layers, params, unblocked, first.output_varies, samples,
-                       first.output_power, first.output_normalised)
+                       first.output_power, first.output_normalised, first.output_finite)

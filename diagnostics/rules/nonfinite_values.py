@@ -18,7 +18,10 @@ class NonfiniteValues(Rule):
     made it overflow (see exploding-activations).
     Thresholds: any non-finite entry. Reported at the first probe point that holds one (forward
     order; backward: the last layer in forward order, where the gradient first arrives). Not
-    reported when the layer's own weights are non-finite (nonfinite-weights covers it).
+    reported when the layer's own weights are non-finite (nonfinite-weights covers it). Info,
+    not an error, when the forward values never reach the output and every parameter gradient
+    is finite: a masked fill or a `where` overwrites them (CPM-Ant's softmax over attention rows
+    that padding masks out entirely, then filled with 0), so the loss and the step are finite.
     """
 
     name = "nonfinite-values"
@@ -32,9 +35,18 @@ class NonfiniteValues(Rule):
             if act is None:
                 continue
             if act.nonfinite:
-                if not bad_params:
-                    where = f"between {previous.point.layer} and {lp.point.layer}" if previous else \
-                        f"at or before {lp.point.layer}"
+                where = f"between {previous.point.layer} and {lp.point.layer}" if previous else \
+                    f"at or before {lp.point.layer}"
+                if not bad_params and _discarded(probe):
+                    yield self.finding(
+                        lp, f"{act.nonfinite} NaN/Inf value(s) of {act.numel} appear in the "
+                            f"forward pass {where} ({lp.point.op}) and are overwritten before "
+                            f"the output: the output and every parameter gradient are finite "
+                            f"(a masked fill after a softmax over fully masked rows does this).",
+                        severity=Severity.INFO,
+                        evidence={"nonfinite": act.nonfinite, "numel": act.numel,
+                                  "pass": "forward", "reaches_output": False})
+                elif not bad_params:
                     yield self.finding(
                         lp, f"{act.nonfinite} NaN/Inf value(s) of {act.numel} first appear in the "
                             f"forward pass {where} ({lp.point.op}); the loss will be NaN.",
@@ -53,3 +65,8 @@ class NonfiniteValues(Rule):
                         fix=Fix(advice="look for an operation with an infinite derivative at its "
                                        "input (sqrt at 0, pow with fractional exponent, norm of 0)"))
                     return
+
+
+def _discarded(probe: ProbeResult) -> bool:
+    """The non-finite values inside never reach the output nor any parameter's gradient."""
+    return probe.output_finite and not any(p.stats.nonfinite_grad for p in probe.params.values())
