@@ -345,3 +345,27 @@ def test_save_keeps_batchnorm_running_statistics(tmp_path) -> None:
     original = {t.name: t for t in onnx.load(str(path)).graph.initializer}
     assert saved["bn1.running_mean"] == original["bn1.running_mean"]
     torch.testing.assert_close(load_onnx(out).parameters["layer1.0.conv1.weight"].detach(), new)
+
+
+def test_empty_integer_initializer(tmp_path) -> None:
+    """An empty int64 initializer (a dynamo export of transformers' GIT holds one) is read back
+    with stride 0; the loader once crashed writing it into the graph it checks."""
+    from onnx import numpy_helper
+
+    from gradprobe.diagnostics.api import diagnose
+    from gradprobe.diagnostics.options import DiagnoseOptions
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).normal(0, 0.6, (3, 4)).astype(np.float32), "fc.weight")
+    nothing = numpy_helper.from_array(np.zeros(0, dtype=np.int64), "nothing")
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Concat", ["shape", "nothing"], ["same_shape"], axis=0),
+             helper.make_node("Reshape", ["x", "same_shape"], ["x2"]),
+             helper.make_node("MatMul", ["x2", "fc.weight"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=[weight, nothing])
+    path = tmp_path / "empty.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = diagnose(path, DiagnoseOptions(device="cpu"))
+    assert [f.rule for f in report.findings if f.severity.value == "error"] == []

@@ -807,7 +807,12 @@ def _tensor_proto(name: str, tensor: torch.Tensor, elem_type: int) -> onnx.Tenso
     proto.name = name
     proto.data_type = elem_type
     proto.dims.extend(int(d) for d in t.shape)
-    proto.raw_data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return proto  # no bytes (an empty array read from the file may carry stride 0)
+    if flat.stride(0) != 1:  # a size-1 axis may carry any stride, so contiguous() kept it
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    proto.raw_data = flat.view(torch.uint8).numpy().tobytes()
     return proto
 
 
