@@ -582,19 +582,23 @@ CATALOG = [{'name': 'nonfinite-weights',
           'read\n'
           "  only as the bound of a min/max/clamp: a threshold, constant in the model (Apertus's "
           'xIELU\n'
-          '  `eps`, a buffer, which a dynamo ONNX file stores as a parameter). A 1-D shift '
-          '(`*bias`) in\n'
-          '  a network with normalisation is only info: a norm after it subtracts the mean, which\n'
-          "  cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN). "
-          'A\n'
-          '  tensor a zero blocks at the first step, where that zero gets a gradient and so moves, '
-          'is\n'
-          "  judged at the second (Doge's `dt_proj` behind its zero-init `A`): info when it gets "
+          '  `eps`, a buffer, which a dynamo ONNX file stores as a parameter), and a single value '
+          'only\n'
+          "  written by a select where its mask says so (GPT-Neo's `finfo.min` in its masked "
+          'attention\n'
+          '  scores, a constant a dynamo file stores as an initializer). A 1-D shift (`*bias`) in '
           'a\n'
-          '  gradient there. Measured with deliberate zero layers set to their textbook init (a '
-          'zero\n'
-          '  head blocks every gradient at step 0 only), and not reported where another rule names '
+          '  network with normalisation is only info: a norm after it subtracts the mean, which '
+          'cancels\n'
+          "  any shift (a conv bias before BatchNorm, timm's learnable affine before BN). A tensor "
+          'a\n'
+          '  zero blocks at the first step, where that zero gets a gradient and so moves, is '
+          'judged at\n'
+          "  the second (Doge's `dt_proj` behind its zero-init `A`): info when it gets a gradient\n"
+          '  there. Measured with deliberate zero layers set to their textbook init (a zero head '
+          'blocks\n'
+          '  every gradient at step 0 only), and not reported where another rule names the cause: '
           'the\n'
-          '  cause: the zero/constant weight itself, layers behind a fully dead ReLU or behind '
-          'the\n'
-          '  point where the output stops depending on the input, non-finite values.'}]
+          '  zero/constant weight itself, layers behind a fully dead ReLU or behind the point '
+          'where the\n'
+          '  output stops depending on the input, non-finite values.'}]

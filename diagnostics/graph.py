@@ -149,6 +149,11 @@ class LoadedModel(ABC):
         xIELU's `eps`); None when anything else reads it."""
         return None
 
+    def fill_of(self, name: str) -> str | None:
+        """The select that only ever writes parameter `name` where its mask says so (a masked
+        fill's value, such as GPT-Neo's finfo.min); None when anything else reads it."""
+        return None
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters.values():

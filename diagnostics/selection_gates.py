@@ -17,6 +17,9 @@ from dataclasses import dataclass
 # op -> the slots that hold a bound: a min/max takes any operand as the other's bound, a clamp
 # reads its bounds after the value it clamps.
 BOUNDS: dict[str, tuple[int, ...] | None] = {"minmax": None, "clamp": (1, 2)}
+# op -> the slots that hold the value a select writes where its mask says so: GPT-Neo's
+# `where(causal_mask, scores, finfo.min)`.
+FILLS: dict[str, tuple[int, ...] | None] = {"where": (1, 2), "masked_fill": (2,)}
 
 # op -> (condition slot, slots whose value passes only where the condition says)
 GATES: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -58,15 +61,24 @@ class GateGraph:
     def bound_of(self, name: str) -> str | None:
         """The min/max/clamp that parameter `name` only ever bounds (the first, in graph
         order): xIELU's `min(x, eps)`. None when any other step reads it."""
+        return self._only_read_by(name, BOUNDS)
+
+    def fill_of(self, name: str) -> str | None:
+        """The select that only ever writes parameter `name` where its mask says so (the
+        first, in graph order): a masked fill's value. None when any other step reads it."""
+        return self._only_read_by(name, FILLS)
+
+    def _only_read_by(self, name: str, slots_of: Mapping[str, tuple[int, ...] | None]
+                      ) -> str | None:
         values = set(self.parameters.get(name, ()))
         found = None
         for node in self.nodes:
             slots = [i for i, v in enumerate(node.inputs) if v in values]
             if not slots:
                 continue
-            if node.op not in BOUNDS:
+            if node.op not in slots_of:
                 return None
-            allowed = BOUNDS[node.op]
+            allowed = slots_of[node.op]
             if allowed is not None and not all(i in allowed for i in slots):
                 return None
             found = found or node.name

@@ -5,7 +5,8 @@ Apertus's MLP activation (transformers' `XIELUActivation`) computes
 the select takes the other branch, so eps gets exactly zero gradient. It is a buffer, but the
 dynamo ONNX exporter stores buffers as initializers, like parameters, and the linter called it
 "will never train" (an error) in every block of `apertus` and `apertus1p5_text`. Now it is info
-that names the bound; a value read anywhere else as well is judged as before.
+that names the bound; a value read anywhere else as well is judged as before. The same holds
+for a single value a select only writes where its mask says so (GPT-Neo's `finfo.min`).
 """
 
 from __future__ import annotations
@@ -61,3 +62,42 @@ def test_bound_of_reads_every_reader():
     assert graph(FlowNode("min", "minmax", ("x", "t"), ("m",)),
                  FlowNode("mul", "", ("m", "t"), ("y",))).bound_of("t") is None
     assert graph(FlowNode("mul", "", ("x", "x"), ("y",))).bound_of("t") is None
+
+
+class MaskedAttention(nn.Module):
+    """GPT-Neo's causal attention: `where(causal, scores, finfo.min)`, the fill a buffer."""
+
+    def __init__(self, width: int = 16, length: int = 8) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.register_buffer("causal", torch.tril(torch.ones(length, length, dtype=torch.bool)))
+        self.register_buffer("fill", torch.tensor(torch.finfo(torch.float32).min))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = torch.where(self.causal, q @ k.transpose(-1, -2), self.fill)
+        return x + self.out(torch.softmax(scores, -1) @ v)
+
+
+def test_masked_fill_value_is_not_a_dead_weight(tmp_path):
+    """GPT-Neo and ImageGPT exported with dynamo: the fill became an initializer (`clone_2`),
+    called "will never train" (an error) in every block; it is a constant the mask writes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    path = zoo.export_onnx(MaskedAttention().eval(), (x,), tmp_path / "m.onnx", dynamo=True)
+    findings = diagnose(path, DiagnoseOptions(device="cpu", batch_size=2)).findings
+    assert [f for f in findings if f.severity.value != "info"] == [], findings
+    fill = [f for f in findings if f.rule == "dead-gradients"]
+    assert len(fill) == 1 and "only writes where its mask says so" in fill[0].message, fill
+
+
+def test_fill_of_reads_every_reader():
+    assert graph(FlowNode("w", "where", ("c", "x", "t"), ("y",))).fill_of("t") == "w"
+    assert graph(FlowNode("mf", "masked_fill", ("x", "c", "t"), ("y",))).fill_of("t") == "mf"
+    # the condition of a select is no fill, nor is the tensor a masked fill writes into
+    assert graph(FlowNode("w", "where", ("t", "x", "z"), ("y",))).fill_of("t") is None
+    assert graph(FlowNode("mf", "masked_fill", ("t", "c", "z"), ("y",))).fill_of("t") is None
+    # written by a select and also added to the signal
+    assert graph(FlowNode("w", "where", ("c", "x", "t"), ("m",)),
+                 FlowNode("add", "", ("m", "t"), ("y",))).fill_of("t") is None

@@ -858,6 +858,9 @@ class OnnxModel(LoadedModel):
     def bound_of(self, name: str) -> str | None:
         return self._flow.bound_of(name)
 
+    def fill_of(self, name: str) -> str | None:
+        return self._flow.fill_of(name)
+
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots
         slots = self._plan.slots

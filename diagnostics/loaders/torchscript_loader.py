@@ -188,6 +188,9 @@ class TorchScriptModel(LoadedModel):
     def bound_of(self, name: str) -> str | None:
         return self._gate_graph.bound_of(name)
 
+    def fill_of(self, name: str) -> str | None:
+        return self._gate_graph.fill_of(name)
+
     @cached_property
     def _gate_graph(self) -> GateGraph:
         original_output = self._graph.return_node().inputsAt(0).node().inputsAt(0)

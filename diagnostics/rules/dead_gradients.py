@@ -31,7 +31,9 @@ class DeadGradients(Rule):
     reaches the output only through a select whose condition comes from token ids when no probe
     position selects it (pocket_tts's BOS latent, `where(input_ids == bos_id, ...)`). So is a
     single value read only as the bound of a min/max/clamp: a threshold, constant in the model
-    (Apertus's xIELU `eps`, a buffer, which a dynamo ONNX file stores as a parameter). A 1-D shift
+    (Apertus's xIELU `eps`, a buffer, which a dynamo ONNX file stores as a parameter), and a
+    single value only written by a select where its mask says so (GPT-Neo's `finfo.min` in its
+    masked attention scores, a constant a dynamo file stores as an initializer). A 1-D shift
     (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
     which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
     A tensor a zero blocks at the first step, where that zero gets a gradient and so moves, is
@@ -117,6 +119,11 @@ class DeadGradients(Rule):
             if bound is not None:
                 yield self._threshold(name, param.layer, bound)
                 continue
+            fill = None if param.unused or math.prod(s.shape) != 1 \
+                else probe.model.fill_of(name)
+            if fill is not None:
+                yield self._fill(name, param.layer, fill)
+                continue
             why = ("the exported forward never reads it (a training-only parameter, such as "
                    "wav2vec2's masked_spec_embed, or a branch the export did not take)"
                    if param.unused else "its gradient is exactly zero on the probe batch")
@@ -186,6 +193,18 @@ class DeadGradients(Rule):
             f"buffers as it stores parameters); only if yours is meant to train does it never "
             f"move.",
             bound=bound)
+
+    def _fill(self, name: str, layer: str, select: str) -> Finding:
+        # GPT-Neo writes finfo.min into the masked attention logits with a `where`; the softmax
+        # after it turns those into exact zeros, so the value gets no gradient. A dynamo ONNX
+        # file stores that constant as an initializer.
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient: it is a single value that {select} only writes "
+            f"where its mask says so (a masked fill, such as the large negative number put into "
+            f"masked attention scores), and nothing downstream depends on it. Models keep such "
+            f"a value constant (an ONNX file stores constants as it stores parameters).",
+            fill=select)
 
     def _trained_through_copies(self, name: str, layer: str, copies: list[str]) -> Finding:
         # The file stores this tensor once and other layers read it too. A module shared by
