@@ -163,6 +163,39 @@ def test_parameter_behind_a_token_select_is_info(tmp_path, gated: bool, how: str
         assert found[0].severity.value == "error"
 
 
+class _AudioTokenMlp(nn.Module):
+    """Higgs Audio's decoder layer in miniature: the positions that hold the audio token (the
+    last id) go through their own MLP, written back with an index_put (a ScatterND in a dynamo
+    file). A random token batch may hold none, and the MLP then gets exactly zero gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.audio_mlp = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        audio = ids == 49
+        x = x.index_put((audio,), self.audio_mlp(x[audio]))
+        return self.head(torch.relu(x))
+
+
+@pytest.mark.parametrize("how", ["torchscript", pytest.param("onnx_dynamo",
+                                                              marks=pytest.mark.slow)])
+def test_layer_behind_a_token_scatter_is_info(tmp_path, how: str) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 6))
+    ids[0, 0] = 49  # the export traces the audio path
+    path = _export(_AudioTokenMlp().eval(), (ids,), how, tmp_path)
+    # seed 4: a probe batch without the audio token (seed 0 draws one)
+    options = DiagnoseOptions(device="cpu", input_shapes=[[4, 6]], seed=4)
+    found = [f for f in diagnose(path, options=options).findings if f.rule == "dead-gradients"
+             and f.parameters[0].startswith("audio_mlp.")]
+    assert [f.severity.value for f in found] == ["info", "info"], found
+    assert ("aten::index_put" if how == "torchscript" else "ScatterND@") in found[0].message
+
+
 def test_selection_gate_needs_every_path_gated() -> None:
     ids_eq = FlowNode("eq", "", ("ids",), ("mask",))
     proj = FlowNode("proj", "", ("p",), ("v",))

@@ -85,8 +85,11 @@ _DATA_SHAPED = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "I
 _NEVER_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                  "Multinomial", "Bernoulli", "Dropout"}
 _INDEX_PATH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Transpose"}
-# How selection_gates reads an op: the select, and the ops whose operands can be bounds.
-_FLOW_OPS = {"Where": "where", "Min": "minmax", "Max": "minmax", "Clip": "clamp"}
+# How selection_gates reads an op: the selects, and the ops whose operands can be bounds. A
+# scatter writes its updates (slot 2) only at the indices (slot 1), as aten::index_put does:
+# the dynamo exporter writes index_put and masked_scatter so (Higgs Audio's audio-token MLP).
+_FLOW_OPS = {"Where": "where", "Min": "minmax", "Max": "minmax", "Clip": "clamp",
+             "ScatterND": "index_put", "ScatterElements": "index_put"}
 _EXTERNAL_DATA_LIMIT = 1 << 30  # write weights beside the file above ~1 GiB of tensors
 
 
