@@ -2,7 +2,7 @@
 
 CATALOG = [{'name': 'nonfinite-weights',
   'severity': 'error',
-  'verdicts': ['error'],
+  'verdicts': ['info', 'error'],
   'summary': 'A parameter holds NaN or Inf.',
   'text': 'nonfinite-weights (error)\n'
           '\n'
@@ -24,7 +24,10 @@ CATALOG = [{'name': 'nonfinite-weights',
           '  division by zero or log of zero in init code, or a diverged checkpoint.\n'
           '\n'
           'Thresholds:\n'
-          '  any non-finite entry.'},
+          '  any non-finite entry. Info for a tensor no layer reads as a weight whose only '
+          'non-finite\n'
+          '  entries are -inf: a mask a dynamo ONNX file stores as an initializer (the\n'
+          "  `full_like(logits, -inf)` of Llama 4's top-k router, an additive causal mask)."},
  {'name': 'nonfinite-values',
   'severity': 'error',
   'verdicts': ['info', 'error'],
@@ -447,7 +450,10 @@ CATALOG = [{'name': 'nonfinite-weights',
           'tanh:\n'
           '  76% saturated at init, 0% after 50 AdamW steps on an L1 target; BCE on a sigmoid '
           'output\n'
-          '  cancels its derivative).'},
+          '  cancels its derivative). Where a select filled the input with -inf where a mask says\n'
+          "  (Llama 4's top-k MoE router scores the unselected experts `sigmoid(-inf) = 0`), "
+          'those\n'
+          '  entries are on the tail by design: the share is of the others.'},
  {'name': 'vanishing-gradients',
   'severity': 'warning',
   'verdicts': ['warning'],

@@ -84,6 +84,9 @@ class ProbePoint:
     # A layer whose input is a global pool of the signal, seen through reshapes only
     # (squeeze-excite, the head, ECA's Conv1d across the pooled channels).
     reads_global_pool: bool = False
+    # An activation whose input a select filled with -inf where a mask says (Llama 4's top-k
+    # router): those entries sit on its flat tail by design (diagnostics/loaders/masked_inputs).
+    reads_minus_infinity_fill: bool = False
 
     @property
     def normalises_signal(self) -> bool:

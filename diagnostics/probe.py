@@ -601,7 +601,13 @@ def _pending_activation(index: int, value: torch.Tensor, point: ProbePoint) -> _
         xf = x.float()
         low = (xf * (1 - xf)) < 0.25 * SATURATION_DERIVATIVE if kind == "sigmoid" \
             else (1 - xf * xf) < SATURATION_DERIVATIVE
-        saturated = low.float().mean()
+        if point.reads_minus_infinity_fill:
+            # The entries a mask set to -inf come out exactly at the lower end (Llama 4's
+            # router: the experts top-k did not pick) by design: the share is of the others.
+            kept = xf != (0.0 if kind == "sigmoid" else -1.0)
+            saturated = (low & kept).float().sum() / kept.float().sum().clamp_min(1.0)
+        else:
+            saturated = low.float().mean()
     elif kind == "hardsigmoid":  # flat, derivative exactly 0, at and beyond 0 and 1
         saturated = ((x <= 0) | (x >= 1)).float().mean()
     return _PendingActivation(index, x, x._version, batch_mean, single, unit_max, saturated)

@@ -10,9 +10,10 @@ shows only in its own output.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
-from zoo import export_torchscript
+from zoo import export_onnx, export_torchscript
 
 from gradprobe.diagnostics.api import diagnose
 from gradprobe.diagnostics.options import DiagnoseOptions
@@ -94,3 +95,52 @@ def test_an_expert_whose_gate_is_zeroed_still_starves_its_down_projection(tmp_pa
     report = _lint(model, tmp_path)
     errors = [(f.rule, f.layer) for f in report.findings if f.severity.value == "error"]
     assert errors == [("zero-weights", "block.experts.1.gate_proj")], report.findings
+
+
+class TopKRouter(nn.Module):
+    """Llama 4's router: keep the top-k logits per token, -inf for the rest, then a sigmoid.
+    The unselected experts score exactly 0: on the sigmoid's tail by design."""
+
+    def __init__(self, width: int = 32, experts: int = 8, top_k: int = 1, std: float = 0.02
+                 ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, width)
+        self.router = nn.Linear(width, experts, bias=False)
+        nn.init.normal_(self.router.weight, std=std)
+        self.experts = nn.Linear(width, experts * width)
+        self.head = nn.Linear(width, 8)
+        self.top_k, self.count = top_k, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).reshape(-1, self.embed.out_features)
+        logits = self.router(h)
+        top_value, top_index = torch.topk(logits, self.top_k, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter_(1, top_index, top_value)
+        scores = torch.sigmoid(scores.float())
+        routed = self.experts(h).reshape(h.shape[0], self.count, -1)
+        out = (scores.unsqueeze(-1) * routed).sum(1)
+        return self.head(out).reshape(x.shape[0], x.shape[1], -1)
+
+
+@pytest.mark.parametrize("how", ["torchscript", "onnx_legacy", "onnx_dynamo"])
+@pytest.mark.parametrize("std", [0.02, 20.0], ids=["library", "saturating"])
+def test_a_top_k_routers_minus_infinity_is_not_saturation(tmp_path, how, std):
+    """Llama 4 (transformers, TorchScript): 94% of the router's sigmoid outputs counted as
+    saturated, a warning per block; they are the 7 of 8 experts top-k left at -inf. The share
+    is now of the selected ones; a router whose selected logits are huge still saturates."""
+    torch.manual_seed(0)
+    model, example = TopKRouter(std=std).eval(), torch.randn(2, 16, 16)
+    if how == "torchscript":
+        path = export_torchscript(model, (example,), tmp_path / "r.pt")
+        options = DiagnoseOptions(device="cpu", input_shapes=[[2, 16, 16]])
+    else:
+        path = export_onnx(model, (example,), tmp_path / "r.onnx", dynamo=how == "onnx_dynamo")
+        options = DiagnoseOptions(device="cpu", batch_size=2)
+    findings = diagnose(path, options).findings
+    found = [f for f in findings if f.rule == "saturated-activation"]
+    if std == 0.02:
+        # a dynamo file stores full_like(logits, -inf) as an initializer: a mask, not a weight
+        assert [f for f in findings if f.severity.value != "info"] == [], findings
+    else:
+        assert [f.severity.value for f in found] in (["warning"], ["error"]), found
+        assert "a mask did not set to -inf" in found[0].message

@@ -38,6 +38,7 @@ from gradprobe.diagnostics.loaders.onnx_naming import (
     reads_only_buffers,
     unique_names,
 )
+from gradprobe.diagnostics.loaders.masked_inputs import onnx_reads_minus_infinity_fill
 from gradprobe.diagnostics.loaders.pooled_inputs import onnx_reads_global_pool
 
 ACTIVATIONS = {
@@ -198,6 +199,8 @@ def build_points(view: GraphView) -> list[PointPlan]:
             followed_by_norm=d.followed_by_norm or (d.folded and d.node.op_type in FOLDABLE),
             on_weights=d.on_weights,
             reads_global_pool=d.role == "linear" and onnx_reads_global_pool(view, d.node.inputs),
+            reads_minus_infinity_fill=d.role == "activation" and bool(d.node.inputs)
+            and onnx_reads_minus_infinity_fill(view, d.node.inputs[0]),
         )
         plans.append(PointPlan(point=point, value=d.value, step=d.step))
     return plans

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradprobe.diagnostics.graph import ProbePoint, Role
+from gradprobe.diagnostics.loaders.masked_inputs import torchscript_reads_minus_infinity_fill
 from gradprobe.diagnostics.loaders.pooled_inputs import torchscript_reads_global_pool
 from gradprobe.diagnostics.loaders.torchscript_passes import Node, Value, all_nodes, argument_index
 from gradprobe.diagnostics.selection_gates import FlowNode, GateGraph
@@ -514,6 +515,8 @@ def _to_point(index: int, c: _Candidate) -> ProbePoint:
         on_weights=c.on_weights,
         reads_global_pool=c.role == "linear" and c.op not in _RNN_OPS
         and torchscript_reads_global_pool(c.node),
+        reads_minus_infinity_fill=c.role == "activation"
+        and torchscript_reads_minus_infinity_fill(c.node),
     )
 
 

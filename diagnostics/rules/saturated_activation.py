@@ -26,7 +26,9 @@ class SaturatedActivation(Rule):
     the network's output (no parameterised layer or norm after it) is info below `error_share`:
     the loss acts on it directly and the unsaturated entries pull the layer before into range
     (transformers' VITS waveform tanh: 76% saturated at init, 0% after 50 AdamW steps on an L1
-    target; BCE on a sigmoid output cancels its derivative).
+    target; BCE on a sigmoid output cancels its derivative). Where a select filled the input
+    with -inf where a mask says (Llama 4's top-k MoE router scores the unselected experts
+    `sigmoid(-inf) = 0`), those entries are on the tail by design: the share is of the others.
     """
 
     name = "saturated-activation"
@@ -54,6 +56,8 @@ class SaturatedActivation(Rule):
             severity = Severity.ERROR if act.saturation >= self.t["error_share"] else Severity.WARNING
             source = f" after {producer.point.layer}" if producer is not None else ""
             note = ""
+            masked = " (of those a mask did not set to -inf)" \
+                if lp.point.reads_minus_infinity_fill else ""
             if severity is Severity.WARNING and _is_output(probe, lp):
                 # The loss acts right here: the unsaturated entries pull the layer before back
                 # into range within a few steps (VITS' waveform tanh, 76% saturated at
@@ -64,8 +68,8 @@ class SaturatedActivation(Rule):
                         "before through the unsaturated entries and pulls it into range in the "
                         "first steps.")
             yield self.finding(
-                lp, f"{act.saturation:.0%} of the {lp.point.nonlinearity} outputs{source} are on the "
-                    f"flat tails (derivative < 1% of its peak): little gradient passes this "
+                lp, f"{act.saturation:.0%} of the {lp.point.nonlinearity} outputs{source}{masked} "
+                    f"are on the flat tails (derivative < 1% of its peak): little gradient passes this "
                     f"layer.{note}",
                 evidence={"saturation": act.saturation}, fix=fix, severity=severity,
                 parameters=list(producer.point.parameters) if producer is not None else [])
