@@ -10,10 +10,13 @@ pytest cache, in the same layout, and reused by later runs.
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
+
+import math
 
 import numpy as np
 import onnx
@@ -250,7 +253,7 @@ DIFFERENTIABLE = {
     "Concat", "Split", "Slice", "Gather", "GatherElements", "Expand", "Tile", "Identity",
     "Where", "Min", "Max", "Sum", "Mean", "Clip", "Dropout", "Trilu", "Pad", "Einsum", "Cos",
     "Sin", "LSTM", "GRU", "RNN", "DepthToSpace", "SpaceToDepth", "Resize", "ScatterND",
-    "CumSum", "TopK", "Cast", "CastLike",
+    "CumSum", "TopK", "Cast", "CastLike", "Col2Im",
 }
 
 
@@ -864,3 +867,21 @@ def test_dft_passes_gradients() -> None:
     x = torch.randn(2, 8, 1, requires_grad=True)
     lookup("DFT", "", "dft")(ctx, [x, None, torch.tensor(1)], {}).square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("image", "block", "attributes"), [
+    ((6, 6), (2, 2), {"strides": [2, 2]}),  # MobileViTv2's fold of its 2x2 patches
+    ((5, 7), (3, 3), {}),
+    ((5, 6), (3, 2), {"strides": [2, 1], "dilations": [1, 2], "pads": [1, 0, 2, 1]}),
+])
+def test_col2im_matches_ort(image: tuple[int, int], block: tuple[int, int],
+                            attributes: dict) -> None:
+    strides = attributes.get("strides", [1, 1])
+    dilations = attributes.get("dilations", [1, 1])
+    pads = attributes.get("pads", [0, 0, 0, 0])
+    blocks = math.prod((image[i] + pads[i] + pads[i + 2] - dilations[i] * (block[i] - 1) - 1)
+                       // strides[i] + 1 for i in range(2))
+    feeds = {"x": _randn(2, 3 * block[0] * block[1], blocks, seed=5),
+             "image_shape": np.array(image, dtype=np.int64),
+             "block_shape": np.array(block, dtype=np.int64)}
+    _against_ort("Col2Im", feeds, ["y"], opset=18, **attributes)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gradprobe.diagnostics.onnx_ops._common import Attrs, Inputs, align, unsupported
+from gradprobe.diagnostics.onnx_ops._common import Attrs, Inputs, align, static_ints, unsupported
 from gradprobe.diagnostics.onnx_ops.registry import OpContext, OpResult, register
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -119,6 +119,39 @@ def _torch_pads(begin: Sequence[int], end: Sequence[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------- convolutions
+
+
+@register("Col2Im")
+def col2im(ctx: OpContext, inputs: Inputs, attrs: Attrs) -> torch.Tensor:
+    """Sum sliding blocks back into an image (torch's `fold`; MobileViTv2 written by the
+    dynamo exporter), in any of 1 to 3 spatial dimensions: a grouped transposed convolution
+    whose kernel puts each block entry at its offset. The spec's image excludes the pads."""
+    x = inputs[0]
+    image = static_ints(inputs[1] if len(inputs) > 1 else None, ctx, "image_shape")
+    block = static_ints(inputs[2] if len(inputs) > 2 else None, ctx, "block_shape")
+    n = len(image)
+    if n not in _CONV_T or len(block) != n or x.dim() != 3:
+        raise unsupported(ctx, f"a {n}-D image with {len(block)}-D blocks")
+    strides = list(attrs.get("strides") or [1] * n)
+    dilations = list(attrs.get("dilations") or [1] * n)
+    pads = list(attrs.get("pads") or [0] * (2 * n))
+    padded = [image[i] + pads[i] + pads[i + n] for i in range(n)]
+    counts = [(padded[i] - dilations[i] * (block[i] - 1) - 1) // strides[i] + 1 for i in range(n)]
+    size = math.prod(block)
+    if x.shape[1] % size or x.shape[2] != math.prod(counts):
+        raise unsupported(ctx, f"input shape {list(x.shape)} does not hold {size}-entry blocks "
+                               f"at {counts} positions")
+    channels = x.shape[1] // size
+    kernel = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, 1, *block)
+    out = _CONV_T[n](x.reshape(x.shape[0], channels * size, *counts),
+                     kernel.repeat(channels, 1, *([1] * n)), None, strides, 0, 0, channels,
+                     dilations)
+    # Positions no block reaches stay zero; the pads are cut away.
+    short = [padded[i] - out.shape[2 + i] for i in range(n)]
+    if any(short):
+        out = F.pad(out, _torch_pads([0] * n, short))
+    return out[(..., *(slice(pads[i], pads[i] + image[i]) for i in range(n)))]
+
 
 
 @register("Conv")
