@@ -42,6 +42,11 @@ class ActivationTrendRule(Rule):
         decades = trend.decades if self.direction == "up" else -trend.decades
         if decades < self.t["decades"]:
             return
+        if self.direction == "up" and trend.values[-1] < self.t["min_last_var"]:
+            # Growth that ends below unit variance climbs back toward the usual scale from a
+            # dip (MobileViT at transformers' init: BatchNorm scales drawn from N(0, 0.02)
+            # leave 1e-8 for a LayerNorm whose eps then dominates): nothing is large.
+            return
         severity = Severity.ERROR if decades >= self.t["error_decades"] else None
         folded = probe.folded_batchnorm
         if folded:

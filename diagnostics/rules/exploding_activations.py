@@ -17,9 +17,13 @@ class ExplodingActivations(ActivationTrendRule):
     rises by at least `decades` (3, i.e. 1000x) from the first to the last layer (layers with a
     trainable weight; a fixed transform such as csatv2's DCT stem is no depth step); error from
     `error_decades` (8). A fresh ResNet-18 exported in inference mode grows ~10x, which stays
-    silent. Only info when BatchNorm was folded at export.
+    silent. Only info when BatchNorm was folded at export. Silent when the last layer's variance
+    is below `min_last_var` (1.0): a rise that ends below unit scale is a recovery from a dip,
+    not an explosion (transformers' MobileViT: 3.8e-8 to 0.08, its BatchNorm scales drawn from
+    N(0, 0.02)).
     """
 
     name = "exploding-activations"
     severity = Severity.WARNING
     direction = "up"
+    defaults = {"decades": 3.0, "error_decades": 8.0, "min_last_var": 1.0}
