@@ -1193,17 +1193,17 @@ def _first_steps(model: LoadedModel, flow: _PassResult,
     """The zero tensors outside the layers' weights and scales (Doge's dynamic-mask `A`, a
     ReZero gate, zero biases) that get a gradient in the flow pass, at their value after a
     small step against it: after the first step they are no longer zero. Read while the flow
-    pass's gradients are still on the parameters. TorchScript only (see below)."""
-    if model.format == "onnx":
-        # An ONNX file stores buffers as it stores parameters: a zero mask buffer
-        # (`fc3(x) * mask`) would look like a zero-init gate that trains. TorchScript tells them
-        # apart.
-        return {}
+    pass's gradients are still on the parameters. In an ONNX file, layers' biases only."""
+    # An ONNX file stores buffers as it stores parameters: a zero mask buffer (`fc3(x) * mask`)
+    # would look like a zero-init gate that trains. A layer's bias is a parameter all the same
+    # (DETR's first values, `v_proj(zeros)`, are its bias). TorchScript tells them apart.
+    only = {p.bias for p in model.probe_points if p.bias} if model.format == "onnx" else None
     skip = set(layer_zeros)
     steps = {}
     for name, param in model.parameters.items():
         row = flow.params[name]
-        if name in skip or param.grad is None or row["abs_max"] != 0 \
+        if name in skip or (only is not None and name not in only) \
+                or param.grad is None or row["abs_max"] != 0 \
                 or not (row["grad_norm"] > 0 and math.isfinite(row["grad_norm"])):
             continue
         steps[name] = -1e-2 * torch.sign(param.grad.detach())

@@ -261,7 +261,10 @@ def test_node_scope(name: str, scopes: str | None, expected: str | None) -> None
 @pytest.mark.parametrize("name, anonymous", [
     ("onnx::Conv_123", True), ("val_12", True), ("_val_3", True), ("42", True),
     ("scalar_tensor_default", True), ("full_default_3", True),  # the dynamo exporter's constants
-    ("net.2.weight", False), ("cls_token", False), ("default", False),
+    ("sub", True), ("sub_11", True), ("clone_2", True), ("transpose_162", True),  # named after
+    # the op that made them (Swin's window mask; DETR's first values, projected from zeros)
+    ("net.2.weight", False), ("cls_token", False), ("default", False), ("subnet", False),
+    ("sub.weight", False), ("linear", False),
     ("features.3.1.attn.relative_position_bias_table", False),
 ])
 def test_exporter_invented_names_are_told_from_state_dict_names(name: str, anonymous: bool) -> None:

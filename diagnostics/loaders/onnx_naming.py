@@ -30,9 +30,13 @@ _NAMESPACE = "namespace"
 
 # Initializer names that exporters invent (not the user's): `onnx::Conv_123`, `val_12`, `_val_3`,
 # bare numbers from old exporters, and the dynamo exporter's constants named after the aten
-# overload that made them (`scalar_tensor_default`: Swin's attention-mask fill value).
+# overload or op that made them (`scalar_tensor_default`: Swin's attention-mask fill value;
+# `sub_3`: its shifted-window mask, `clone_2`: GPT-Neo's mask fill), never a state-dict name.
 _ANONYMOUS = re.compile(
-    r"^(?:.*::.*|_?val_\d+|\d+|_?v_\d+|[A-Za-z]*[Cc]onstant\w*_\d+|[a-z_]+_default(?:_\d+)?)$")
+    r"^(?:.*::.*|_?val_\d+|\d+|_?v_\d+|[A-Za-z]*[Cc]onstant\w*_\d+|[a-z_]+_default(?:_\d+)?"
+    r"|(?:sub|add|mul|div|neg|clone|masked_fill|where|expand|full|full_like|arange|cat"
+    r"|lift_fresh_copy|_to_copy|zeros|ones|tril|triu|transpose|view|reshape|permute"
+    r"|unsqueeze|squeeze|slice|select|repeat|contiguous)(?:_\d+)?)$")
 _REUSE_SUFFIX = re.compile(r"^(.+)_(\d+)$")
 
 

@@ -144,7 +144,9 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
     Gradients: the trend is measured behind the last layer whose gradient is exactly zero,
     and behind the last BatchNorm over fewer than MIN_BATCH_NORM_VALUES values per channel or
     fewer than MIN_BATCH_NORM_SAMPLES samples (the probe's input size, not the init, decides
-    what passes through it).
+    what passes through it), and behind the last norm whose output is flat (every entry equal:
+    its input had no variance, and its eps sets the gradient it passes back: MaskFormer's DETR
+    decoder, whose first self-attention reads zero queries).
     A layer without a trainable weight (a fixed DCT or Fourier matrix) is not on the
     activation axis: no init sets its output's scale."""
     out: list[LayerProbe] = []
@@ -180,6 +182,12 @@ def depth_layers(probe: ProbeResult, signal: str) -> list[LayerProbe]:
             few_samples or ((n := probe.positions_per_unit(lp)) is not None
                             and n < MIN_BATCH_NORM_VALUES))]
         out = [lp for lp in out if lp.point.index > max(few)] if few else out
+        # A norm whose input is flat (every entry equal: DETR's first decoder self-attention
+        # reads its zero queries, and the residual add after it is zero) divides the gradient
+        # it passes back by sqrt(eps), not by a scale the init set.
+        flat = [lp.point.index for lp in probe.layers if lp.point.normalises_signal
+                and lp.activation is not None and lp.activation.var == 0]
+        out = [lp for lp in out if lp.point.index > max(flat)] if flat else out
     return out
 
 
