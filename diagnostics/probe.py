@@ -1247,6 +1247,12 @@ def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     return second if second.params else None
 
 
+# What a graph raises when values it was not traced with change sizes it froze (the ONNX
+# interpreter names the node in a ProbeError). Caught only for passes after the first, which
+# ran the same graph on the same inputs.
+_VALUE_SHAPED_FAILURES = (ProbeError, RuntimeError, ValueError, IndexError)
+
+
 def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> ProbeResult:
     owners = _weight_owners(model)
     names = list(model.parameters)
@@ -1267,11 +1273,26 @@ def probe(model: LoadedModel, inputs: list[torch.Tensor], seed: int = 0) -> Prob
     if zeros:
         values = {name: _unblocked_value(model.parameters[name], point, seed)
                   for name, point in zeros}
-        with _substituted(model, values):
-            flow = _one_pass(model, inputs, seed, owners, weights,
-                             _PassPlan(activations=False))
+        try:
+            with _substituted(model, values):
+                flow = _one_pass(model, inputs, seed, owners, weights,
+                                 _PassPlan(activations=False))
+        except _VALUE_SHAPED_FAILURES as exc:
+            # The graph froze sizes that depend on values (a traced mixture-of-experts' tokens
+            # per expert): other weights route other tokens, and the file cannot run them. The
+            # gradients are then measured at the file's own values.
+            values = {}
+            model.notes.append(
+                "the zero tensors could not be set to their textbook init for the gradient "
+                "pass (the graph fixes sizes from the values it routes: "
+                f"{str(exc).splitlines()[0][:120]}); gradients are measured at the file's values")
+            flow = _one_pass(model, inputs, seed, owners, weights, _PassPlan(activations=False))
     unblocked = list(values)
-    second = _second_step(model, inputs, seed, owners, weights, first, flow, values, constant)
+    try:
+        second = _second_step(model, inputs, seed, owners, weights, first, flow, values,
+                              constant)
+    except _VALUE_SHAPED_FAILURES:
+        second = None  # as above: moved tensors route other tokens than the file can run
 
     layer_of = _layer_of(model)
     params: dict[str, ParamProbe] = {}
