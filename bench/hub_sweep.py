@@ -73,6 +73,23 @@ LINTED, UNSUPPORTED, LINT_ERROR, CRASHED = "linted", "unsupported", "lint-error"
 EXPORT_FAILED, TIMEOUT = "export-failed", "timeout"
 NOT_BUILT = ("build-failed", "not-applicable", "too-large")
 PREFIX = "RESULT "
+# Library defaults that are not an init to train from: the library sets them for loading
+# pretrained weights. Findings on these are the linter being right, so the scorecard counts them
+# apart from false alarms, and a clean file among them is a miss. Each entry says what is wrong
+# and what a short training run measured (the figures in bench/README.md, "Hub sweep").
+NOT_TRAINABLE_DEFAULTS: dict[tuple[str, str], str] = {
+    ("transformers", "cpmant"): (
+        "CpmAntConfig.init_std = 1.0 for every nn.Linear (CPM-Live scaled by 1/sqrt(fan_in) "
+        "inside its Linear; transformers' port does not): 32x Xavier at the tiny width, 4096x "
+        "at the real one. Causal LM, 150 AdamW steps: loss 14.6 -> 5.24 at the default, "
+        "5.37 -> 3.83 at init_std 0.02"),
+    ("transformers", "sam_vision_model"): (
+        "SamVisionConfig.initializer_range = 1e-10: every weight ~1e-10, the output ~1e-4 of "
+        "unit scale. 60 AdamW steps on an input-dependent target: loss 0.059 at the default, "
+        "0.0059 at 0.02"),
+    ("transformers", "sam_hq_vision_model"): (
+        "SamHQVisionConfig.initializer_range = 1e-10, as sam_vision_model"),
+}
 # What the linter decides; the other statuses (not built, too large, the exporter failed) do not
 # change with its version.
 LINTER_STATUSES = (LINTED, UNSUPPORTED, LINT_ERROR, CRASHED, TIMEOUT)
@@ -410,7 +427,10 @@ def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None,
             if r["status"] not in (*NOT_BUILT, EXPORT_FAILED):  # a timeout counts against us
                 c["exported"] += 1
             if r["status"] == LINTED:
-                c["clean" if not r["alarms"] else "false_alarm_files"] += 1
+                if (r["library"], r["model"]) in NOT_TRAINABLE_DEFAULTS:
+                    c["flagged_untrainable_default" if r["alarms"] else "missed"] += 1
+                else:
+                    c["clean" if not r["alarms"] else "false_alarm_files"] += 1
     models_per = defaultdict(set)
     for r in rows:
         models_per[r["library"]].add(r["model"])
@@ -425,7 +445,7 @@ def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None,
         counts[key] = c
     rules: dict[str, dict] = {}
     for r in rows:
-        if r["status"] != LINTED:
+        if r["status"] != LINTED or (r["library"], r["model"]) in NOT_TRAINABLE_DEFAULTS:
             continue
         for a in r["alarms"]:
             entry = rules.setdefault(a["rule"], {"files": set(), "findings": 0, "severity": set(),
@@ -459,8 +479,14 @@ def scorecard(rows: list[dict], models: set[tuple[str, str]] | None = None,
             versions[r.get("linter") or "unrecorded"] += 1
     linter = {"current": version, "files": dict(versions),
               "stale": sum(1 for r in rows if version and is_stale(r, version))}
+    untrainable = [{"model": f"{r['library']}/{r['model']}:{r['export']}",
+                    "flagged": bool(r["alarms"]),
+                    "rules": sorted({a["rule"] for a in r["alarms"]}),
+                    "why": NOT_TRAINABLE_DEFAULTS[(r["library"], r["model"])]}
+                   for r in rows if r["status"] == LINTED
+                   and (r["library"], r["model"]) in NOT_TRAINABLE_DEFAULTS]
     return {"schema": "gradprobe.hub-sweep/v1", "counts": counts, "false_alarms": false_alarms,
-            "linter": linter,
+            "untrainable_defaults": untrainable, "linter": linter,
             "unsupported_ops": dict(sorted(ops.items())), "crashed": listed(CRASHED),
             "lint_errors": listed(LINT_ERROR), "timeouts": listed(TIMEOUT),
             "linted_with_export_input": [
@@ -477,14 +503,16 @@ def markdown(card: dict, meta: dict) -> str:
              "(noisy: a shared machine). Every model is healthy: any warning or error is a false "
              "alarm.", "",
              "| library / export | models | files | built | exported | linted | lint rate | clean "
-             "| with false alarms | unsupported | lint-error | crashed | timeout | export-failed "
-             "| not built |", "|" + "---|" * 15]
+             "| with false alarms | untrainable default flagged / missed | unsupported "
+             "| lint-error | crashed | timeout | export-failed | not built |", "|" + "---|" * 16]
     for key, c in card["counts"].items():
         rate = "" if c["lint_rate"] is None else f"{c['lint_rate']:.0%}"
         not_built = sum(c.get(s, 0) for s in NOT_BUILT)
         lines.append(f"| {key} | {c.get('models', '')} | {c['files']} | {c.get('built', 0)} | "
                      f"{c.get('exported', 0)} | {c['linted']} | {rate} | {c.get('clean', 0)} | "
-                     f"{c.get('false_alarm_files', 0)} | {c.get(UNSUPPORTED, 0)} | "
+                     f"{c.get('false_alarm_files', 0)} | "
+                     f"{c.get('flagged_untrainable_default', 0)} / {c.get('missed', 0)} | "
+                     f"{c.get(UNSUPPORTED, 0)} | "
                      f"{c.get(LINT_ERROR, 0)} | {c.get(CRASHED, 0)} | {c.get(TIMEOUT, 0)} | "
                      f"{c.get(EXPORT_FAILED, 0)} | {not_built} |")
     linter = card.get("linter", {})
@@ -502,6 +530,13 @@ def markdown(card: dict, meta: dict) -> str:
         shown = ", ".join(e["models"][:12]) + (" ..." if len(e["models"]) > 12 else "")
         lines.append(f"- **{rule}** ({'/'.join(e['severity'])}): {e['files']} files — {shown}. "
                      f"Example: `{e['example'][:300]}`")
+    untrainable = card.get("untrainable_defaults", [])
+    if untrainable:
+        lines += ["", "Library defaults that are not an init to train from (findings expected; "
+                  "a clean file is a miss):", ""]
+        for u in untrainable:
+            verdict = f"flagged ({', '.join(u['rules'])})" if u["flagged"] else "**missed**"
+            lines.append(f"- {u['model']}: {verdict}. {u['why']}.")
     lines += ["", "Unsupported operators: " + (", ".join(
         f"{op} ({len(m)}: {', '.join(m[:4])}{' ...' if len(m) > 4 else ''})"
         for op, m in card["unsupported_ops"].items()) or "none") + "."]

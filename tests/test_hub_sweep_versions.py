@@ -64,3 +64,23 @@ def test_scorecard_counts_stale_verdicts():
     assert "1 of the verdicts above come from older versions (unrecorded: 1)" in text
     fresh = hub_sweep.scorecard(rows[:4], version="new")
     assert "every verdict above is from it" in hub_sweep.markdown(fresh, {"date": "", "how": ""})
+
+
+def test_untrainable_library_defaults_are_counted_apart_from_false_alarms():
+    """cpmant's init_std=1.0 and SAM's 1e-10 are defaults for loading weights: a finding on
+    them is the linter being right, and a clean file a miss. They never count as false alarms."""
+    alarm = {"rule": "init-scale", "severity": "warning", "layer": "l", "message": "m"}
+
+    def tf(model: str, alarms=()) -> dict:  # noqa: ANN001
+        return {**row(model, "torchscript", "linted", "v", alarms), "library": "transformers"}
+
+    rows = [tf("cpmant", [alarm]), tf("sam_vision_model"), tf("bert"), tf("gpt2", [alarm])]
+    card = hub_sweep.scorecard(rows, None, None, "v")
+    counts = card["counts"]["transformers"]
+    assert (counts["clean"], counts["false_alarm_files"]) == (1, 1)
+    assert (counts["flagged_untrainable_default"], counts["missed"]) == (1, 1)
+    assert card["false_alarms"]["init-scale"]["models"] == ["transformers/gpt2:torchscript"]
+    assert [(u["model"], u["flagged"]) for u in card["untrainable_defaults"]] == [
+        ("transformers/cpmant:torchscript", True),
+        ("transformers/sam_vision_model:torchscript", False)]
+    assert "**missed**" in hub_sweep.markdown(card, {"date": "d", "how": "h"})
