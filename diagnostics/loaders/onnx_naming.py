@@ -32,17 +32,26 @@ _NAMESPACE = "namespace"
 # bare numbers from old exporters, and the dynamo exporter's constants named after the aten
 # overload or op that made them (`scalar_tensor_default`: Swin's attention-mask fill value;
 # `sub_3`: its shifted-window mask, `clone_2`: GPT-Neo's mask fill), never a state-dict name.
+_OP_NAMED = (r"(?:sub|add|mul|div|neg|clone|masked_fill|where|expand|full|full_like|arange|cat"
+             r"|lift_fresh_copy|_to_copy|zeros|ones|tril|triu|transpose|view|reshape|permute"
+             r"|unsqueeze|squeeze|slice|select|repeat|contiguous)(?:_\d+)?")
 _ANONYMOUS = re.compile(
     r"^(?:.*::.*|_?val_\d+|\d+|_?v_\d+|[A-Za-z]*[Cc]onstant\w*_\d+|[a-z_]+_default(?:_\d+)?"
-    r"|(?:sub|add|mul|div|neg|clone|masked_fill|where|expand|full|full_like|arange|cat"
-    r"|lift_fresh_copy|_to_copy|zeros|ones|tril|triu|transpose|view|reshape|permute"
-    r"|unsqueeze|squeeze|slice|select|repeat|contiguous)(?:_\d+)?)$")
+    rf"|{_OP_NAMED})$")
+_COMPUTED = re.compile(rf"^{_OP_NAMED}$")
 _REUSE_SUFFIX = re.compile(r"^(.+)_(\d+)$")
 
 
 def is_anonymous(name: str) -> bool:
     """True for names an exporter made up, false for state-dict names like `net.2.weight`."""
     return bool(_ANONYMOUS.match(name))
+
+
+def is_computed_constant(name: str) -> bool:
+    """A tensor the dynamo exporter computed from constants and named after the op that made
+    it (`transpose_162`). Not `onnx::Conv_75`: the legacy exporter names a weight it folded a
+    BatchNorm into that way, and that weight is a parameter."""
+    return bool(_COMPUTED.match(name))
 
 
 def owner_of(param_name: str) -> str | None:

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 from gradprobe.diagnostics.graph import ProbePoint
 from gradprobe.diagnostics.init_schemes import param_expr, recommended_init
-from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
+from gradprobe.diagnostics.loaders.onnx_naming import is_computed_constant
 from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
@@ -65,7 +65,7 @@ class ZeroWeights(Rule):
             param = probe.params[point.weight]
             if param.stats.abs_max != 0 or param.stats.nonfinite:
                 continue
-            if is_anonymous(point.weight):
+            if is_computed_constant(point.weight):
                 # Not a parameter: a value the exporter computed from constants and stored
                 # (dynamo: MaskFormer's DETR decoder projects its zero queries into zero
                 # values, `transpose_162`, which the attention reads like a weight).
