@@ -1226,9 +1226,12 @@ def _second_step(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     # A 1-D shift in a network with normalisation gets exactly zero gradient when a norm
     # follows it (a conv bias before BatchNorm), whatever moves: not worth a pass.
     norm = any(p.normalises_signal or p.followed_by_norm for p in model.probe_points)
+    # Zero ones too (ZAYA's zero conv biases behind its zero-init key scale `temp`), except
+    # the bias of a zero layer, which that layer's own verdict covers.
+    of_zero_layers = {p.bias for p in model.probe_points if p.bias and p.weight in unblocked}
     stuck += [name for name, row in flow.params.items()
               if name not in unblocked and name not in flow.unused and row["grad_norm"] == 0
-              and row["abs_max"] > 0 and math.isfinite(row["abs_max"])
+              and math.isfinite(row["abs_max"]) and name not in of_zero_layers
               and not (norm and model.parameters[name].dim() <= 1)]
     if not stuck:
         return None

@@ -130,6 +130,21 @@ def test_weight_behind_a_zero_gate_is_judged_at_the_second_step(tmp_path, dead):
         assert [f for f in findings if f.severity.value != "info"] == []
 
 
+def test_zero_bias_behind_a_zero_gate_is_judged_at_the_second_step(tmp_path):
+    """transformers' ZAYA scales its keys by `temp`, zero-initialised, and its q/k convolutions
+    start with zero biases (the library's init): the biases' gradient is zero at the first step
+    only, like the weights', but zero tensors stuck so were never asked at the second."""
+    torch.manual_seed(0)
+    model = ZeroGate().eval()
+    nn.init.zeros_(model.w.bias)
+    x = torch.randn(8, 16)
+    path = zoo.export_torchscript(model, (x,), tmp_path / "gate.pt")
+    findings = diagnose(path, DiagnoseOptions(device="cpu", input_shapes=[[8, 16]])).findings
+    assert [f for f in findings if f.severity.value != "info"] == [], findings
+    on_bias = [f for f in findings if f.rule == "dead-gradients" and "w.bias" in f.parameters]
+    assert len(on_bias) == 1 and "first step only" in on_bias[0].message, findings
+
+
 def test_doge_dynamic_mask_trains_from_the_second_step(tmp_path):
     """transformers' Doge: `dt_proj` is read through exp(A * softplus(.)) with A zero-initialised.
     The linter says it trains from the second step; Adam agrees (its first gradient is exactly
