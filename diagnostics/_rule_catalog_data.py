@@ -493,22 +493,22 @@ CATALOG = [{'name': 'nonfinite-weights',
           'space\n'
           '  from the first to the last layer, the same with each kind of layer compared with '
           'itself\n'
-          "  from block to block (a query projection with the next block's), and with the layers "
-          'of\n'
-          "  each resolution compared among themselves (a stage's layers): the mildest of the "
-          'three\n'
-          '  counts; a value its neighbours do not pass on (>3 decades off both) is left out; '
-          'warning\n'
-          "  when early/late <= `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured with "
-          'deliberate\n'
-          '  zero layers (zero head, zero-init residual) set to their textbook init, as after step '
-          'one.\n'
-          '  Always a warning: in our training check a twelve-layer sigmoid stack re-initialised '
-          'with\n'
-          '  Xavier learns no better than before (the remedy is architectural), so the rule '
-          'cannot\n'
-          '  promise that a fix restores training; where the activations themselves collapse,\n'
-          '  vanishing-activations reports the error.'},
+          "  from block to block (a query projection with the next block's), with the layers of "
+          'each\n'
+          "  resolution compared among themselves (a stage's layers), and with the layers of each\n"
+          '  module compared among themselves (a residual branch, whose LayerScale scales every\n'
+          '  gradient inside it): the mildest of the four counts; a value its neighbours do not '
+          'pass on\n'
+          '  (>3 decades off both) is left out; warning when early/late <= `ratio` (1e-3, '
+          "AUTOTRAINER's\n"
+          '  vanishing ratio). Measured with deliberate zero layers (zero head, zero-init '
+          'residual) set\n'
+          '  to their textbook init, as after step one. Always a warning: in our training check a\n'
+          '  twelve-layer sigmoid stack re-initialised with Xavier learns no better than before '
+          '(the\n'
+          '  remedy is architectural), so the rule cannot promise that a fix restores training; '
+          'where\n'
+          '  the activations themselves collapse, vanishing-activations reports the error.'},
  {'name': 'exploding-gradients',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
@@ -539,14 +539,15 @@ CATALOG = [{'name': 'nonfinite-weights',
           'samples,\n'
           "  whose gradient rests on those few samples' statistics), a least-squares line in log "
           'space,\n'
-          '  the same with each kind of layer compared with itself from block to block, and with '
-          'the\n'
-          '  layers of each resolution compared among themselves: the mildest counts; a value its\n'
-          '  neighbours do not pass on (>3 decades off both) is left out; warning when early/late '
-          '>=\n'
-          '  `ratio` (100; AUTOTRAINER uses 70 during training, we allow more at step 0), error '
-          'from\n'
-          '  `error_ratio` (1e4).'},
+          '  the same with each kind of layer compared with itself from block to block, with the '
+          'layers\n'
+          '  of each resolution compared among themselves, and with the layers of each module (a\n'
+          '  residual branch, whose LayerScale scales every gradient inside it) compared among\n'
+          '  themselves: the mildest counts; a value its neighbours do not pass on (>3 decades '
+          'off\n'
+          '  both) is left out; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 '
+          'during\n'
+          '  training, we allow more at step 0), error from `error_ratio` (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
   'verdicts': ['info', 'error'],

@@ -89,6 +89,13 @@ def layer_kind(name: str) -> str:
     return re.sub(r"\d+", "#", name)
 
 
+def owning_module(name: str) -> str:
+    """The module a layer sits in: `blocks.4.attn.proj` -> `blocks.4.attn`. A residual branch
+    is one module, and its layers share the gain at its end (a LayerScale at 1e-5 multiplies
+    every gradient inside by 1e-5); `net.0` and `net.4` of a plain stack share `net`."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
 def without_spikes(layers: Sequence[LayerProbe], values: Sequence[float],
                    decades: float = 3.0) -> tuple[list[LayerProbe], list[float]]:
     """Leave out a layer whose value is more than `decades` off the log-line between its two

@@ -16,8 +16,9 @@ class ExplodingGradients(GradientTrendRule):
     keeps: no norm-restored layer, nothing behind a global pool, whose 1/HxW would make the verdict
     depend on the probe's resolution, nothing before a BatchNorm over fewer than 8 samples, whose
     gradient rests on those few samples' statistics), a least-squares line in log space, the same with each kind of
-    layer compared with itself from block to block, and with the layers of each resolution compared
-    among themselves: the mildest counts; a value its neighbours do not pass on (>3 decades off
+    layer compared with itself from block to block, with the layers of each resolution compared
+    among themselves, and with the layers of each module (a residual branch, whose LayerScale
+    scales every gradient inside it) compared among themselves: the mildest counts; a value its neighbours do not pass on (>3 decades off
     both) is left out; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 during training,
     we allow more at step 0), error from `error_ratio` (1e4).
     """

@@ -8,7 +8,13 @@ from gradprobe.diagnostics.probe import ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.activation_trend import whole_model_fix
 from gradprobe.diagnostics.rules.base import Rule
-from gradprobe.diagnostics.rules.depth_trend import depth_layers, fit, layer_kind, without_spikes
+from gradprobe.diagnostics.rules.depth_trend import (
+    depth_layers,
+    fit,
+    layer_kind,
+    owning_module,
+    without_spikes,
+)
 
 
 class GradientTrendRule(Rule):
@@ -29,12 +35,17 @@ class GradientTrendRule(Rule):
         # conv (std 0.02), and the LayerNorms that read the stream hand back 1/scale in the
         # gradient, flat within each stage (1.2e-4x "vanishing" over 4 stages, none inside
         # one). A drift all three see is real.
+        # Nor does one line see a residual branch's gain: timm's SwiftFormer ends each stage
+        # with a block whose branches are scaled by a LayerScale at 1e-5, so every gradient
+        # inside them is 1e-5 of the convs before ("1.15e+03x exploding" over 6 layers). The
+        # layers of one module share that gain: compared within their module, no drift.
         resolutions = [str(probe.positions_per_unit(lp)) for lp in layers]
         fits = [t for t in (fit(layers, values),
                             fit(layers, values, [layer_kind(lp.point.layer) for lp in layers]),
-                            fit(layers, values, resolutions))
+                            fit(layers, values, resolutions),
+                            fit(layers, values, [owning_module(lp.point.layer) for lp in layers]))
                 if t is not None and t.total > 0]
-        if len(fits) < 3:
+        if len(fits) < 4:
             return
         trend = min(fits, key=lambda t: abs(t.decades))
         # trend.total is last/first in forward order; gradients flow backwards.

@@ -17,8 +17,10 @@ class VanishingGradients(GradientTrendRule):
     depend on the probe's resolution, nothing before a BatchNorm over fewer than 8 samples, whose
     gradient rests on those few samples' statistics), a least-squares line in log space from the first to the last
     layer, the same with each kind of layer compared with itself from block to block (a query
-    projection with the next block's), and with the layers of each resolution compared among
-    themselves (a stage's layers): the mildest of the three counts; a value its neighbours do not
+    projection with the next block's), with the layers of each resolution compared among
+    themselves (a stage's layers), and with the layers of each module compared among themselves
+    (a residual branch, whose LayerScale scales every gradient inside it): the mildest of the
+    four counts; a value its neighbours do not
     pass on (>3 decades off both) is left out; warning when early/late <= `ratio` (1e-3,
     AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers (zero head, zero-init
     residual) set to their textbook init, as after step one. Always a warning: in our training check
