@@ -135,10 +135,7 @@ CATALOG = [{'name': 'nonfinite-weights',
           'weight\n'
           '  (the file cannot tell them apart), naming the BatchNorm where the file keeps its '
           'name\n'
-          '  (dynamo exports; legacy ones keep none). A tensor the exporter computed from '
-          'constants and\n'
-          "  named (`transpose_162`: MaskFormer's DETR decoder projecting its zero queries) is no\n"
-          '  parameter: info.'},
+          '  (dynamo exports; legacy ones keep none).'},
  {'name': 'constant-weights',
   'severity': 'error',
   'verdicts': ['info', 'warning', 'error'],

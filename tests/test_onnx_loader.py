@@ -20,12 +20,7 @@ from gradprobe.diagnostics.errors import (
     UnsupportedOperator,
 )
 from gradprobe.diagnostics.loaders.onnx_loader import load_onnx
-from gradprobe.diagnostics.loaders.onnx_naming import (
-    ScopeNamer,
-    is_anonymous,
-    is_computed_constant,
-    node_scope,
-)
+from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, is_anonymous, node_scope
 
 
 def _zero_mlp() -> torch.nn.Module:
@@ -274,14 +269,6 @@ def test_node_scope(name: str, scopes: str | None, expected: str | None) -> None
 ])
 def test_exporter_invented_names_are_told_from_state_dict_names(name: str, anonymous: bool) -> None:
     assert is_anonymous(name) is anonymous
-
-
-@pytest.mark.parametrize("name, computed", [
-    ("transpose_162", True), ("sub_3", True), ("onnx::Conv_75", False), ("val_12", False),
-    ("net.2.weight", False)])
-def test_only_op_named_tensors_are_computed_constants(name: str, computed: bool) -> None:
-    # the legacy exporter names a weight it folded a BatchNorm into `onnx::Conv_75`: a parameter
-    assert is_computed_constant(name) is computed
 
 
 def test_legacy_reuse_suffix_folds_only_for_a_module_called_twice() -> None:

@@ -38,20 +38,12 @@ _OP_NAMED = (r"(?:sub|add|mul|div|neg|clone|masked_fill|where|expand|full|full_l
 _ANONYMOUS = re.compile(
     r"^(?:.*::.*|_?val_\d+|\d+|_?v_\d+|[A-Za-z]*[Cc]onstant\w*_\d+|[a-z_]+_default(?:_\d+)?"
     rf"|{_OP_NAMED})$")
-_COMPUTED = re.compile(rf"^{_OP_NAMED}$")
 _REUSE_SUFFIX = re.compile(r"^(.+)_(\d+)$")
 
 
 def is_anonymous(name: str) -> bool:
     """True for names an exporter made up, false for state-dict names like `net.2.weight`."""
     return bool(_ANONYMOUS.match(name))
-
-
-def is_computed_constant(name: str) -> bool:
-    """A tensor the dynamo exporter computed from constants and named after the op that made
-    it (`transpose_162`). Not `onnx::Conv_75`: the legacy exporter names a weight it folded a
-    BatchNorm into that way, and that weight is a parameter."""
-    return bool(_COMPUTED.match(name))
 
 
 def owner_of(param_name: str) -> str | None:

@@ -4,7 +4,6 @@ from collections.abc import Iterator
 
 from gradprobe.diagnostics.graph import ProbePoint
 from gradprobe.diagnostics.init_schemes import param_expr, recommended_init
-from gradprobe.diagnostics.loaders.onnx_naming import is_computed_constant
 from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
@@ -47,9 +46,7 @@ class ZeroWeights(Rule):
     reported: zero is their standard init. Where an eval-mode export folded a BatchNorm into the
     layer, the finding says the zero may be that BatchNorm's scale rather than the layer's weight
     (the file cannot tell them apart), naming the BatchNorm where the file keeps its name (dynamo
-    exports; legacy ones keep none). A tensor the exporter computed from constants and named
-    (`transpose_162`: MaskFormer's DETR decoder projecting its zero queries) is no parameter:
-    info.
+    exports; legacy ones keep none).
     """
 
     name = "zero-weights"
@@ -64,18 +61,6 @@ class ZeroWeights(Rule):
                 continue
             param = probe.params[point.weight]
             if param.stats.abs_max != 0 or param.stats.nonfinite:
-                continue
-            if is_computed_constant(point.weight):
-                # Not a parameter: a value the exporter computed from constants and stored
-                # (dynamo: MaskFormer's DETR decoder projects its zero queries into zero
-                # values, `transpose_162`, which the attention reads like a weight).
-                yield self.finding(
-                    lp, f"{point.layer} reads an all-zero tensor the exporter computed from "
-                        f"constants ({point.weight}), not a parameter: a part of the model that "
-                        f"is constant at export (a projection of zero queries), nothing to "
-                        f"initialise.",
-                    evidence={"shape": param.stats.shape, "computed": True},
-                    severity=Severity.INFO, parameters=[point.weight])
                 continue
             verdict = judge(param)
             evidence = {"grad_norm": param.stats.grad_norm, "shape": param.stats.shape}
