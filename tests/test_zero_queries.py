@@ -11,9 +11,12 @@ showed the first layer's q/k projections "never train": their gradient waits for
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import zoo
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from gradprobe.diagnostics.api import diagnose
@@ -81,3 +84,31 @@ def test_zero_queries_are_not_a_defect(tmp_path, how):
         options = DiagnoseOptions(device="cpu", batch_size=8)
     report = diagnose(path, options)
     assert [f"{f.rule} {f.layer}" for f in report.findings if f.severity.value != "info"] == []
+
+
+def test_attention_values_stored_as_a_constant_are_not_a_weight(tmp_path):
+    """MaskFormer's dynamo file stores the first decoder layer's values, projected from its zero
+    queries, as a constant (`transpose_162`) that the attention's probabilities multiply; it was
+    read as a zero weight that 'feeds the next layer nothing' (an error)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])
+    rng = np.random.default_rng(0)
+    tensors = [numpy_helper.from_array(rng.normal(0, 0.35, (8, 4)).astype(np.float32),
+                                       "attn.q_proj.weight"),
+               numpy_helper.from_array(np.zeros((4, 8), np.float32), "transpose_7"),
+               numpy_helper.from_array(np.ones(8, np.float32), "norm.weight"),
+               numpy_helper.from_array(np.zeros(8, np.float32), "norm.bias"),
+               numpy_helper.from_array(rng.normal(0, 0.35, (8, 8)).astype(np.float32),
+                                       "head.weight")]
+    nodes = [helper.make_node("MatMul", ["x", "attn.q_proj.weight"], ["scores"], name="q_proj"),
+             helper.make_node("Softmax", ["scores"], ["weights"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["weights", "transpose_7"], ["attended"], name="attn"),
+             helper.make_node("LayerNormalization", ["attended", "norm.weight", "norm.bias"],
+                              ["normed"], axis=-1, name="norm"),
+             helper.make_node("MatMul", ["normed", "head.weight"], ["h"], name="head"),
+             helper.make_node("Add", ["h", "x"], ["y"], name="skip")]
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=tensors)
+    path = tmp_path / "values.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    findings = diagnose(path, DiagnoseOptions(device="cpu")).findings
+    assert [f for f in findings if f.rule == "zero-weights"] == [], findings

@@ -266,6 +266,22 @@ def _flip(layout: Literal["out_in", "in_out"]) -> Literal["out_in", "in_out"]:
     return "in_out" if layout == "out_in" else "out_in"
 
 
+def _is_softmax(view: GraphView, value: str) -> bool:
+    """`value` is a softmax's output, seen through reshapes, transposes and casts."""
+    for _ in range(8):
+        producer = view.producer.get(value)
+        if producer is None:
+            return False
+        node = view.nodes[producer]
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            return True
+        if node.op_type not in ("Reshape", "Transpose", "Cast", "Identity", "Squeeze",
+                                "Unsqueeze", "Dropout") or not node.inputs:
+            return False
+        value = node.inputs[0]
+    return False
+
+
 def _matrix_fans(shape: Sequence[int], layout: str) -> tuple[int, int]:
     rows, cols = int(shape[-2]), int(shape[-1])
     return (cols, rows) if layout == "out_in" else (rows, cols)
@@ -319,6 +335,11 @@ def _linear(view: GraphView, node: GraphNode) -> _Draft | None:
         left = _weight_source(view, node.inputs[0]) if right is None else None
         source, layout = (right, "in_out") if right is not None else (left, "out_in")
         if source is None or view.params[source[0]].dim() < 2:
+            return None
+        if _is_softmax(view, node.inputs[0 if right is not None else 1]):
+            # Attention probabilities times a stored tensor: the values, which the exporter
+            # computed from constants (DETR's first decoder layer projects its zero queries:
+            # MaskFormer's dynamo file stores the zero values), not a layer's weight.
             return None
         weight, transposed = source
         layout = _flip(layout) if transposed else layout
