@@ -494,18 +494,19 @@ CATALOG = [{'name': 'nonfinite-weights',
           'each\n'
           "  resolution compared among themselves (a stage's layers), and with the layers of each\n"
           '  module compared among themselves (a residual branch, whose LayerScale scales every\n'
-          '  gradient inside it): the mildest of the four counts; a value its neighbours do not '
-          'pass on\n'
-          '  (>3 decades off both) is left out; warning when early/late <= `ratio` (1e-3, '
-          "AUTOTRAINER's\n"
-          '  vanishing ratio). Measured with deliberate zero layers (zero head, zero-init '
-          'residual) set\n'
-          '  to their textbook init, as after step one. Always a warning: in our training check a\n'
-          '  twelve-layer sigmoid stack re-initialised with Xavier learns no better than before '
-          '(the\n'
-          '  remedy is architectural), so the rule cannot promise that a fix restores training; '
-          'where\n'
-          '  the activations themselves collapse, vanishing-activations reports the error.'},
+          '  gradient inside it): the mildest of the four counts, and none when they disagree on '
+          'the\n'
+          '  direction; a value its neighbours do not pass on (>3 decades off both) is left out;\n'
+          "  warning when early/late <= `ratio` (1e-3, AUTOTRAINER's vanishing ratio). Measured "
+          'with\n'
+          '  deliberate zero layers (zero head, zero-init residual) set to their textbook init, '
+          'as\n'
+          '  after step one. Always a warning: in our training check a twelve-layer sigmoid stack '
+          're-\n'
+          '  initialised with Xavier learns no better than before (the remedy is architectural), '
+          'so the\n'
+          '  rule cannot promise that a fix restores training; where the activations themselves\n'
+          '  collapse, vanishing-activations reports the error.'},
  {'name': 'exploding-gradients',
   'severity': 'warning',
   'verdicts': ['warning', 'error'],
@@ -540,11 +541,13 @@ CATALOG = [{'name': 'nonfinite-weights',
           'layers\n'
           '  of each resolution compared among themselves, and with the layers of each module (a\n'
           '  residual branch, whose LayerScale scales every gradient inside it) compared among\n'
-          '  themselves: the mildest counts; a value its neighbours do not pass on (>3 decades '
-          'off\n'
-          '  both) is left out; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 '
-          'during\n'
-          '  training, we allow more at step 0), error from `error_ratio` (1e4).'},
+          '  themselves: the mildest counts, and none when they disagree on the direction; a value '
+          'its\n'
+          '  neighbours do not pass on (>3 decades off both) is left out; warning when early/late '
+          '>=\n'
+          '  `ratio` (100; AUTOTRAINER uses 70 during training, we allow more at step 0), error '
+          'from\n'
+          '  `error_ratio` (1e4).'},
  {'name': 'dead-gradients',
   'severity': 'error',
   'verdicts': ['info', 'error'],

@@ -18,7 +18,8 @@ class ExplodingGradients(GradientTrendRule):
     gradient rests on those few samples' statistics), a least-squares line in log space, the same with each kind of
     layer compared with itself from block to block, with the layers of each resolution compared
     among themselves, and with the layers of each module (a residual branch, whose LayerScale
-    scales every gradient inside it) compared among themselves: the mildest counts; a value its neighbours do not pass on (>3 decades off
+    scales every gradient inside it) compared among themselves: the mildest counts, and none
+    when they disagree on the direction; a value its neighbours do not pass on (>3 decades off
     both) is left out; warning when early/late >= `ratio` (100; AUTOTRAINER uses 70 during training,
     we allow more at step 0), error from `error_ratio` (1e4).
     """

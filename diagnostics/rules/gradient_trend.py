@@ -47,6 +47,11 @@ class GradientTrendRule(Rule):
                 if t is not None and t.total > 0]
         if len(fits) < 4:
             return
+        if len({t.decades > 0 for t in fits}) > 1:
+            # The fits disagree on the direction: compared within its modules, ZAYA's router
+            # MLP gets more gradient towards its output, in one line through the attention
+            # before it, less. The mildest reading of that is no drift.
+            return
         trend = min(fits, key=lambda t: abs(t.decades))
         # trend.total is last/first in forward order; gradients flow backwards.
         early_to_late = 1 / trend.total

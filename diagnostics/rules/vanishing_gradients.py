@@ -20,7 +20,7 @@ class VanishingGradients(GradientTrendRule):
     projection with the next block's), with the layers of each resolution compared among
     themselves (a stage's layers), and with the layers of each module compared among themselves
     (a residual branch, whose LayerScale scales every gradient inside it): the mildest of the
-    four counts; a value its neighbours do not
+    four counts, and none when they disagree on the direction; a value its neighbours do not
     pass on (>3 decades off both) is left out; warning when early/late <= `ratio` (1e-3,
     AUTOTRAINER's vanishing ratio). Measured with deliberate zero layers (zero head, zero-init
     residual) set to their textbook init, as after step one. Always a warning: in our training check
