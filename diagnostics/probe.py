@@ -684,14 +684,25 @@ class _ActivationBatch:
         return out
 
 
+# Relative spread across the batch below which samples count as equal: a few float32 ulps.
+_ROUNDING_SPREAD = 1e-6
+
+
 def _activation_fields(s: dict[str, float], numel: int, positions: int, single: bool,
                        dead: float, saturation: float) -> dict[str, float]:
     # Law of total variance: the variance of all entries is the mean variance across the batch
     # (sample_var) plus the variance of the per-position batch means.
     sample_var = s["dev_norm"] ** 2 / numel
     var = sample_var + s["mean_dev_norm"] ** 2 / positions
+    mean = s["mean_sum"] / positions
+    if sample_var <= _ROUNDING_SPREAD ** 2 * (var + mean * mean):
+        # Samples that differ only by float rounding are the same value: a batched matmul may
+        # round each row its own way (RegNet's squeeze-excite gates behind a zeroed stem
+        # BatchNorm differ by ~1 ulp across the batch on some CPUs, and the signal cut was
+        # then placed at the last block instead of the stem).
+        sample_var = 0.0
     fields = {
-        "mean": s["mean_sum"] / positions, "var": var,
+        "mean": mean, "var": var,
         "min": -s["neg_max"], "max": s["max"], "zero_fraction": (numel - s["nonzero"]) / numel,
         "dead_units": dead, "saturation": saturation, "nonfinite": s["nonfinite"],
         "sample_var": var if single else sample_var,

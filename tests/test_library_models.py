@@ -136,6 +136,10 @@ PLANTED = [
     ("resnet18", "zero_norm", "onnx_dynamo"),
     ("llama", "gate_zero", "torchscript"),
     ("llama", "zero_branch", "torchscript"),
+    # behind the zeroed stem BatchNorm every value is the same for each sample, but on some
+    # CPUs the squeeze-excite gates differ by ~1 ulp across the batch: the cut must still be
+    # the stem, not the last block
+    ("regnet", "zero_norm", "torchscript"),
 ]
 
 
