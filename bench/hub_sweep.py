@@ -390,7 +390,10 @@ def sweep(args: argparse.Namespace) -> None:
                 what = r["status"]
                 if what == LINTED:
                     alarms = sorted({a["rule"] for a in r["alarms"]})
-                    what = "clean" if not alarms else "FALSE ALARM " + ",".join(alarms)
+                    expected = (r["library"], r["model"]) in NOT_TRAINABLE_DEFAULTS
+                    what = ("clean" + (" (MISSED: an untrainable default)" if expected else "")
+                            if not alarms else ("flagged (an untrainable default) " if expected
+                                                else "FALSE ALARM ") + ",".join(alarms))
                 elif r.get("detail"):
                     what += ": " + r["detail"][:90]
                 print(f"[{counter[0]}/{total} ~{left / 60:.0f} min left] {r['library']}/"
