@@ -1087,8 +1087,9 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
     rows = [o for o in batched if o.dim() >= 2 and o.shape[-1] >= 2]
     normalised = sums.add([torch.stack([_rows_share_rms(o) for o in rows]).all().float()]
                           ) if rows and len(rows) == len(batched) else None
+    # Read from the first pass only, like the output's power and norm above.
     finite = sums.add([torch.stack([torch.isfinite(o).all() for o in differentiable]).all()
-                       .float()])
+                       .float()]) if plan.activations else None
     gen = torch.Generator().manual_seed(seed + 1)
     cotangents = [torch.randn(o.shape, generator=gen).to(device=o.device, dtype=o.dtype)
                   for o in differentiable]
@@ -1124,7 +1125,7 @@ def _one_pass(model: LoadedModel, inputs: list[torch.Tensor], seed: int,
                          collector.gradient_rows(host), params, unused, varies,
                          None if power is None else float(host[power.start]),
                          normalised is not None and host[normalised.start] == 1,
-                         host[finite.start] == 1)
+                         finite is None or host[finite.start] == 1)
     counts = [r["nonfinite"] for r in (*result.activations.values(), *result.gradients.values(),
                                        *result.params.values())]
     counts += [r["nonfinite_grad"] for r in result.params.values()]
