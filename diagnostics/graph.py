@@ -157,6 +157,13 @@ class LoadedModel(ABC):
         fill's value, such as GPT-Neo's finfo.min); None when anything else reads it."""
         return None
 
+    def scales_normalised_value(self, name: str) -> bool:
+        """Parameter `name` is the gain of a normalisation written out as arithmetic (timm's
+        EvoNorm in an ONNX file: a Mul by it after a division by a standard deviation), so a
+        zero there is a trainable zero start. Only a format that keeps no parameter roles
+        needs to say so."""
+        return False
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters.values():

@@ -38,6 +38,7 @@ from gradprobe.diagnostics.errors import (
 from gradprobe.diagnostics.graph import InputSpec, LoadedModel, ProbePoint, Tap
 from gradprobe.diagnostics.loaders.onnx_folded_norm import FOLDABLE, batch_renormalised
 from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, is_anonymous
+from gradprobe.diagnostics.loaders.onnx_norm_scales import onnx_normalised_scales
 from gradprobe.diagnostics.loaders.onnx_points import GraphNode, GraphView, PointPlan, build_points
 from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
 from gradprobe.diagnostics.onnx_ops.control import OUTER_INPUTS, branch_inputs
@@ -340,6 +341,7 @@ class _Builder:
             file_tensors={n: t for n, t in tensors.items()  # only what nothing else holds
                           if n not in params and n not in constants},
             bindings=bindings, label=self.label, flow=flow,
+            normalised_scales=onnx_normalised_scales(view),
         )
 
     def _check(self, skeleton: onnx.ModelProto) -> None:
@@ -830,7 +832,8 @@ class OnnxModel(LoadedModel):
                  notes: list[str], model: onnx.ModelProto, plan: _Plan,
                  constants: dict[str, torch.Tensor], init_order: list[str],
                  init_types: dict[str, int], file_tensors: dict[str, torch.Tensor],
-                 bindings: dict[str, _Binding], label: str, flow: GateGraph) -> None:
+                 bindings: dict[str, _Binding], label: str, flow: GateGraph,
+                 normalised_scales: frozenset[str] = frozenset()) -> None:
         super().__init__(format="onnx", path=path, parameters=parameters, inputs=inputs,
                          probe_points=probe_points, shared_parameters=shared_parameters,
                          parameter_layers=parameter_layers, notes=notes)
@@ -843,6 +846,7 @@ class OnnxModel(LoadedModel):
         self._bindings = bindings
         self._label = label
         self._flow = flow
+        self._normalised_scales = normalised_scales
         self._template: list[torch.Tensor | None] = []
         # Outputs of the static steps for the input signature they were computed for.
         self._folded_for: tuple[Any, ...] | None = None
@@ -863,6 +867,9 @@ class OnnxModel(LoadedModel):
 
     def fill_of(self, name: str) -> str | None:
         return self._flow.fill_of(name)
+
+    def scales_normalised_value(self, name: str) -> bool:
+        return name in self._normalised_scales
 
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots
