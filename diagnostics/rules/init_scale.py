@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Iterator
 
@@ -62,7 +63,13 @@ class InitScale(Rule):
     numbers, the same shape). Measured on 130 healthy models of timm, torchvision and
     transformers at their default init, no layer is more than 7x its peers in variance (BEiT's
     1/sqrt(2 * layer_id) depth scaling, and there below the scheme); a block planted at 10x He
-    std is 100x (He-initialised libraries) to 2600x (timm's ViT, std 0.02). Behind BatchNorm
+    std is 100x (He-initialised libraries) to 2600x (timm's ViT, std 0.02). A whole stage
+    initialised apart is its own peer group, so the same layer in the other stages (any width,
+    each relative to its scheme) is the second yardstick, at `stage_factor` (100) in weight and
+    in output variance: convnext_atto's third stage at 10x He is 1.3e3x to 2e4x the other
+    stages behind LayerScale at 1e-6 (its weights then move 28-106x less than the library's
+    under AdamW), while across 150 healthy timm and torchvision families
+    no layer is above 57x (timm's BAT `ba.conv1`, fan-out init). Behind BatchNorm
     only a too-large weight is a defect: its variance must also be `weight_factor` times the
     median of its BatchNorm-backed peers' (relative to their schemes: a library that starts
     every layer above He, as timm's Inception does, made one choice), under He fan-in and under
@@ -88,7 +95,7 @@ class InitScale(Rule):
     name = "init-scale"
     severity = Severity.WARNING
     defaults = {"weight_factor": 10.0, "shrink_factor": 100.0, "flow_factor": 5.0,
-                "update_factor": 30.0, "head_output_var": 100.0}
+                "update_factor": 30.0, "head_output_var": 100.0, "stage_factor": 100.0}
 
     def check(self, probe: ProbeResult) -> Iterator[Finding]:
         has_norm = probe.has_normalisation
@@ -111,6 +118,7 @@ class InitScale(Rule):
                        for lp in probe.of_role("norm") if lp.activation is not None}
         head_from = max(norm_powers, default=None)
         peers = _same_role_peers(probe, judged)
+        other_stages = _other_stage_peers(probe, judged)
         wf, ff, uf = self.t["weight_factor"], self.t["flow_factor"], self.t["update_factor"]
         for lp in judged:
             point = lp.point
@@ -165,7 +173,9 @@ class InitScale(Rule):
                     yield self._finding(lp, k, evidence={"variance_jump": jump, "carried": carried},
                                         how=self._how(jump, var_out, power, carried, bool(later)))
                     continue
-            if k >= wf and (found := self._above_peers(probe, lp, k, peers.get(point.index, []))):
+            if k >= wf and (found := self._above_peers(probe, lp, k, peers.get(point.index, []))
+                            or self._above_other_stages(probe, lp, k,
+                                                        other_stages.get(point.index, []))):
                 yield found
             elif k <= 1 / self.t["shrink_factor"] and jump <= 1 / ff and later \
                     and (head_from is None or point.index < head_from):
@@ -225,6 +235,43 @@ class InitScale(Rule):
                 f"training. Re-initialise it like its peers: normal(0, {std:.3g}).",
             evidence={"variance_ratio": k, "peer_ratio": ratio, "peer_output_ratio": out_ratio},
             fix=fix, parameters=[lp.point.weight or ""])
+
+    def _above_other_stages(self, probe: ProbeResult, lp: LayerProbe, k: float,
+                            peers: list[LayerProbe]) -> Finding | None:
+        """A layer `stage_factor` times above the same layer of the other stages, relative to
+        the scheme (their widths differ), in weight and in output variance: a whole stage
+        initialised apart from the rest, where the same layer of its own stage is no yardstick
+        (convnext_atto's third stage holds 6 of its 12 blocks). Behind LayerScale at 1e-6 the
+        stage's outputs reach nothing at step 0, but under AdamW its weights move 28-106x less
+        relative to their size than the library's stage over 10 steps
+        (tests/test_training_stage_scale.py)."""
+        if not peers:
+            return None
+        sf = self.t["stage_factor"]
+        peer_k = statistics.median(probe.params[x.point.weight].stats.std**2  # type: ignore[index]
+                                   / t for x in peers if (t := target_variance(x.point)))
+        peer_out = statistics.median(x.activation.var for x in peers)  # type: ignore[union-attr]
+        out = lp.activation.var  # type: ignore[union-attr]
+        if not (peer_k > 0 and peer_out > 0 and math.isfinite(out)):
+            return None
+        ratio, out_ratio = k / peer_k, out / peer_out
+        if ratio < sf or out_ratio < sf:
+            return None
+        fix = recommended_init(lp.point)
+        std = math.sqrt(peer_k * (target_variance(lp.point) or 0.0))
+        w = user_expr(lp.point, lp.point.weight or "")
+        return self.finding(
+            lp, f"{lp.point.layer}.weight variance is {ratio:.3g}x that of the same layer in "
+                f"the other stages ({_peer_names(peers)}), relative to {fix.init} for each "
+                f"one's fan-in, and {k:.3g}x what {fix.init} gives; its output variance is "
+                f"{out_ratio:.3g}x theirs. A stage initialised apart from the rest: the norms "
+                f"and layer scales around it hide this from the forward pass, but its weights "
+                f"barely move in training (Adam's steps do not grow with the weight). "
+                f"Re-initialise it like the other stages: normal(0, {std:.3g}).",
+            evidence={"variance_ratio": k, "stage_ratio": ratio, "stage_output_ratio": out_ratio},
+            fix=Fix(init="normal", std=std, fan_in=lp.point.fan_in, fan_out=lp.point.fan_out,
+                    code=f"nn.init.normal_({w}, std={std:.4g})  # the other stages' scale"),
+            parameters=[lp.point.weight or ""])
 
     @staticmethod
     def _how(jump: float, var_out: float, power: float, carried: float, has_later: bool) -> str:
@@ -293,6 +340,26 @@ def _same_role_peers(probe: ProbeResult, judged: list[LayerProbe]) -> dict[int, 
                           []).append(lp)
     return {lp.point.index: [x for x in group if x is not lp]
             for group in groups.values() if len(group) > 1 for lp in group}
+
+
+def _other_stage_peers(probe: ProbeResult, judged: list[LayerProbe]
+                       ) -> dict[int, list[LayerProbe]]:
+    """For each layer, the same layer (weight name up to its numbers, any shape) in the other
+    stages: a stage is the name up to its first number (`stages.2` of
+    `stages.2.blocks.0.mlp.fc1`, `layer3` of `layer3.1.conv2`)."""
+    groups: dict[str, list[LayerProbe]] = {}
+    for lp in judged:
+        stats = probe.params[lp.point.weight].stats  # type: ignore[index]
+        if not (stats.constant or stats.nonfinite) and _stage(lp.point.weight or ""):
+            groups.setdefault(layer_kind(lp.point.weight or ""), []).append(lp)
+    return {lp.point.index: [x for x in group
+                             if _stage(x.point.weight or "") != _stage(lp.point.weight or "")]
+            for group in groups.values() for lp in group}
+
+
+def _stage(name: str) -> str:
+    found = re.match(r"^.*?\d+", name)
+    return found.group(0) if found else ""
 
 
 def _peer_names(peers: list[LayerProbe]) -> str:
