@@ -267,44 +267,45 @@ CATALOG = [{'name': 'nonfinite-weights',
           'LayerScale\n'
           "  at 1e-6 (its weights then move 28-106x less than the library's under AdamW), while "
           'across\n'
-          "  150 healthy timm and torchvision families no layer is above 57x (timm's BAT "
-          '`ba.conv1`,\n'
-          '  fan-out init). Behind BatchNorm only a too-large weight is a defect: its variance '
-          'must\n'
-          "  also be `weight_factor` times the median of its BatchNorm-backed peers' (relative to "
-          'their\n'
-          "  schemes: a library that starts every layer above He, as timm's Inception does, made "
-          'one\n'
-          '  choice), under He fan-in and under He fan-out alike (a library that starts its convs '
-          'at\n'
-          "  fan-out puts a 1x1 conv with 64x more inputs than outputs 64x above He fan-in: timm's "
+          '  132 healthy timm and torchvision models (one or two per family) no layer is above '
+          '57x\n'
+          "  (timm's BAT `ba.conv1`, fan-out init). Behind BatchNorm only a too-large weight is a\n"
+          '  defect: its variance must also be `weight_factor` times the median of its '
+          'BatchNorm-backed\n'
+          "  peers' (relative to their schemes: a library that starts every layer above He, as "
+          "timm's\n"
+          '  Inception does, made one choice), under He fan-in and under He fan-out alike (a '
+          'library\n'
+          '  that starts its convs at fan-out puts a 1x1 conv with 64x more inputs than outputs '
+          '64x\n'
+          "  above He fan-in: timm's BAT attention), and its |g|/|w| at least `update_factor` "
+          '(30)\n'
+          "  times below that of the BatchNorm-backed layers at the library's scale around it "
+          '(the\n'
+          '  geometric mean of the medians of the nearest four before and after: at init |g|/|w| '
+          'falls\n'
+          '  ~100x from the first stage to the last, so a whole stage is judged against the stages '
+          'on\n'
+          '  either side; a stage at 10x He std trains ~100x slower and never catches up). A '
+          'too-small\n'
+          '  weight there takes larger relative steps, its norm grows and the step shrinks back\n'
+          "  (BatchNorm's auto rate-tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and "
+          'depthwise\n'
+          '  convs (torchvision, timm) train fine. Depthwise kernels (one input channel per unit) '
+          'and\n'
+          '  layers with fewer than 16 inputs per unit are not compared behind BatchNorm (their '
+          '|g|/|w|\n'
+          '  is noise), nor are layers behind a global pool (one position per sample: their '
+          'gradient\n'
+          "  sums over the samples, a spatial layer's over every position), nor layers whose "
+          'output the\n'
+          "  gradient reaches at fewer than 5% of its entries (max-pooled to a few cells: timm's "
           'BAT\n'
-          '  attention), and its |g|/|w| at least `update_factor` (30) times below that of the\n'
-          "  BatchNorm-backed layers at the library's scale around it (the geometric mean of the\n"
-          '  medians of the nearest four before and after: at init |g|/|w| falls ~100x from the '
-          'first\n'
-          '  stage to the last, so a whole stage is judged against the stages on either side; a '
-          'stage\n'
-          '  at 10x He std trains ~100x slower and never catches up). A too-small weight there '
-          'takes\n'
-          "  larger relative steps, its norm grows and the step shrinks back (BatchNorm's auto "
-          'rate-\n'
-          '  tuning, Arora, Li & Lyu, ICLR 2019): fan-out stems and depthwise convs (torchvision, '
-          'timm)\n'
-          '  train fine. Depthwise kernels (one input channel per unit) and layers with fewer than '
-          '16\n'
-          '  inputs per unit are not compared behind BatchNorm (their |g|/|w| is noise), nor are '
-          'layers\n'
-          '  behind a global pool (one position per sample: their gradient sums over the samples, '
-          'a\n'
-          "  spatial layer's over every position), nor layers whose output the gradient reaches "
-          'at\n'
-          "  fewer than 5% of its entries (max-pooled to a few cells: timm's BAT attention). In a\n"
-          '  network with normalisation, the head (the layers after the last norm) is judged for '
-          'a\n'
-          '  blow-up only when the output variance reaches `head_output_var` (100: logits of std '
-          '10\n'
-          '  saturate the softmax). Embedding tables (no fan-in) are not judged.'},
+          '  attention). In a network with normalisation, the head (the layers after the last '
+          'norm) is\n'
+          '  judged for a blow-up only when the output variance reaches `head_output_var` (100: '
+          'logits\n'
+          '  of std 10 saturate the softmax). Embedding tables (no fan-in) are not judged.'},
  {'name': 'vanishing-activations',
   'severity': 'warning',
   'verdicts': ['info', 'warning', 'error'],

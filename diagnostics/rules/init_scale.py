@@ -68,7 +68,7 @@ class InitScale(Rule):
     each relative to its scheme) is the second yardstick, at `stage_factor` (100) in weight and
     in output variance: convnext_atto's third stage at 10x He is 1.3e3x to 2e4x the other
     stages behind LayerScale at 1e-6 (its weights then move 28-106x less than the library's
-    under AdamW), while across 150 healthy timm and torchvision families
+    under AdamW), while across 132 healthy timm and torchvision models (one or two per family)
     no layer is above 57x (timm's BAT `ba.conv1`, fan-out init). Behind BatchNorm
     only a too-large weight is a defect: its variance must also be `weight_factor` times the
     median of its BatchNorm-backed peers' (relative to their schemes: a library that starts
