@@ -615,15 +615,21 @@ CATALOG = [{'name': 'nonfinite-weights',
           'a\n'
           '  network with normalisation is only info: a norm after it subtracts the mean, which '
           'cancels\n'
-          "  any shift (a conv bias before BatchNorm, timm's learnable affine before BN). A tensor "
+          "  any shift (a conv bias before BatchNorm, timm's learnable affine before BN). So is a\n"
+          '  parameter of a block whose last value the gradient reaches at no more than half the\n'
+          '  entries it reaches one block before (the output reads only some of its positions): '
+          "timm's\n"
+          "  class-token models, whose last block's relative-position tables and query pooling "
+          'shape\n'
+          '  only the patch positions the head never reads (eager PyTorch gives them zero too). A\n'
+          '  tensor a zero blocks at the first step, where that zero gets a gradient and so moves, '
+          'is\n'
+          "  judged at the second (Doge's `dt_proj` behind its zero-init `A`): info when it gets "
           'a\n'
-          '  zero blocks at the first step, where that zero gets a gradient and so moves, is '
-          'judged at\n'
-          "  the second (Doge's `dt_proj` behind its zero-init `A`): info when it gets a gradient\n"
-          '  there. Measured with deliberate zero layers set to their textbook init (a zero head '
-          'blocks\n'
-          '  every gradient at step 0 only), and not reported where another rule names the cause: '
+          '  gradient there. Measured with deliberate zero layers set to their textbook init (a '
+          'zero\n'
+          '  head blocks every gradient at step 0 only), and not reported where another rule names '
           'the\n'
-          '  zero/constant weight itself, layers behind a fully dead ReLU or behind the point '
-          'where the\n'
-          '  output stops depending on the input, non-finite values.'}]
+          '  cause: the zero/constant weight itself, layers behind a fully dead ReLU or behind '
+          'the\n'
+          '  point where the output stops depending on the input, non-finite values.'}]

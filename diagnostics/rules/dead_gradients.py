@@ -4,9 +4,14 @@ import math
 from collections.abc import Iterator
 
 from gradprobe.diagnostics.loaders.onnx_naming import is_anonymous
-from gradprobe.diagnostics.probe import ProbeResult
+from gradprobe.diagnostics.probe import LayerProbe, ProbeResult
 from gradprobe.diagnostics.report import Finding, Fix, Severity
 from gradprobe.diagnostics.rules.base import Rule
+from gradprobe.diagnostics.rules.depth_trend import layer_kind
+
+# A block whose last value the gradient reaches at no more than this fraction of the entries it
+# reaches one block before is read at some positions only.
+_UNREAD_REACH = 0.5
 
 
 class DeadGradients(Rule):
@@ -36,6 +41,10 @@ class DeadGradients(Rule):
     masked attention scores, a constant a dynamo file stores as an initializer). A 1-D shift
     (`*bias`) in a network with normalisation is only info: a norm after it subtracts the mean,
     which cancels any shift (a conv bias before BatchNorm, timm's learnable affine before BN).
+    So is a parameter of a block whose last value the gradient reaches at no more than half
+    the entries it reaches one block before (the output reads only some of its positions):
+    timm's class-token models, whose last block's relative-position tables and query pooling
+    shape only the patch positions the head never reads (eager PyTorch gives them zero too).
     A tensor a zero blocks at the first step, where that zero gets a gradient and so moves, is
     judged at the second (Doge's `dt_proj` behind its zero-init `A`): info when it gets a
     gradient there. Measured with deliberate zero layers set to their textbook init (a zero head
@@ -123,6 +132,10 @@ class DeadGradients(Rule):
                 else probe.model.fill_of(name)
             if fill is not None:
                 yield self._fill(name, param.layer, fill)
+                continue
+            unread = None if param.unused else _unread_positions(probe, param.layer)
+            if unread is not None:
+                yield self._unread(name, param.layer, *unread)
                 continue
             why = ("the exported forward never reads it (a training-only parameter, such as "
                    "wav2vec2's masked_spec_embed, or a branch the export did not take)"
@@ -221,6 +234,22 @@ class DeadGradients(Rule):
             f"in your model does this one never train.",
             trained_copies=copies[:5])
 
+    def _unread(self, name: str, layer: str, last: LayerProbe, peer: LayerProbe) -> Finding:
+        # timm's class-token models (mvitv2_small_cls, vit_relpos_medium_patch16_cls_224): the
+        # head reads only the class token, and the last block's relative-position tables and
+        # query pooling shape only the other positions (the class token's bias row is padded
+        # with zeros). Eager PyTorch gives them exactly zero gradient too; the library's
+        # structure, not a value, cuts them off, and they change nothing the output reads.
+        return self._excused(
+            name, layer,
+            f"{name} gets exactly zero gradient: it shapes only positions of its block that "
+            f"the output never reads (the gradient reaches {last.gradient_reach:.0%} of "
+            f"{last.point.layer}'s entries, {peer.gradient_reach:.0%} of {peer.point.layer}'s: "
+            f"a head that reads a class token, or a pooling after the block). It never trains "
+            f"and changes nothing the output reads; remove it unless those positions are read "
+            f"elsewhere.",
+            unread_positions=True)
+
     def _export_constant(self, name: str, layer: str) -> Finding:
         # A float initializer under a name the exporter made up that no layer reads as its
         # weight or bias: a value the export computed and stored (the dynamo exporter folds
@@ -232,6 +261,34 @@ class DeadGradients(Rule):
             f"it as a weight or bias: a constant the export computed (a mask, a table), "
             f"not a parameter of the model.",
             anonymous=True)
+
+
+def _unread_positions(probe: ProbeResult, layer: str) -> tuple[LayerProbe, LayerProbe] | None:
+    """The last probed value of `layer`'s block (its name up to the last number) and the same
+    value one block before, when the gradient reaches at most half as many of the block's
+    entries as it reaches of the block before: the output reads only some of its positions.
+    None otherwise, or when either reach is unknown."""
+    block = _block_of(layer)
+    if not block:
+        return None
+    inside = [lp for lp in probe.layers if lp.point.layer.startswith(block + ".")
+              and lp.gradient_reach]
+    if not inside:
+        return None
+    last = inside[-1]
+    kind = layer_kind(last.point.layer)
+    before = [lp for lp in probe.layers if lp.point.index < last.point.index
+              and _block_of(lp.point.layer) != block and layer_kind(lp.point.layer) == kind
+              and lp.gradient_reach is not None]
+    if not before or last.gradient_reach > _UNREAD_REACH * before[-1].gradient_reach:  # type: ignore[operator]
+        return None
+    return last, before[-1]
+
+
+def _block_of(layer: str) -> str:
+    parts = layer.split(".")
+    numbered = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[:numbered[-1] + 1]) if numbered else ""
 
 
 def _single_position_attention(probe: ProbeResult) -> list[str]:
