@@ -11,6 +11,7 @@ layer's output, not a value divided by its own spread; only the second kind is a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # onnx_points imports this module; importing it here would be a cycle
@@ -49,25 +50,34 @@ def _scales_normalised(view: GraphView, index: int, slot: int) -> bool:
 
 
 def _normalised(view: GraphView, value: str) -> bool:
-    todo, seen = [value], set()
-    while todo and len(seen) < _STEPS:
-        current = todo.pop()
-        if current in seen or current not in view.producer:
-            continue
-        seen.add(current)
-        node = view.nodes[view.producer[current]]
+    def divides_by_spread(node: GraphNode) -> bool:
         if node.op_type in _NORMS:
             return True
-        if node.op_type == "Div" and len(node.inputs) == 2 and _spread(view, node.inputs[1]):
-            return True
-        if node.op_type == "Mul" and any(_spread(view, v, reciprocal=True) for v in node.inputs):
-            return True
-        todo.extend(_data_inputs(view, node, _ELEMENTWISE))
-    return False
+        if node.op_type == "Div" and len(node.inputs) == 2:
+            return _spread(view, node.inputs[1])
+        return node.op_type == "Mul" and any(_spread(view, v, reciprocal=True)
+                                             for v in node.inputs)
+
+    return _upstream(view, value, _ELEMENTWISE, divides_by_spread)
 
 
 def _spread(view: GraphView, value: str, reciprocal: bool = False) -> bool:
     """`value` is, through views, a Sqrt (or the reciprocal of one, when `reciprocal`)."""
+    def is_spread(node: GraphNode) -> bool:
+        if not reciprocal:
+            return node.op_type == "Sqrt"
+        if node.op_type == "Reciprocal" and node.inputs:
+            return _spread(view, node.inputs[0])
+        return node.op_type == "Div" and len(node.inputs) == 2 \
+            and view.is_static(node.inputs[0]) and _spread(view, node.inputs[1])
+
+    return _upstream(view, value, _SPREAD_VIEWS, is_spread)
+
+
+def _upstream(view: GraphView, value: str, through: dict[str, tuple[int, ...]],
+              found: Callable[[GraphNode], bool]) -> bool:
+    """Some producer of `value`, within _STEPS nodes up its data inputs through the ops of
+    `through`, is `found`."""
     todo, seen = [value], set()
     while todo and len(seen) < _STEPS:
         current = todo.pop()
@@ -75,15 +85,9 @@ def _spread(view: GraphView, value: str, reciprocal: bool = False) -> bool:
             continue
         seen.add(current)
         node = view.nodes[view.producer[current]]
-        if not reciprocal and node.op_type == "Sqrt":
+        if found(node):
             return True
-        if reciprocal and node.op_type == "Reciprocal" and node.inputs \
-                and _spread(view, node.inputs[0]):
-            return True
-        if reciprocal and node.op_type == "Div" and len(node.inputs) == 2 \
-                and view.is_static(node.inputs[0]) and _spread(view, node.inputs[1]):
-            return True
-        todo.extend(_data_inputs(view, node, _SPREAD_VIEWS))
+        todo.extend(_data_inputs(view, node, through))
     return False
 
 

@@ -213,15 +213,12 @@ class InitScale(Rule):
             return None
         wf = self.t["weight_factor"]
         var = probe.params[lp.point.weight].stats.std**2  # type: ignore[index]
-        peer_var = statistics.median(probe.params[x.point.weight].stats.std**2  # type: ignore[index]
-                                     for x in peers)
-        peer_out = statistics.median(x.activation.var for x in peers)  # type: ignore[union-attr]
-        out = lp.activation.var  # type: ignore[union-attr]
-        if not (peer_var > 0 and peer_out > 0 and math.isfinite(out)):
+        peer_vars = [probe.params[x.point.weight].stats.std**2  # type: ignore[index]
+                     for x in peers]
+        ratios = _ratios_to_peers(lp, var, peer_vars, peers)
+        if ratios is None or ratios[0] < wf or ratios[1] < wf:
             return None
-        ratio, out_ratio = var / peer_var, out / peer_out
-        if ratio < wf or out_ratio < wf:
-            return None
+        ratio, out_ratio, peer_var = ratios
         std = math.sqrt(peer_var)
         w = user_expr(lp.point, lp.point.weight or "")
         fix = Fix(init="normal", std=std, fan_in=lp.point.fan_in, fan_out=lp.point.fan_out,
@@ -248,15 +245,12 @@ class InitScale(Rule):
         if not peers:
             return None
         sf = self.t["stage_factor"]
-        peer_k = statistics.median(probe.params[x.point.weight].stats.std**2  # type: ignore[index]
-                                   / t for x in peers if (t := target_variance(x.point)))
-        peer_out = statistics.median(x.activation.var for x in peers)  # type: ignore[union-attr]
-        out = lp.activation.var  # type: ignore[union-attr]
-        if not (peer_k > 0 and peer_out > 0 and math.isfinite(out)):
+        peer_ks = [probe.params[x.point.weight].stats.std**2 / t  # type: ignore[index]
+                   for x in peers if (t := target_variance(x.point))]
+        ratios = _ratios_to_peers(lp, k, peer_ks, peers)
+        if ratios is None or ratios[0] < sf or ratios[1] < sf:
             return None
-        ratio, out_ratio = k / peer_k, out / peer_out
-        if ratio < sf or out_ratio < sf:
-            return None
+        ratio, out_ratio, peer_k = ratios
         fix = recommended_init(lp.point)
         std = math.sqrt(peer_k * (target_variance(lp.point) or 0.0))
         w = user_expr(lp.point, lp.point.weight or "")
@@ -340,6 +334,21 @@ def _same_role_peers(probe: ProbeResult, judged: list[LayerProbe]) -> dict[int, 
                           []).append(lp)
     return {lp.point.index: [x for x in group if x is not lp]
             for group in groups.values() if len(group) > 1 for lp in group}
+
+
+def _ratios_to_peers(lp: LayerProbe, own: float, peer_values: list[float],
+                     peers: list[LayerProbe]) -> tuple[float, float, float] | None:
+    """`own` over the median of `peer_values`, the layer's output variance over the median of
+    its peers', and that first median; None when a median is not positive or the output
+    variance is not finite."""
+    if not peer_values:
+        return None
+    peer_value = statistics.median(peer_values)
+    peer_out = statistics.median(x.activation.var for x in peers)  # type: ignore[union-attr]
+    out = lp.activation.var  # type: ignore[union-attr]
+    if not (peer_value > 0 and peer_out > 0 and math.isfinite(out)):
+        return None
+    return own / peer_value, out / peer_out, peer_value
 
 
 def _other_stage_peers(probe: ProbeResult, judged: list[LayerProbe]
