@@ -44,20 +44,13 @@ def _minus_infinity(value: object) -> bool:
 
 def onnx_reads_minus_infinity_fill(view: GraphView, value: str) -> bool:
     """`value` is, through views, a scatter into a -inf tensor or a select with a -inf branch."""
-    for _ in range(_STEPS):
-        producer = view.producer.get(value)
-        if producer is None:
-            return False
-        node = view.nodes[producer]
-        if node.op_type in _ONNX_WRITES:
-            base, fills = _ONNX_WRITES[node.op_type]
-            candidates = [node.inputs[base]] if base is not None else \
-                [node.inputs[i] for i in fills if i < len(node.inputs)]
-            return any(_onnx_minus_infinity(view, c) for c in candidates)
-        if node.op_type not in _ONNX_VIEWS or not node.inputs:
-            return False
-        value = node.inputs[0]
-    return False
+    _, node = view.producer_through(value, _ONNX_VIEWS, _STEPS)
+    if node is None or node.op_type not in _ONNX_WRITES:
+        return False
+    base, fills = _ONNX_WRITES[node.op_type]
+    candidates = [node.inputs[base]] if base is not None else \
+        [node.inputs[i] for i in fills if i < len(node.inputs)]
+    return any(_onnx_minus_infinity(view, c) for c in candidates)
 
 
 def _onnx_minus_infinity(view: GraphView, value: str) -> bool:

@@ -19,7 +19,7 @@ Folded BatchNorm, as observed with torch 2.13 (eval-mode exports of tests/zoo.py
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -67,6 +67,8 @@ _LAYOUT_KEEPING = {
     *ACTIVATIONS,
 } - {"Softmax"}
 _WEIGHT_VIEWS = {"Identity", "Cast", "Transpose"}  # how a weight may reach its layer
+# How attention probabilities may reach the MatMul that weighs the values.
+_SOFTMAX_VIEWS = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Dropout"}
 _UPSTREAM_LIMIT = 64
 
 
@@ -105,6 +107,21 @@ class GraphView:
 
     def is_static(self, value: str) -> bool:
         return value in self.params or value in self.constants
+
+    def producer_through(self, value: str, through: Collection[str], steps: int = 16
+                         ) -> tuple[str, GraphNode | None]:
+        """Follow `value` up the first input of the ops in `through` (views, casts): the value
+        reached and the node that produces it (None for a graph input or an initializer, and
+        when `steps` nodes did not get past the views)."""
+        for _ in range(steps):
+            producer = self.producer.get(value)
+            if producer is None:
+                return value, None
+            node = self.nodes[producer]
+            if node.op_type not in through or not node.inputs:
+                return value, node
+            value = node.inputs[0]
+        return value, None
 
     @cached_property
     def shape_arithmetic(self) -> frozenset[str]:
@@ -268,18 +285,8 @@ def _flip(layout: Literal["out_in", "in_out"]) -> Literal["out_in", "in_out"]:
 
 def _is_softmax(view: GraphView, value: str) -> bool:
     """`value` is a softmax's output, seen through reshapes, transposes and casts."""
-    for _ in range(8):
-        producer = view.producer.get(value)
-        if producer is None:
-            return False
-        node = view.nodes[producer]
-        if node.op_type in ("Softmax", "LogSoftmax"):
-            return True
-        if node.op_type not in ("Reshape", "Transpose", "Cast", "Identity", "Squeeze",
-                                "Unsqueeze", "Dropout") or not node.inputs:
-            return False
-        value = node.inputs[0]
-    return False
+    _, node = view.producer_through(value, _SOFTMAX_VIEWS, steps=8)
+    return node is not None and node.op_type in ("Softmax", "LogSoftmax")
 
 
 def _matrix_fans(shape: Sequence[int], layout: str) -> tuple[int, int]:

@@ -57,19 +57,15 @@ def pools_globally(rank: int | None, axes: Iterable[int]) -> bool:
 def onnx_reads_global_pool(view: GraphView, node_inputs: list[str]) -> bool:
     """The layer's data input (its first non-parameter input) is a global pool, viewed."""
     value = next((v for v in node_inputs if v and v not in view.params), None)
-    for _ in range(_STEPS):
-        producer = view.producer.get(value or "")
-        if producer is None:
-            return False
-        node = view.nodes[producer]
-        if node.op_type in _ONNX_GLOBAL_POOLS:
-            return True
-        if node.op_type in _ONNX_REDUCTIONS:
-            return pools_globally(view.ranks.get(node.inputs[0]), _onnx_axes(view, node))
-        if node.op_type not in _ONNX_VIEWS or not node.inputs:
-            return False
-        value = node.inputs[0]
-    return False
+    if value is None:
+        return False
+    _, node = view.producer_through(value, _ONNX_VIEWS, _STEPS)
+    if node is None:
+        return False
+    if node.op_type in _ONNX_GLOBAL_POOLS:
+        return True
+    return node.op_type in _ONNX_REDUCTIONS and pools_globally(view.ranks.get(node.inputs[0]),
+                                                               _onnx_axes(view, node))
 
 
 def _onnx_axes(view: GraphView, node: GraphNode) -> list[int]:
