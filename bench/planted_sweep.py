@@ -13,7 +13,9 @@ Per case:
                and export does not have (for zero_norm and gate_zero, any rule: the issue asks
                for an error at the first dead point without naming the rule)
   right layer  one of those findings names the planted module (`model.<path>` in the export,
-               or a sub-layer of it) or its planted parameter
+               or a sub-layer of it) or its planted parameter; for a zeroed BatchNorm that the
+               export folded into its conv, the conv, when the finding says a BatchNorm is
+               folded there (the legacy exporter keeps no name for the BatchNorm)
   fixed        after `gradprobe fix`, the re-lint has no error
 A family without a site for a defect skips it, with the reason. The healthy baseline's own
 warnings/errors are listed too (they are false alarms; see the hub sweep).
@@ -55,9 +57,10 @@ def serious(report) -> list:
 
 
 def brief(f) -> dict:
-    folded = (f.evidence or {}).get("folded_norm")
+    evidence = f.evidence or {}
+    folded = {k: evidence[k] for k in ("folded_norm", "folded_batchnorm") if evidence.get(k)}
     return {"rule": f.rule, "severity": f.severity.value, "layer": f.layer,
-            "message": f.message[:300], **({"folded_norm": folded} if folded else {})}
+            "message": f.message[:300], **folded}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,8 +128,10 @@ def worker(family_name: str, wanted: list[str], exports: list[str]) -> None:
                 expected = defects.EXPECTED[defect]
                 new = [f for f in serious(report) if (f.rule, f.layer) not in baseline]
                 hits = [f for f in new if expected is None or f.rule in expected]
-                located = [f for f in hits if defects.finding_at_site(f, paths)]
+                fold = defects.fold_target(healthy.module, healthy.inputs, site)
+                located = [f for f in hits if defects.finding_at_site(f, paths, fold)]
                 row = {"status": "done", "site": f"model.{site}", "detected": bool(hits),
+                       **({"fold_target": fold} if fold else {}),
                        "right_layer": bool(located),
                        "errors": sum(f.severity.value == "error" for f in hits),
                        "findings": [brief(f) for f in (located or hits or serious(report))[:4]]}
@@ -177,7 +182,7 @@ def scorecard(rows: list[dict]) -> dict:
             family = defects.family_named(r["family"])
             layers = defects.site_layers(family, r["defect"])
             r["right_layer"] = bool(r["detected"]) and any(
-                defects.finding_at_site(f, layers) for f in r["findings"])
+                defects.finding_at_site(f, layers, r.get("fold_target")) for f in r["findings"])
     per_defect: dict[str, dict] = {}
     for r in rows:
         if r["defect"] == "healthy":

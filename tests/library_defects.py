@@ -226,14 +226,54 @@ def at_site(layer: str | None, layers: list[str], folded_norm: str | None = None
     parameters a finding lists do not count: a depth-trend finding lists every layer of the
     trend, the planted one among them. A zeroed BatchNorm that an eval export folded into its
     conv is at the site when the finding names it as the folded BatchNorm (`folded_norm`: the
-    dynamo exporter keeps its name; the file cannot tell a zero scale from a zero conv)."""
+    dynamo exporter keeps its name)."""
     return any(name == p or name.startswith((p + ".", p + ":"))
                for name in (layer or "", folded_norm or "") if name for p in layers)
 
 
-def finding_at_site(finding: object, layers: list[str]) -> bool:
-    """`at_site` for a report Finding or a stored one (a dict with `layer`, `folded_norm`)."""
+def finding_at_site(finding: object, layers: list[str], fold_target: str | None = None) -> bool:
+    """`at_site` for a report Finding or a stored one (a dict with `layer`, `folded_norm`,
+    `folded_batchnorm`). The legacy exporter keeps no trace of a BatchNorm it folded: the file's
+    only place for a zeroed one is the conv it went into. A finding there that says a BatchNorm
+    is folded into it is at the site, when `fold_target` (see `fold_target`) is that conv."""
     if isinstance(finding, dict):
-        return at_site(finding.get("layer"), layers, finding.get("folded_norm"))
-    evidence = getattr(finding, "evidence", None) or {}
-    return at_site(getattr(finding, "layer", None), layers, evidence.get("folded_norm"))
+        layer, evidence = finding.get("layer"), finding
+    else:
+        layer, evidence = getattr(finding, "layer", None), getattr(finding, "evidence", None) or {}
+    if fold_target and evidence.get("folded_batchnorm") and at_site(layer, [fold_target]):
+        return True
+    return at_site(layer, layers, evidence.get("folded_norm"))
+
+
+def fold_target(module: nn.Module, inputs: tuple[torch.Tensor, ...], site: str) -> str | None:
+    """The export name (`model.` + module path) of the conv an eval export folds the BatchNorm
+    at `site` of `module.model` into: the conv whose output is the BatchNorm's input, found by
+    one forward pass on `inputs` with hooks. None when `site` is no BatchNorm or no conv feeds
+    it."""
+    model = module.model
+    norm = model.get_submodule(site)
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return None
+    # the tensors themselves, not their ids: a freed tensor's id can come back on another one
+    outputs: list[tuple[torch.Tensor, str]] = []
+    fed: list[torch.Tensor] = []
+
+    def seen(name: str):
+        def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            outputs.append((out, name))
+        return hook
+
+    def feeds(m: nn.Module, args: tuple) -> None:
+        fed.append(args[0])
+
+    hooks = [m.register_forward_hook(seen(name)) for name, m in model.named_modules()
+             if isinstance(m, nn.modules.conv._ConvNd)]
+    hooks.append(norm.register_forward_pre_hook(feeds))
+    try:
+        with torch.no_grad():
+            module.eval()(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    name = next((n for out, n in outputs if fed and out is fed[0]), None)
+    return "model." + name if name else None
