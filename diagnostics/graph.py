@@ -157,11 +157,11 @@ class LoadedModel(ABC):
         fill's value, such as GPT-Neo's finfo.min); None when anything else reads it."""
         return None
 
-    def scales_normalised_value(self, name: str) -> bool:
-        """Parameter `name` is the gain of a normalisation written out as arithmetic (timm's
-        EvoNorm in an ONNX file: a Mul by it after a division by a standard deviation), so a
-        zero there is a trainable zero start. Only a format that keeps no parameter roles
-        needs to say so."""
+    def trainable_zero_start(self, name: str) -> bool:
+        """A zero in parameter `name` is a start that trains, as the graph around it shows: the
+        gain of a normalisation written out as arithmetic (timm's EvoNorm in an ONNX file: a Mul
+        by it after a division by a standard deviation) or a rate inside an exponential (Doge's
+        `A`: `exp(A * x)`). Only a format that keeps no parameter roles needs to say so."""
         return False
 
     @property

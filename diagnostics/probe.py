@@ -1206,14 +1206,15 @@ def _first_steps(model: LoadedModel, flow: _PassResult,
     ReZero gate, zero biases) that get a gradient in the flow pass, at their value after a
     small step against it: after the first step they are no longer zero. Read while the flow
     pass's gradients are still on the parameters. In an ONNX file, layers' biases and the
-    gains of written-out normalisations only."""
+    zeros the graph shows to be trainable starts (`LoadedModel.trainable_zero_start`) only."""
     # An ONNX file stores buffers as it stores parameters: a zero mask buffer (`fc3(x) * mask`)
     # would look like a zero-init gate that trains. A layer's bias is a parameter all the same
     # (DETR's first values, `v_proj(zeros)`, are its bias). TorchScript tells them apart.
     # So is the gain of a normalisation the exporter wrote out as arithmetic (EvoNorm's zero
-    # `weight` closing a residual branch): it multiplies a value divided by its own spread.
+    # `weight` closing a residual branch), and a rate inside an exponential (Doge's `A`): a
+    # mask there would zero nothing.
     only = ({p.bias for p in model.probe_points if p.bias}
-            | {n for n in model.parameters if model.scales_normalised_value(n)}
+            | {n for n in model.parameters if model.trainable_zero_start(n)}
             if model.format == "onnx" else None)
     skip = set(layer_zeros)
     steps = {}

@@ -38,6 +38,7 @@ from gradprobe.diagnostics.errors import (
 from gradprobe.diagnostics.graph import InputSpec, LoadedModel, ProbePoint, Tap
 from gradprobe.diagnostics.loaders.onnx_folded_norm import FOLDABLE, batch_renormalised
 from gradprobe.diagnostics.loaders.onnx_naming import ScopeNamer, is_anonymous
+from gradprobe.diagnostics.loaders.onnx_exponent_rates import onnx_exponent_rates
 from gradprobe.diagnostics.loaders.onnx_norm_scales import onnx_normalised_scales
 from gradprobe.diagnostics.loaders.onnx_points import GraphNode, GraphView, PointPlan, build_points
 from gradprobe.diagnostics.onnx_ops.attributes import decode_attributes
@@ -341,7 +342,7 @@ class _Builder:
             file_tensors={n: t for n, t in tensors.items()  # only what nothing else holds
                           if n not in params and n not in constants},
             bindings=bindings, label=self.label, flow=flow,
-            normalised_scales=onnx_normalised_scales(view),
+            trainable_zero_starts=onnx_normalised_scales(view) | onnx_exponent_rates(view),
         )
 
     def _check(self, skeleton: onnx.ModelProto) -> None:
@@ -833,7 +834,7 @@ class OnnxModel(LoadedModel):
                  constants: dict[str, torch.Tensor], init_order: list[str],
                  init_types: dict[str, int], file_tensors: dict[str, torch.Tensor],
                  bindings: dict[str, _Binding], label: str, flow: GateGraph,
-                 normalised_scales: frozenset[str] = frozenset()) -> None:
+                 trainable_zero_starts: frozenset[str] = frozenset()) -> None:
         super().__init__(format="onnx", path=path, parameters=parameters, inputs=inputs,
                          probe_points=probe_points, shared_parameters=shared_parameters,
                          parameter_layers=parameter_layers, notes=notes)
@@ -846,7 +847,7 @@ class OnnxModel(LoadedModel):
         self._bindings = bindings
         self._label = label
         self._flow = flow
-        self._normalised_scales = normalised_scales
+        self._trainable_zero_starts = trainable_zero_starts
         self._template: list[torch.Tensor | None] = []
         # Outputs of the static steps for the input signature they were computed for.
         self._folded_for: tuple[Any, ...] | None = None
@@ -868,8 +869,8 @@ class OnnxModel(LoadedModel):
     def fill_of(self, name: str) -> str | None:
         return self._flow.fill_of(name)
 
-    def scales_normalised_value(self, name: str) -> bool:
-        return name in self._normalised_scales
+    def trainable_zero_start(self, name: str) -> bool:
+        return name in self._trainable_zero_starts
 
     def _fill_template(self) -> None:
         template: list[torch.Tensor | None] = [None] * self._plan.n_slots
