@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gradprobe.diagnostics.loaders.pooled_inputs import ONNX_VIEWS
 from gradprobe.diagnostics.loaders.torchscript_passes import Node, Value
 
 if TYPE_CHECKING:  # onnx_points asks this module; importing it here would be a cycle
@@ -22,7 +23,6 @@ if TYPE_CHECKING:  # onnx_points asks this module; importing it here would be a 
 
 _STEPS = 16
 # How the filled tensor may reach the activation: views and casts of it.
-_ONNX_VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Cast"}
 _TS_VIEWS = frozenset(
     "aten::" + name
     for name in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
@@ -44,7 +44,7 @@ def _minus_infinity(value: object) -> bool:
 
 def onnx_reads_minus_infinity_fill(view: GraphView, value: str) -> bool:
     """`value` is, through views, a scatter into a -inf tensor or a select with a -inf branch."""
-    _, node = view.producer_through(value, _ONNX_VIEWS, _STEPS)
+    node = view.producer_through(value, ONNX_VIEWS, _STEPS)
     if node is None or node.op_type not in _ONNX_WRITES:
         return False
     base, fills = _ONNX_WRITES[node.op_type]
@@ -66,7 +66,7 @@ def _onnx_minus_infinity(view: GraphView, value: str) -> bool:
         node = view.nodes[producer]
         if node.op_type == "ConstantOfShape":
             return _minus_infinity(node.attrs.get("value"))
-        if node.op_type not in (*_ONNX_VIEWS, "Expand") or not node.inputs:
+        if node.op_type not in (*ONNX_VIEWS, "Expand") or not node.inputs:
             return False
         value = node.inputs[0]
     return False

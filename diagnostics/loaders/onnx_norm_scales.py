@@ -12,10 +12,8 @@ layer's output, not a value divided by its own spread; only the second kind is a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # onnx_points imports this module; importing it here would be a cycle
-    from gradprobe.diagnostics.loaders.onnx_points import GraphNode, GraphView
+from gradprobe.diagnostics.loaders.onnx_points import NORMS, GraphNode, GraphView
 
 _STEPS = 8
 # op -> the slots that carry the data (a Reshape's second input is shape arithmetic).
@@ -26,8 +24,6 @@ _ELEMENTWISE = {"Mul": (0, 1), "Div": (0, 1), "Sigmoid": (0,), "Cast": (0,), "Id
 # Between the spread and the division: views and broadcasts of `sqrt(var + eps)`.
 _SPREAD_VIEWS = {"Cast": (0,), "Identity": (0,), "Reshape": (0,), "Expand": (0,),
                  "Unsqueeze": (0,), "Where": (1, 2)}
-_NORMS = {"BatchNormalization", "LayerNormalization", "GroupNormalization",
-          "InstanceNormalization"}
 
 
 def onnx_normalised_scales(view: GraphView) -> frozenset[str]:
@@ -51,7 +47,7 @@ def _scales_normalised(view: GraphView, index: int, slot: int) -> bool:
 
 def _normalised(view: GraphView, value: str) -> bool:
     def divides_by_spread(node: GraphNode) -> bool:
-        if node.op_type in _NORMS:
+        if node.op_type in NORMS:
             return True
         if node.op_type == "Div" and len(node.inputs) == 2:
             return _spread(view, node.inputs[1])

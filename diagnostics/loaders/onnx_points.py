@@ -109,19 +109,19 @@ class GraphView:
         return value in self.params or value in self.constants
 
     def producer_through(self, value: str, through: Collection[str], steps: int = 16
-                         ) -> tuple[str, GraphNode | None]:
-        """Follow `value` up the first input of the ops in `through` (views, casts): the value
-        reached and the node that produces it (None for a graph input or an initializer, and
-        when `steps` nodes did not get past the views)."""
+                         ) -> GraphNode | None:
+        """Follow `value` up the first input of the ops in `through` (views, casts) to the
+        first node that is not one of them (None for a graph input or an initializer, and when
+        `steps` nodes did not get past the views)."""
         for _ in range(steps):
             producer = self.producer.get(value)
             if producer is None:
-                return value, None
+                return None
             node = self.nodes[producer]
             if node.op_type not in through or not node.inputs:
-                return value, node
+                return node
             value = node.inputs[0]
-        return value, None
+        return None
 
     @cached_property
     def shape_arithmetic(self) -> frozenset[str]:
@@ -285,7 +285,7 @@ def _flip(layout: Literal["out_in", "in_out"]) -> Literal["out_in", "in_out"]:
 
 def _is_softmax(view: GraphView, value: str) -> bool:
     """`value` is a softmax's output, seen through reshapes, transposes and casts."""
-    _, node = view.producer_through(value, _SOFTMAX_VIEWS, steps=8)
+    node = view.producer_through(value, _SOFTMAX_VIEWS, steps=8)
     return node is not None and node.op_type in ("Softmax", "LogSoftmax")
 
 

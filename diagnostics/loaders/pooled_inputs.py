@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # onnx_points asks this module; importing it here would be a 
     from gradprobe.diagnostics.loaders.onnx_points import GraphNode, GraphView
 
 # How a pooled value may reach the layer: views of it, not computations on it.
-_ONNX_VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Cast"}
+ONNX_VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Cast"}
 _ONNX_GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 _ONNX_REDUCTIONS = {"ReduceMean", "ReduceMax"}
 _TS_VIEWS = frozenset(
@@ -59,7 +59,7 @@ def onnx_reads_global_pool(view: GraphView, node_inputs: list[str]) -> bool:
     value = next((v for v in node_inputs if v and v not in view.params), None)
     if value is None:
         return False
-    _, node = view.producer_through(value, _ONNX_VIEWS, _STEPS)
+    node = view.producer_through(value, ONNX_VIEWS, _STEPS)
     if node is None:
         return False
     if node.op_type in _ONNX_GLOBAL_POOLS:

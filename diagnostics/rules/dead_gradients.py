@@ -280,8 +280,7 @@ def _unread_positions(probe: ProbeResult, layer: str) -> tuple[LayerProbe, Layer
     before = [lp for lp in probe.layers if lp.point.index < last.point.index
               and _block_of(lp.point.layer) != block and layer_kind(lp.point.layer) == kind
               and lp.gradient_reach is not None]
-    reach, reach_before = last.gradient_reach or 0.0, before[-1].gradient_reach if before else None
-    if reach_before is None or reach > _UNREAD_REACH * reach_before:
+    if not before or last.gradient_reach > _UNREAD_REACH * (before[-1].gradient_reach or 0.0):
         return None
     return last, before[-1]
 
