@@ -7,13 +7,12 @@ the probe steps `A`); the legacy ONNX file got a dead-gradients error on every `
 one false alarm left in the hub sweep: in an ONNX file a zero tensor outside a layer may be a
 mask buffer that never moves. A mask zeroes what it multiplies; a zero factor inside an
 exponential zeroes nothing (exp(0) = 1), so it is a rate, and it trains. The same zero factor
-multiplying the signal itself stays an error.
+multiplying the signal itself stays an error. Doge itself, and what training does with it:
+tests/test_second_step_zeros.py.
 """
 
 from __future__ import annotations
 
-import library_zoo
-import pytest
 import torch
 import zoo
 from torch import nn
@@ -65,31 +64,3 @@ def test_zero_factor_on_the_signal_stays_an_error(tmp_path):
     errors = [(f.rule, f.layer) for f in lint(net(masked=True), tmp_path)
               if f.severity.value == "error"]
     assert ("dead-gradients", "1.dt") in errors, errors
-
-
-@pytest.mark.slow
-def test_doge_legacy_onnx_is_clean(tmp_path):
-    built = library_zoo.build("transformers", "doge")
-    path = library_zoo.export(built, "onnx_legacy", tmp_path)
-    findings = diagnose(path, library_zoo.lint_options(built, "onnx_legacy")).findings
-    assert [(f.rule, f.layer) for f in findings if f.severity.value != "info"] == []
-    dt = [f for f in findings if f.rule == "dead-gradients" and f.layer.endswith("dt_proj")]
-    assert len(dt) == 2 and all("first step only" in f.message for f in dt), dt
-
-
-def test_training_moves_dt_from_the_second_step():
-    """What the verdict says, measured: SGD leaves `dt` where it was at the first step (the
-    zero rate blocks it) and moves it at the second."""
-    model = net().train()
-    torch.manual_seed(1)
-    x, y = torch.randn(8, 8), torch.randn(8, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    start = model[1].dt.weight.detach().clone()
-    moved = []
-    for _ in range(2):
-        loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        moved.append(float((model[1].dt.weight.detach() - start).abs().max()))
-    assert moved[0] == 0 and moved[1] > 0, moved
