@@ -28,10 +28,12 @@ behind it and one example message.
 
 Results go to a JSON-lines file (`--results`); a rerun skips the (model, export) pairs already
 there, so the sweep resumes after an interruption. Each result carries the linter version it was
-produced by (a hash of the `diagnostics` code, without comments and docstrings, at the sweep's
-start: do not change it under a running sweep); the scorecard counts the files linted by an
-older version, and `--rerun-stale` lints those again, so a sweep spread over days ends on one
-version. The
+produced by: a hash of the `diagnostics` code that the model's worker imported (wherever the
+installed package points, which for an editable install is the checkout it was installed from,
+not the folder this script runs in), without comments and docstrings. A worker whose code is
+not the code the sweep started on is flagged in the log: do not change the linter under a
+running sweep. The scorecard counts the files linted by an older version, and `--rerun-stale`
+lints those again, so a sweep spread over days ends on one version. The
 scorecard JSON (`--scorecard`) is what a script diffs; the markdown table replaces the section
 between the hub-sweep markers in bench/README.md. The last line printed is `SWEEP {...}`.
 """
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -99,10 +102,15 @@ LINTER_STATUSES = (LINTED, UNSUPPORTED, LINT_ERROR, CRASHED, TIMEOUT)
 NOT_LINTER_CODE = {"_rule_catalog_data.py"}
 
 
-def linter_version(root: Path = ROOT) -> str:
+def linter_version(root: Path | None = None) -> str:
     """A hash of the linter's code: two results with the same one came from the same code.
     Comments, formatting and docstrings do not count, so editing the rules' documentation in
-    the middle of a sweep does not make its verdicts stale."""
+    the middle of a sweep does not make its verdicts stale. `root` holds `diagnostics/`; by
+    default the code `import gradprobe.diagnostics` loads, which an editable install maps to
+    the checkout it was installed from, whatever folder the sweep runs in."""
+    if root is None:
+        spec = importlib.util.find_spec("gradprobe.diagnostics")
+        root = Path(next(iter(spec.submodule_search_locations))).parent
     digest = hashlib.sha256()
     for path in sorted((root / "diagnostics").rglob("*.py")):
         if path.name not in NOT_LINTER_CODE:
@@ -136,9 +144,11 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def worker(library: str, name: str, exports: list[str], max_params: int) -> None:
+    version = linter_version()  # what this process lints with, not what the sweep began on
+
     def emit(how: str, status: str, **extra: object) -> None:
         print(PREFIX + json.dumps({"library": library, "model": name, "export": how,
-                                   "status": status, **extra}), flush=True)
+                                   "status": status, "linter": version, **extra}), flush=True)
 
     start = time.perf_counter()
     params = zoo.parameters_on_meta(library, name)
@@ -383,7 +393,7 @@ def sweep(args: argparse.Namespace) -> None:
             counter[0] += 1
             with results_path.open("a") as out:
                 for r in rows:
-                    r["linter"] = version
+                    r.setdefault("linter", version)  # a worker that died before it said
                     out.write(json.dumps(r) + "\n")
             left = (time.perf_counter() - start) / counter[0] * (total - counter[0])
             for r in rows:
@@ -396,6 +406,8 @@ def sweep(args: argparse.Namespace) -> None:
                                                 else "FALSE ALARM ") + ",".join(alarms))
                 elif r.get("detail"):
                     what += ": " + r["detail"][:90]
+                if r["linter"] != version:
+                    what += f" [linted by {r['linter']}, not {version}: the code changed]"
                 print(f"[{counter[0]}/{total} ~{left / 60:.0f} min left] {r['library']}/"
                       f"{r['model']} {r['export']}: {what} ({r['model_s']} s)", flush=True)
 

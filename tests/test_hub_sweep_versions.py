@@ -4,6 +4,8 @@ version that produced it, the scorecard says how many came from older versions, 
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +36,23 @@ def test_version_follows_the_diagnostics_sources(tmp_path):
     rule.write_text('"""A rule."""\n\n\ndef f():\n    """Why."""\n    return 2\n')
     assert hub_sweep.linter_version(tmp_path) != first
     assert hub_sweep.linter_version() == hub_sweep.linter_version()
+
+
+def test_version_is_of_the_code_the_sweep_imports_not_of_its_folder(tmp_path, monkeypatch):
+    """A sweep run from another checkout of the repository (a git worktree beside the one the
+    environment was installed from) lints with the installed package's code: its verdicts must
+    carry that code's version, not the hash of the `diagnostics/` beside the script."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "diagnostics").mkdir()
+    (tmp_path / "diagnostics" / "other.py").write_text("DECIDES = 'something else'\n")
+    script = shutil.copy(hub_sweep.__file__, tmp_path / "bench" / "hub_sweep.py")
+    spec = importlib.util.spec_from_file_location("hub_sweep_elsewhere", script)
+    elsewhere = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, elsewhere)  # its dataclasses look it up there
+    spec.loader.exec_module(elsewhere)
+    assert elsewhere.ROOT == tmp_path
+    assert elsewhere.linter_version() == hub_sweep.linter_version()
+    assert elsewhere.linter_version() != elsewhere.linter_version(tmp_path)
 
 
 def test_rerun_stale_picks_only_verdicts_of_older_versions():
