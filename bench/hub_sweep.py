@@ -108,16 +108,28 @@ def linter_version(root: Path | None = None) -> str:
     the middle of a sweep does not make its verdicts stale. `root` holds `diagnostics/`; by
     default the code `import gradprobe.diagnostics` loads, which an editable install maps to
     the checkout it was installed from, whatever folder the sweep runs in."""
-    if root is None:
-        spec = importlib.util.find_spec("gradprobe.diagnostics")
-        root = Path(next(iter(spec.submodule_search_locations))).parent
     digest = hashlib.sha256()
+    root = root or _imported_root()
     for path in sorted((root / "diagnostics").rglob("*.py")):
         if path.name not in NOT_LINTER_CODE:
             code = _without_docstrings(ast.parse(path.read_bytes()))
             digest.update(path.relative_to(root).as_posix().encode() + b"\0"
                           + ast.dump(code).encode())
     return digest.hexdigest()[:12]
+
+
+def _imported_root() -> Path:
+    spec = importlib.util.find_spec("gradprobe.diagnostics")
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+def code_stamp(root: Path | None = None) -> list[tuple[str, int, int]]:
+    """The linter's files with their modification times and sizes: cheap enough to take
+    before every result, to catch an edit that lands while a worker is linting (it imports
+    modules as it needs them, so it could mix old and new code)."""
+    return [(str(p), p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted((root or _imported_root()).joinpath("diagnostics").rglob("*.py"))
+            if p.name not in NOT_LINTER_CODE]
 
 
 def _without_docstrings(tree: ast.Module) -> ast.Module:
@@ -144,11 +156,14 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def worker(library: str, name: str, exports: list[str], max_params: int) -> None:
-    version = linter_version()  # what this process lints with, not what the sweep began on
+    # What this process lints with, not what the sweep began on. A version no code has, when
+    # the files changed while it ran: such a verdict is stale, and --rerun-stale redoes it.
+    version, stamp = linter_version(), code_stamp()
 
     def emit(how: str, status: str, **extra: object) -> None:
+        linter = version if code_stamp() == stamp else version + "+edited-while-linting"
         print(PREFIX + json.dumps({"library": library, "model": name, "export": how,
-                                   "status": status, "linter": version, **extra}), flush=True)
+                                   "status": status, "linter": linter, **extra}), flush=True)
 
     start = time.perf_counter()
     params = zoo.parameters_on_meta(library, name)

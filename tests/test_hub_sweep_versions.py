@@ -38,6 +38,20 @@ def test_version_follows_the_diagnostics_sources(tmp_path):
     assert hub_sweep.linter_version() == hub_sweep.linter_version()
 
 
+def test_code_stamp_sees_an_edit_the_version_ignores(tmp_path):
+    """A worker imports modules as it needs them: an edit landing while it lints can mix old
+    and new code (two timm LeViT files crashed so), and its verdict must not pass for either
+    version's. The stamp catches any change to a file, documentation too."""
+    (tmp_path / "diagnostics").mkdir()
+    rule = tmp_path / "diagnostics" / "a.py"
+    rule.write_text('def f():\n    """Why."""\n    return 1\n')
+    stamp, version = hub_sweep.code_stamp(tmp_path), hub_sweep.linter_version(tmp_path)
+    assert hub_sweep.code_stamp(tmp_path) == stamp
+    rule.write_text('def f():\n    """Why, at length."""\n    return 1\n')
+    assert hub_sweep.code_stamp(tmp_path) != stamp
+    assert hub_sweep.linter_version(tmp_path) == version
+
+
 def test_version_is_of_the_code_the_sweep_imports_not_of_its_folder(tmp_path, monkeypatch):
     """A sweep run from another checkout of the repository (a git worktree beside the one the
     environment was installed from) lints with the installed package's code: its verdicts must
