@@ -110,11 +110,10 @@ def linter_version(root: Path | None = None) -> str:
     the checkout it was installed from, whatever folder the sweep runs in."""
     digest = hashlib.sha256()
     root = root or _imported_root()
-    for path in sorted((root / "diagnostics").rglob("*.py")):
-        if path.name not in NOT_LINTER_CODE:
-            code = _without_docstrings(ast.parse(path.read_bytes()))
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0"
-                          + ast.dump(code).encode())
+    for path in _linter_files(root):
+        code = _without_docstrings(ast.parse(path.read_bytes()))
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0"
+                      + ast.dump(code).encode())
     return digest.hexdigest()[:12]
 
 
@@ -123,13 +122,21 @@ def _imported_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations))).parent
 
 
-def code_stamp(root: Path | None = None) -> list[tuple[str, int, int]]:
-    """The linter's files with their modification times and sizes: cheap enough to take
-    before every result, to catch an edit that lands while a worker is linting (it imports
-    modules as it needs them, so it could mix old and new code)."""
-    return [(str(p), p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted((root or _imported_root()).joinpath("diagnostics").rglob("*.py"))
+def _linter_files(root: Path) -> list[Path]:
+    return [p for p in sorted((root / "diagnostics").rglob("*.py"))
             if p.name not in NOT_LINTER_CODE]
+
+
+def code_stamp(root: Path | None = None) -> str:
+    """A digest of the linter's files' names, modification times and sizes: cheap enough to
+    take before every result, to catch an edit that lands while a worker is linting (it
+    imports modules as it needs them, so it could mix old and new code), and to tell a worker
+    whether the sweep's version (a second of parsing) is still its own."""
+    digest = hashlib.sha256()
+    for p in _linter_files(root or _imported_root()):
+        stat = p.stat()
+        digest.update(f"{p}\0{stat.st_mtime_ns}\0{stat.st_size}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def _without_docstrings(tree: ast.Module) -> ast.Module:
@@ -155,10 +162,13 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 # Worker: one model, every requested export, one RESULT line per export as it finishes
 
 
-def worker(library: str, name: str, exports: list[str], max_params: int) -> None:
-    # What this process lints with, not what the sweep began on. A version no code has, when
-    # the files changed while it ran: such a verdict is stale, and --rerun-stale redoes it.
-    version, stamp = linter_version(), code_stamp()
+def worker(library: str, name: str, exports: list[str], max_params: int,
+           sweep_linter: tuple[str, str] | None = None) -> None:
+    # What this process lints with, not what the sweep began on: the sweep's (version, stamp)
+    # while the files are as they were then, else hashed again. A version no code has, when the
+    # files changed while it ran: such a verdict is stale, and --rerun-stale redoes it.
+    stamp = code_stamp()
+    version = sweep_linter[0] if sweep_linter and sweep_linter[1] == stamp else linter_version()
 
     def emit(how: str, status: str, **extra: object) -> None:
         linter = version if code_stamp() == stamp else version + "+edited-while-linting"
@@ -354,9 +364,10 @@ def run_worker(cmd: list[str], threads: int, timeout: float) -> WorkerRun:
     return WorkerRun(rows, elapsed, timed_out, failure)
 
 
-def run_model(library: str, name: str, exports: list[str], args: argparse.Namespace) -> list[dict]:
+def run_model(library: str, name: str, exports: list[str], args: argparse.Namespace,
+              linter: tuple[str, str]) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", library, name, "--export", *exports,
-           "--max-params", str(args.max_params)]
+           "--max-params", str(args.max_params), "--sweep-linter", *linter]
     run = run_worker(cmd, args.threads, args.timeout)
     rows = run.rows
     done = {r["export"] for r in rows}
@@ -393,7 +404,7 @@ def pending(models: list[tuple[str, str]], exports: list[str], rows: list[dict],
 def sweep(args: argparse.Namespace) -> None:
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    version = linter_version()
+    version, stamp = linter_version(), code_stamp()
     rows = load_results(results_path)
     todo = pending(choose(args), args.export, rows, version, args.rerun_stale)
     done = len({(r["library"], r["model"], r["export"]) for r in rows})
@@ -403,7 +414,7 @@ def sweep(args: argparse.Namespace) -> None:
     start = time.perf_counter()
 
     def one(item: tuple[str, str, list[str]]) -> None:
-        rows = run_model(*item, args)
+        rows = run_model(*item, args, (version, stamp))
         with lock:
             counter[0] += 1
             with results_path.open("a") as out:
@@ -616,12 +627,14 @@ def main() -> int:
     parser.add_argument("--rerun-stale", action="store_true",
                         help="lint again the files an older linter version judged")
     parser.add_argument("--worker", nargs=2, metavar=("LIBRARY", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-linter", nargs=2, metavar=("VERSION", "STAMP"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        worker(*args.worker, args.export, args.max_params)
+        worker(*args.worker, args.export, args.max_params, args.sweep_linter)
         return 0
     start = time.perf_counter()
     if not args.report_only:

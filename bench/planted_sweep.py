@@ -101,6 +101,9 @@ def worker(family_name: str, wanted: list[str], exports: list[str]) -> None:
             for defect in ["healthy", *wanted]:
                 emit(defect, how, status="build-failed", detail=one_line(exc))
         return
+    # where each site's BatchNorm goes in an eval export: the same for every export
+    folds = {d: defects.fold_target(healthy.module, healthy.inputs, family.sites[d])
+             for d in wanted if d in family.sites}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         for how in exports:
@@ -128,7 +131,7 @@ def worker(family_name: str, wanted: list[str], exports: list[str]) -> None:
                 expected = defects.EXPECTED[defect]
                 new = [f for f in serious(report) if (f.rule, f.layer) not in baseline]
                 hits = [f for f in new if expected is None or f.rule in expected]
-                fold = defects.fold_target(healthy.module, healthy.inputs, site)
+                fold = folds[defect]
                 located = [f for f in hits if defects.finding_at_site(f, paths, fold)]
                 row = {"status": "done", "site": f"model.{site}", "detected": bool(hits),
                        **({"fold_target": fold} if fold else {}),
